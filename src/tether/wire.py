@@ -14,8 +14,8 @@ never allocates. Anything malformed raises `ProtocolError` with a precise messag
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar, Final
 
 from .errors import ErrorCode, ProtocolError
