@@ -21,10 +21,13 @@ from typing import ClassVar, Final
 from .errors import ErrorCode, ProtocolError
 
 __all__ = [
+    "CONTROL_KIND_BASE",
     "CONTROL_PAYLOAD_MAX",
     "DEFAULT_MAX_PAYLOAD",
     "HARD_MAX_PAYLOAD",
     "HEADER",
+    "KIND_REGISTER",
+    "KIND_UNREGISTER",
     "MAGIC",
     "PROTOCOL_VERSION",
     "Ack",
@@ -56,6 +59,12 @@ DEFAULT_MAX_PAYLOAD: Final = 64 * 1024
 HARD_MAX_PAYLOAD: Final = 16 * 1024 * 1024
 CONTROL_PAYLOAD_MAX: Final = 4096
 MAX_STREAM_ID: Final = 0xFFFFFFFF
+
+# MSG kinds at or above CONTROL_KIND_BASE are tether's own control messages between a
+# node and its gateway (and between gateways); applications use kinds below it.
+CONTROL_KIND_BASE: Final = 0xFF00
+KIND_REGISTER: Final = 0xFF01
+KIND_UNREGISTER: Final = 0xFF02
 
 HEADER: Final = struct.Struct("!BBII")
 _HELLO: Final = struct.Struct("!4sHHII")

@@ -1,0 +1,325 @@
+"""tether.aio — the asyncio adapter: the one place that owns sockets, TLS and the clock.
+
+`LinkConnection` is an `asyncio.Protocol` wrapped around one sans-IO `Link`: bytes
+from the transport go into the link, the link's bytes go to the transport, its
+events go to a `LinkHandler`, and **one** timer per link (`loop.call_at`) drives
+`handle_timer` at the link's `next_deadline()` — never a timer per flow. The timer
+is re-armed only when the deadline moves earlier; a deadline that moved later is
+found when the timer fires early, which costs one cheap call instead of a new
+timer handle per frame.
+
+uvloop is used when installed (`run`, `new_event_loop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from .errors import ErrorCode, HandshakeError, PeerUnreachable
+from .events import Event, HandshakeCompleted, LinkTerminated
+from .link import Link, LinkConfig, Role
+
+__all__ = [
+    "LinkConnection",
+    "LinkHandler",
+    "SocketOptions",
+    "new_event_loop",
+    "open_link",
+    "parse_address",
+    "run",
+    "serve_links",
+]
+
+log = logging.getLogger("tether.link")
+T = TypeVar("T")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop's when installed, else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a default dependency
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run(main: Coroutine[Any, Any, T], *, debug: bool = False) -> T:
+    """Run `main` to completion on a new loop (uvloop when installed)."""
+    with asyncio.Runner(loop_factory=new_event_loop, debug=debug) as runner:
+        return runner.run(main)
+
+
+def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``"host:port"``, ``":port"`` or ``"[v6]:port"`` -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"not an address: {address!r} (expected HOST:PORT)")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+@dataclass(slots=True)
+class SocketOptions:
+    """Socket options applied to every link socket. Times in seconds.
+
+    TCP keepalive and TCP_USER_TIMEOUT let the kernel notice a dead peer on its own;
+    tether's heartbeat does not depend on them, they only make it faster.
+    """
+
+    nodelay: bool = True
+    keepalive: bool = True
+    keepidle: int = 30
+    keepintvl: int = 10
+    keepcnt: int = 3
+    user_timeout: float | None = None
+
+    def apply(self, sock: socket.socket) -> None:
+        """Set the options on `sock` (a TCP socket; others are left alone)."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.nodelay))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(self.keepalive))
+        if self.keepalive and hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, self.keepidle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, self.keepintvl)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, self.keepcnt)
+        if self.user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            int(self.user_timeout * 1000))
+
+
+class LinkHandler(Protocol):
+    """Who receives a link's events (a Node, a Gateway)."""
+
+    def link_event(self, conn: LinkConnection, event: Event) -> None:
+        """Called for every event of `conn.link`, in order, including the final
+        `LinkTerminated`. May call back into `conn.link`; `conn.flush()` is implied."""
+
+
+class LinkConnection(asyncio.Protocol):
+    """One socket carrying one `Link`. Create with `open_link` or `serve_links`."""
+
+    def __init__(self, role: Role, config: LinkConfig, handler: LinkHandler,
+                 sockopts: SocketOptions | None = None) -> None:
+        self.role = role
+        self.config = config
+        self.handler = handler
+        self.sockopts = sockopts or SocketOptions()
+        self.loop = asyncio.get_running_loop()
+        self.link = Link(role, config, self.loop.time())
+        self.transport: asyncio.Transport | None = None
+        self.peer_address: str = "?"
+        self.ready: asyncio.Future[HandshakeCompleted] = self.loop.create_future()
+        self.closed: asyncio.Future[LinkTerminated] = self.loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._flushing = False
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+
+    def __repr__(self) -> str:
+        return f"<LinkConnection {self.config.name}<->{self.link.peer_name or '?'} " \
+               f"{self.peer_address}>"
+
+    @property
+    def now(self) -> float:
+        """The loop's clock, the only clock tether uses."""
+        return self.loop.time()
+
+    # asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_address = f"{peer[0]}:{peer[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                self.sockopts.apply(sock)
+            except OSError as exc:  # pragma: no cover - depends on the platform
+                log.warning("link %s: cannot set socket options: %s", self.peer_address, exc)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.link.receive_data(data, self.loop.time())
+        self.flush()
+
+    def eof_received(self) -> bool:
+        self.link.connection_lost("peer closed the connection", self.loop.time())
+        self.flush()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection closed"
+        self.link.connection_lost(reason, self.loop.time())
+        self.flush()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake_drainers()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drainers()
+
+    # driving the link ---------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write what the link has to send, hand its events to the handler, re-arm the
+        timer. Re-entrant: a handler that acts on this link inside an event is fine."""
+        if self._flushing:
+            return
+        self._flushing = True
+        terminated: LinkTerminated | None = None
+        try:
+            link = self.link
+            transport = self.transport
+            while True:
+                data = link.data_to_send()
+                events = link.next_events()
+                if not data and not events:
+                    break
+                if data and transport is not None and not transport.is_closing():
+                    transport.write(data)
+                for event in events:
+                    if isinstance(event, HandshakeCompleted) and not self.ready.done():
+                        self.ready.set_result(event)
+                    elif isinstance(event, LinkTerminated):
+                        terminated = event
+                    self.handler.link_event(self, event)
+        finally:
+            self._flushing = False
+        if terminated is not None:
+            self._finish(terminated)
+        else:
+            self._arm()
+
+    def _finish(self, event: LinkTerminated) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.ready.done():
+            self.ready.set_exception(HandshakeError(event.reason, ErrorCode(event.code)
+                                                    if event.code in ErrorCode._value2member_map_
+                                                    else ErrorCode.HANDSHAKE_FAILED))
+            self.ready.exception()  # retrieved: no "exception never retrieved" warning
+        if not self.closed.done():
+            self.closed.set_result(event)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        self._wake_drainers()
+
+    def _arm(self) -> None:
+        deadline = self.link.next_deadline()
+        if deadline is None:
+            return
+        if self._timer is not None:
+            if deadline >= self._timer_at:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.link.handle_timer(self.loop.time())
+        self.flush()
+
+    # backpressure ---------------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        while self._paused and not self.closed.done():
+            waiter: asyncio.Future[None] = self.loop.create_future()
+            self._drain_waiters.append(waiter)
+            await waiter
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def close(self, reason: str = "shutdown", code: int = ErrorCode.SHUTDOWN) -> None:
+        """End the link now: its flows end with `reason`."""
+        self.link.close(code, reason, self.loop.time())
+        self.flush()
+
+    async def aclose(self, reason: str = "shutdown", drain: float = 0.0) -> None:
+        """Graceful close: GOAWAY, let flows finish for up to `drain` seconds, then close."""
+        if drain > 0:
+            self.link.goaway(self.loop.time(), reason)
+            self.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.closed), drain)
+        self.close(reason)
+        if self.transport is not None:
+            await _wait_closed(self.transport)
+
+
+async def _wait_closed(transport: asyncio.BaseTransport) -> None:
+    for _ in range(100):
+        if transport.is_closing() and transport.get_extra_info("socket") is None:
+            return
+        await asyncio.sleep(0)
+
+
+async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandler, *,
+                    ssl_context: ssl.SSLContext | None = None,
+                    server_hostname: str | None = None,
+                    sockopts: SocketOptions | None = None,
+                    connect_timeout: float = 10.0) -> LinkConnection:
+    """Connect to a tether node and complete the HELLO handshake.
+
+    Raises `PeerUnreachable` if the TCP (or TLS) connection cannot be made and
+    `HandshakeError` if the peer refuses the handshake (bad token, version).
+    """
+    loop = asyncio.get_running_loop()
+
+    def factory() -> LinkConnection:
+        return LinkConnection(Role.CLIENT, config, handler, sockopts)
+
+    try:
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(factory, host, port, ssl=ssl_context,
+                                   server_hostname=server_hostname if ssl_context else None),
+            connect_timeout)
+    except ssl.SSLError as exc:
+        raise HandshakeError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
+    except (OSError, TimeoutError) as exc:
+        raise PeerUnreachable(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
+    await conn.ready
+    return conn
+
+
+async def serve_links(host: str, port: int, config_factory: Callable[[], LinkConfig],
+                      handler: LinkHandler, *, ssl_context: ssl.SSLContext | None = None,
+                      sockopts: SocketOptions | None = None, backlog: int = 1024,
+                      reuse_port: bool = False) -> asyncio.Server:
+    """Listen for links; each accepted socket becomes a server-side `LinkConnection`."""
+    loop = asyncio.get_running_loop()
+
+    def factory() -> LinkConnection:
+        return LinkConnection(Role.SERVER, config_factory(), handler, sockopts)
+
+    return await loop.create_server(factory, host, port, ssl=ssl_context, backlog=backlog,
+                                    reuse_port=reuse_port or None)
+
+
+def spawn_owned(tasks: set[asyncio.Task[Any]], coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    """Start a task owned by `tasks` (the owner awaits or cancels the set when it closes)."""
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task

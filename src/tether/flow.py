@@ -1,0 +1,251 @@
+"""Flow: the application's end of one flow (Ouroboros' flow_read / flow_write).
+
+A `Flow` is a reliable, ordered, bidirectional byte stream to a peer application.
+Its contract, in full:
+
+* `read()` returns bytes as they arrive; after the peer's FIN (`close_write`) or
+  dealloc it returns everything already received, then `b""` for ever.
+* When the flow goes DOWN (the peer was silent for the whole liveness timeout, or
+  the link was lost), a pending or later `read()` first returns what was already
+  received, then raises `FlowDown` (`PeerDown` for an unresponsive peer) with
+  `.reason` and `.code`. It never hangs on a dead peer: that is the point.
+* `write()` waits for credit (the peer's receive window): a slow reader slows its
+  writer and nobody else. After the peer deallocated, `write()` raises
+  `FlowClosed`; on a DOWN or RESET flow it raises `FlowDown` / `FlowReset`.
+* `close_write()` half-closes: the peer reads EOF and may still write back.
+* `dealloc()` ends the flow from this side. `reset(reason)` aborts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from .errors import (
+    ErrorCode,
+    FlowClosed,
+    FlowDown,
+    FlowError,
+    FlowReset,
+    LocalProtocolError,
+    PeerDown,
+)
+from .events import FlowEnded
+from .flowstate import FlowState
+from .ids import FlowId
+
+if TYPE_CHECKING:
+    from .aio import LinkConnection
+
+__all__ = ["Flow"]
+
+log = logging.getLogger("tether.flow")
+
+
+class Flow:
+    """One flow, as seen by the application. Made by `Node.alloc` and `Node.accept`."""
+
+    __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_eof", "_reader", "_state",
+                 "_writer", "id", "peer", "service", "stream")
+
+    def __init__(self, fid: FlowId, conn: LinkConnection, stream: int, service: str,
+                 peer: str) -> None:
+        self.id = fid
+        self.service = service
+        self.peer = peer
+        self.stream = stream
+        self._conn = conn
+        self._state = FlowState.OPENING
+        self._buffer: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._end: FlowError | None = None
+        self._reader: asyncio.Future[None] | None = None
+        self._writer: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.id} service={self.service} {self._state.name}>"
+
+    @property
+    def state(self) -> FlowState:
+        """The flow's state (OPENING, OPEN, LOCAL_FIN, REMOTE_FIN, CLOSED, DOWN, RESET)."""
+        return self._state
+
+    @property
+    def liveness(self) -> float | None:
+        """This side's liveness timeout in seconds (None: no liveness)."""
+        return self._conn.link.liveness_of(self.stream)
+
+    def set_liveness(self, seconds: float | None) -> None:
+        """Change this side's liveness timeout (10 ms to years; None for none)."""
+        if self._state in (FlowState.CLOSED, FlowState.DOWN, FlowState.RESET):
+            raise self._closed_error()
+        self._conn.link.set_liveness(self.stream, seconds, self._conn.now)
+        self._conn.flush()
+
+    # reading --------------------------------------------------------------------------
+
+    async def read(self, max: int = -1) -> bytes:
+        """Up to `max` bytes (all that is buffered if -1); `b""` at EOF. Raises
+        `FlowDown`/`FlowReset` once buffered data is exhausted on a DOWN/RESET flow."""
+        if max == 0:
+            return b""
+        while not self._buffer:
+            if self._end is not None and not isinstance(self._end, FlowClosed):
+                raise self._end
+            if self._eof or self._end is not None:
+                return b""
+            if self._reader is not None:
+                raise LocalProtocolError(f"flow {self.id}: another read is already pending")
+            self._reader = self._conn.loop.create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        if max < 0 or max >= self._buffered:
+            data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+            self._buffer.clear()
+        else:
+            data = self._take(max)
+        self._buffered -= len(data)
+        self._conn.link.consumed(self.stream, len(data), self._conn.now)
+        self._conn.flush()
+        return data
+
+    def _take(self, n: int) -> bytes:
+        parts = []
+        while n > 0:
+            head = self._buffer[0]
+            if len(head) <= n:
+                parts.append(self._buffer.popleft())
+                n -= len(head)
+            else:
+                parts.append(head[:n])
+                self._buffer[0] = head[n:]
+                n = 0
+        return b"".join(parts)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read():
+            yield chunk
+
+    # writing --------------------------------------------------------------------------
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of `data`, waiting for the peer's credit as needed."""
+        mv = memoryview(data).cast("B")
+        conn = self._conn
+        while True:
+            self._check_writable()
+            sent = conn.link.send_data(self.stream, mv, conn.now) if len(mv) else 0
+            conn.flush()
+            mv = mv[sent:]
+            if not mv:
+                break
+            if sent == 0:
+                self._writer = conn.loop.create_future()
+                try:
+                    await self._writer
+                finally:
+                    self._writer = None
+        await conn.drain()
+
+    def _check_writable(self) -> None:
+        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN):
+            return
+        if self._state is FlowState.LOCAL_FIN:
+            raise FlowClosed(f"flow {self.id}: write after close_write()")
+        if self._state is FlowState.OPENING:
+            raise LocalProtocolError(f"flow {self.id} is not open yet")
+        raise self._closed_error()
+
+    def _closed_error(self) -> FlowError:
+        if self._end is None or isinstance(self._end, FlowClosed):
+            return FlowClosed(f"flow {self.id} is closed"
+                              + (f" ({self._end})" if self._end else ""))
+        return self._end
+
+    async def close_write(self) -> None:
+        """Half-close: the peer reads EOF; this side can still read its reply."""
+        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN):
+            self._conn.link.send_fin(self.stream, self._conn.now)
+            self._set_state()
+            self._conn.flush()
+        elif self._state is not FlowState.LOCAL_FIN:
+            raise self._closed_error()
+
+    async def dealloc(self) -> None:
+        """End the flow from this side. Idempotent."""
+        if self._end is None:
+            self._conn.link.dealloc(self.stream, self._conn.now)
+            self._conn.flush()
+
+    async def reset(self, reason: str = "reset by application") -> None:
+        """Abort the flow; the peer's reads and writes raise `FlowReset`."""
+        if self._end is None:
+            self._conn.link.reset(self.stream, ErrorCode.RESET, reason, self._conn.now)
+            self._conn.flush()
+
+    async def __aenter__(self) -> Flow:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.dealloc()
+
+    # events from the link -------------------------------------------------------------
+
+    def _set_state(self) -> None:
+        state = self._conn.link.flow_state(self.stream)
+        if state is not None:
+            self._state = state
+
+    def _opened(self) -> None:
+        self._state = FlowState.OPEN
+        self._set_state()
+
+    def _on_data(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        self._wake_reader()
+
+    def _on_fin(self) -> None:
+        self._eof = True
+        self._set_state()
+        self._wake_reader()
+
+    def _on_credit(self) -> None:
+        if self._writer is not None and not self._writer.done():
+            self._writer.set_result(None)
+
+    def _on_end(self, event: FlowEnded) -> None:
+        self._state = event.state
+        if event.state is FlowState.CLOSED:
+            self._end = FlowClosed(event.reason, ErrorCode.FLOW_CLOSED)
+            self._eof = True
+        elif event.state is FlowState.DOWN:
+            reason = event.reason.removeprefix("down: ")
+            cls = PeerDown if event.code == ErrorCode.FLOW_PEER else FlowDown
+            self._end = cls(reason)
+        else:
+            self._end = FlowReset(event.reason.removeprefix("reset: "),
+                                  _code(event.code, ErrorCode.RESET))
+        self._wake_reader()
+        if self._writer is not None and not self._writer.done():
+            self._writer.set_result(None)
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+
+def _code(code: int, default: ErrorCode) -> ErrorCode:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return default

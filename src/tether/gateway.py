@@ -1,0 +1,259 @@
+"""Gateway: accepts links from nodes, knows who serves what, splices flows between them.
+
+Nodes `register` service names over their link; an `alloc` that reaches the gateway
+is routed to one node serving that name (round-robin across instances) and the two
+streams are joined by a `Splice`, which relays data, credit, FIN, CLOSE, RESET and
+KEEPALIVE end to end. The gateway keeps no liveness of its own on relayed flows: the
+two endpoints' keepalives pass through, so a frozen server is seen by its client as
+exactly that ("unresponsive peer"), not masked by a healthy gateway in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import defaultdict
+from typing import Any
+
+from . import wire
+from .aio import LinkConnection, SocketOptions, parse_address, serve_links
+from .errors import ErrorCode, LocalProtocolError
+from .events import (
+    DataReceived,
+    Event,
+    FinReceived,
+    FlowAccepted,
+    FlowEnded,
+    FlowOpenRequested,
+    HandshakeCompleted,
+    KeepAliveReceived,
+    LinkTerminated,
+    MessageReceived,
+    WindowUpdated,
+)
+from .ids import FlowId
+from .link import LinkConfig
+from .splice import Splice, SpliceEnd
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("tether.gateway")
+
+
+class Gateway:
+    """A tether gateway. `await start()` (or `async with`), then nodes connect to `port`.
+
+    `token`, when set, is required in every node's HELLO; a wrong one gets a GOAWAY
+    with BAD_TOKEN (the node raises `HandshakeError`) and a log line here. `tls` is a
+    server-side `ssl.SSLContext` (require client certificates in it for mutual TLS).
+    """
+
+    def __init__(self, listen: str = "127.0.0.1:7443", *, name: str = "gw",
+                 token: bytes | str | None = None, tls: ssl.SSLContext | None = None,
+                 heartbeat: float = 5.0, link_timeout: float = 15.0,
+                 handshake_timeout: float = 10.0, window: int = 256 * 1024,
+                 sockopts: SocketOptions | None = None) -> None:
+        self.listen = listen
+        self.name = name
+        self.token = token.encode() if isinstance(token, str) else token
+        self.tls = tls
+        self.heartbeat = heartbeat
+        self.link_timeout = link_timeout
+        self.handshake_timeout = handshake_timeout
+        self.window = window
+        self.sockopts = sockopts
+        self._server: asyncio.Server | None = None
+        self._conns: set[LinkConnection] = set()
+        self._services: dict[str, list[LinkConnection]] = defaultdict(list)
+        self._rr: dict[str, int] = defaultdict(int)
+        self._ends: dict[tuple[LinkConnection, int], tuple[Splice, SpliceEnd]] = {}
+        self._serial = 0
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("links_accepted", "links_refused", "flows_spliced", "flows_ended",
+             "no_such_service", "protocol_errors"), 0)
+
+    def _config(self) -> LinkConfig:
+        return LinkConfig(name=self.name, expected_token=self.token,
+                          heartbeat_interval=self.heartbeat, link_timeout=self.link_timeout,
+                          handshake_timeout=self.handshake_timeout,
+                          initial_window=self.window, relay_streams=True)
+
+    async def start(self) -> None:
+        """Start listening."""
+        host, port = parse_address(self.listen)
+        self._server = await serve_links(host, port, self._config, self, ssl_context=self.tls,
+                                         sockopts=self.sockopts)
+        log.info("gateway %s listening on %s:%d", self.name, host, self.port)
+
+    @property
+    def port(self) -> int:
+        """The port the gateway listens on."""
+        if self._server is None:
+            raise LocalProtocolError("gateway not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def aclose(self, drain: float = 0.0) -> None:
+        """Stop accepting, then close every link (their flows end "shutdown")."""
+        if self._server is not None:
+            self._server.close()
+        await asyncio.gather(*(c.aclose("shutdown", drain) for c in list(self._conns)))
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def serve_forever(self) -> None:
+        """Start if needed and serve until cancelled."""
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    def services(self) -> dict[str, list[str]]:
+        """Which node names serve which service."""
+        return {svc: [c.link.peer_name or "?" for c in conns]
+                for svc, conns in self._services.items() if conns}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, and what is open now."""
+        return {"name": self.name, "links": len(self._conns),
+                "flows": len({id(s) for s, _ in self._ends.values()}),
+                "services": self.services(), **self.counters}
+
+    # link events ----------------------------------------------------------------------
+
+    def link_event(self, conn: LinkConnection, event: Event) -> None:
+        """Dispatch one event of one node's link."""
+        if isinstance(event, DataReceived | WindowUpdated | FinReceived | KeepAliveReceived):
+            entry = self._ends.get((conn, event.stream))
+            if entry is None:
+                return
+            splice, end = entry
+            if isinstance(event, DataReceived):
+                splice.on_data(end, event.data)
+            elif isinstance(event, WindowUpdated):
+                splice.on_credit(end)
+            elif isinstance(event, FinReceived):
+                splice.on_fin(end)
+            else:
+                splice.on_keepalive(end)
+        elif isinstance(event, FlowEnded):
+            self._on_ended(conn, event)
+        elif isinstance(event, FlowAccepted):
+            self._on_accepted(conn, event.stream)
+        elif isinstance(event, FlowOpenRequested):
+            self._on_open(conn, event)
+        elif isinstance(event, MessageReceived):
+            self._on_control(conn, event)
+        elif isinstance(event, HandshakeCompleted):
+            self._conns.add(conn)
+            self.counters["links_accepted"] += 1
+            log.info("gateway %s: node %s connected from %s", self.name, event.peer_name,
+                     conn.peer_address)
+        elif isinstance(event, LinkTerminated):
+            self._on_link_terminated(conn, event)
+
+    def _on_control(self, conn: LinkConnection, event: MessageReceived) -> None:
+        if event.kind == wire.KIND_REGISTER or event.kind == wire.KIND_UNREGISTER:
+            service = event.body.decode(errors="replace")
+            servers = self._services[service]
+            if event.kind == wire.KIND_REGISTER:
+                if conn not in servers:
+                    servers.append(conn)
+                log.info("gateway %s: %s registered service %s", self.name,
+                         conn.link.peer_name, service)
+            elif conn in servers:
+                servers.remove(conn)
+                log.info("gateway %s: %s unregistered service %s", self.name,
+                         conn.link.peer_name, service)
+        else:
+            log.warning("gateway %s: ignored message kind %#x from %s", self.name, event.kind,
+                        conn.link.peer_name)
+
+    def _pick(self, service: str) -> LinkConnection | None:
+        servers = [c for c in self._services.get(service, ()) if c.link.is_open]
+        if not servers:
+            return None
+        i = self._rr[service] % len(servers)
+        self._rr[service] = i + 1
+        return servers[i]
+
+    def _on_open(self, conn: LinkConnection, event: FlowOpenRequested) -> None:
+        now = conn.now
+        target = self._pick(event.service)
+        if target is None:
+            self.counters["no_such_service"] += 1
+            log.warning("gateway %s: %s asked for unknown service %r", self.name,
+                        event.origin or conn.link.peer_name, event.service)
+            conn.link.reject_flow(event.stream, ErrorCode.NO_SUCH_SERVICE,
+                                  f"no such service: {event.service!r}", now)
+            return
+        try:
+            sid = target.link.open_flow(event.service, target.now, liveness=event.liveness,
+                                        mode=event.mode, origin=event.origin)
+        except (LocalProtocolError, ValueError) as exc:
+            conn.link.reject_flow(event.stream, ErrorCode.REFUSED, str(exc), now)
+            return
+        self._serial += 1
+        splice = Splice(FlowId(node=self.name, serial=self._serial), event.service,
+                        SpliceEnd(conn, event.stream), SpliceEnd(target, sid), event.mode)
+        self._ends[(conn, event.stream)] = (splice, splice.a)
+        self._ends[(target, sid)] = (splice, splice.b)
+        target.flush()
+
+    def _on_accepted(self, conn: LinkConnection, stream: int) -> None:
+        entry = self._ends.get((conn, stream))
+        if entry is None:
+            return
+        splice, end = entry
+        a = splice.a
+        if end is splice.b and not a.ended:
+            a.conn.link.accept_flow(a.stream, a.conn.now)
+            a.conn.flush()
+            self.counters["flows_spliced"] += 1
+            log.info("flow %s spliced service=%s %s -> %s", splice.id, splice.service,
+                     a.conn.link.peer_name, conn.link.peer_name)
+
+    def _on_ended(self, conn: LinkConnection, event: FlowEnded) -> None:
+        entry = self._ends.pop((conn, event.stream), None)
+        if entry is None:
+            return
+        splice, end = entry
+        b_refused = end is splice.b and event.reason.startswith("refused")
+        if b_refused and not splice.a.ended:
+            a = splice.a
+            a.ended = True
+            end.ended = True
+            self._ends.pop((a.conn, a.stream), None)
+            a.conn.link.reject_flow(a.stream, event.code, event.reason.removeprefix("refused: "),
+                                    a.conn.now)
+            a.conn.flush()
+        else:
+            splice.on_end(end, event)
+        if splice.finished and not splice.reported:
+            splice.reported = True
+            self.counters["flows_ended"] += 1
+            log.info("flow %s ended (%s: %s)", splice.id, end, event.reason)
+
+    def _on_link_terminated(self, conn: LinkConnection, event: LinkTerminated) -> None:
+        self._conns.discard(conn)
+        for servers in self._services.values():
+            if conn in servers:
+                servers.remove(conn)
+        if event.code in (ErrorCode.PROTOCOL_ERROR, ErrorCode.FRAME_TOO_LARGE,
+                          ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
+                          ErrorCode.HANDSHAKE_FAILED):
+            self.counters["protocol_errors"] += 1
+            log.warning("gateway %s: link from %s (%s) closed: %s", self.name,
+                        conn.link.peer_name or "?", conn.peer_address, event.reason)
+        else:
+            log.info("gateway %s: node %s disconnected: %s", self.name,
+                     conn.link.peer_name or conn.peer_address, event.reason)

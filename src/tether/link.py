@@ -1,0 +1,721 @@
+"""tether.link — one tether connection carrying many flows, without I/O.
+
+A `Link` is the engine of one TCP (or TLS) connection between two tether nodes,
+in the style of h2 and aioquic: feed it bytes with `receive_data(data, now)`, take
+its events with `next_events()`, send what `data_to_send()` returns, and call
+`handle_timer(now)` at `next_deadline()`. It never reads the clock and never
+touches a socket, so every protocol rule is tested in memory, with time driven by
+hand.
+
+What it does: the HELLO handshake (token and version checked), streams numbered by
+side (the connecting side opens odd ids, the accepting side even ids), credit-based
+flow control per stream, per-flow liveness (KEEPALIVE after a quarter of the
+timeout with nothing sent; DOWN after the whole timeout with nothing received), the
+link heartbeat (PING/PONG; a silent link takes every flow DOWN "link lost"), mesh
+MSG/ACK, and GOAWAY. Garbage from the peer never escapes as an exception: it
+becomes a RESET of the one stream or, for a broken frame stream, a GOAWAY and a
+`LinkTerminated` event.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+from . import wire
+from .errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .events import (
+    AckReceived,
+    DataReceived,
+    Event,
+    FinReceived,
+    FlowAccepted,
+    FlowEnded,
+    FlowOpenRequested,
+    GoAwayReceived,
+    HandshakeCompleted,
+    Initiator,
+    KeepAliveReceived,
+    LinkTerminated,
+    MessageReceived,
+    WindowUpdated,
+)
+from .flowstate import FlowInput, FlowState, FlowStateMachine
+from .liveness import LivenessMonitor
+
+__all__ = ["Link", "LinkConfig", "LinkState", "LinkStats", "Role"]
+
+MODE_HALF_CLOSE: Final = 0
+MODE_CASCADE: Final = 1
+_MAX_WINDOW: Final = 0x7FFFFFFF
+_DOWN_CODES: Final = frozenset({ErrorCode.FLOW_DOWN, ErrorCode.FLOW_PEER})
+
+
+class Role(Enum):
+    """Which end of the TCP connection this link is: the client opens odd stream ids."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class LinkState(Enum):
+    """The states of a link."""
+
+    HANDSHAKE = "HANDSHAKE"
+    OPEN = "OPEN"
+    DRAINING = "DRAINING"
+    CLOSED = "CLOSED"
+
+
+@dataclass(slots=True)
+class LinkConfig:
+    """Settings of one link. Times in seconds.
+
+    `token` is sent in HELLO; `expected_token`, when set, is what the peer's HELLO
+    must carry (a server refuses anything else). `initial_window` is the credit given
+    to the peer on every stream. The link is lost when nothing at all arrived for
+    `link_timeout`; it sends a PING after `heartbeat_interval` with nothing sent.
+    `relay_streams` is for gateways: streams carry no liveness of their own and
+    KEEPALIVEs surface as `KeepAliveReceived`, to be forwarded end to end.
+    """
+
+    name: str
+    token: bytes = b""
+    expected_token: bytes | None = None
+    max_payload: int = wire.DEFAULT_MAX_PAYLOAD
+    hard_max_payload: int = wire.HARD_MAX_PAYLOAD
+    initial_window: int = 256 * 1024
+    heartbeat_interval: float = 5.0
+    link_timeout: float = 15.0
+    handshake_timeout: float = 10.0
+    tick: float = 0.01
+    max_flows: int = 100_000
+    relay_streams: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.initial_window <= _MAX_WINDOW:
+            raise ValueError(f"initial_window {self.initial_window} out of [1, {_MAX_WINDOW}]")
+        if self.link_timeout <= self.heartbeat_interval:
+            raise ValueError(f"link_timeout {self.link_timeout} must exceed "
+                             f"heartbeat_interval {self.heartbeat_interval}")
+
+
+class LinkStats:
+    """Counters of one link, all monotonically increasing."""
+
+    __slots__ = ("bytes_in", "bytes_out", "flows_ended", "flows_opened", "frames_in",
+                 "frames_out", "keepalives_sent", "late_frames", "protocol_errors",
+                 "streams_reset_by_error")
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.flows_opened = 0
+        self.flows_ended = 0
+        self.keepalives_sent = 0
+        self.late_frames = 0
+        self.protocol_errors = 0
+        self.streams_reset_by_error = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class _Stream:
+    """What a link knows of one live stream."""
+
+    __slots__ = ("fsm", "id", "liveness", "local_window", "mode", "origin", "recv_allowed",
+                 "relay", "send_credit", "service", "unacked")
+
+    def __init__(self, sid: int, service: str, liveness: float | None, mode: int,
+                 origin: str, local_window: int, relay: bool) -> None:
+        self.id = sid
+        self.fsm = FlowStateMachine()
+        self.service = service
+        self.liveness = liveness
+        self.mode = mode
+        self.origin = origin
+        self.local_window = local_window
+        self.recv_allowed = local_window
+        self.unacked = 0
+        self.send_credit = 0
+        self.relay = relay
+
+
+def _liveness_ms(liveness: float | None) -> int:
+    if liveness is None or math.isinf(liveness):
+        return 0
+    return max(1, round(liveness * 1000))
+
+
+class Link:
+    """The sans-IO engine of one tether connection. See the module docstring."""
+
+    def __init__(self, role: Role, config: LinkConfig, now: float) -> None:
+        self.role = role
+        self.config = config
+        self.state = LinkState.HANDSHAKE
+        self.peer_name: str | None = None
+        self.stats = LinkStats()
+        self._decoder = wire.FrameDecoder(config.max_payload, config.hard_max_payload)
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._streams: dict[int, _Stream] = {}
+        self._liveness: LivenessMonitor[int] = LivenessMonitor(config.tick, now)
+        self._next_local_id = 1 if role is Role.CLIENT else 2
+        self._highest_peer_id = 0
+        self._peer_goaway_last: int | None = None
+        self._max_payload = config.max_payload
+        self._link_timeout = config.link_timeout
+        self._last_recv = now
+        self._last_send = now
+        self._handshake_deadline: float | None = now + config.handshake_timeout
+        self._ping_seq = 0
+        if role is Role.CLIENT:
+            self._send_hello()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def is_open(self) -> bool:
+        """The handshake is done and the link still accepts new flows."""
+        return self.state is LinkState.OPEN and self._peer_goaway_last is None
+
+    @property
+    def is_closed(self) -> bool:
+        """The link has terminated (`LinkTerminated` was emitted)."""
+        return self.state is LinkState.CLOSED
+
+    @property
+    def max_payload(self) -> int:
+        """The largest DATA payload either side sends (the smaller of the two HELLOs)."""
+        return self._max_payload
+
+    def flow_state(self, stream: int) -> FlowState | None:
+        """The state of a live stream, or None if the link does not know it."""
+        s = self._streams.get(stream)
+        return s.fsm.state if s is not None else None
+
+    def send_credit(self, stream: int) -> int:
+        """How many bytes `send_data` would accept on `stream` now."""
+        s = self._streams.get(stream)
+        return s.send_credit if s is not None and s.fsm.can_send else 0
+
+    def liveness_of(self, stream: int) -> float | None:
+        """The liveness timeout of a stream in seconds, None if it has none."""
+        s = self._streams.get(stream)
+        return s.liveness if s is not None else None
+
+    def streams(self) -> list[int]:
+        """The ids of the streams this link still knows."""
+        return list(self._streams)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    # ------------------------------------------------------------------ I/O surface
+
+    def data_to_send(self) -> bytes:
+        """The bytes to write to the socket now (empty if none)."""
+        if not self._out:
+            return b""
+        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def next_events(self) -> list[Event]:
+        """The events that happened since the last call, in order."""
+        events = self._events
+        self._events = []
+        return events
+
+    def next_deadline(self) -> float | None:
+        """When `handle_timer` must be called next (None: no timer needed)."""
+        if self.state is LinkState.CLOSED:
+            return None
+        if self._handshake_deadline is not None:
+            return self._handshake_deadline
+        deadline = min(self._last_send + self.config.heartbeat_interval,
+                       self._last_recv + self._link_timeout)
+        flows = self._liveness.next_deadline()
+        return deadline if flows is None else min(deadline, flows)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire whatever is due at `now`: handshake timeout, heartbeat, flow liveness."""
+        if self.state is LinkState.CLOSED:
+            return
+        if self._handshake_deadline is not None:
+            if now >= self._handshake_deadline:
+                self._fail(ErrorCode.HANDSHAKE_FAILED,
+                           f"handshake not completed within {self.config.handshake_timeout:g}s",
+                           "link", now)
+            return
+        if now >= self._last_recv + self._link_timeout:
+            self._terminate(ErrorCode.FLOW_DOWN,
+                            f"link lost: nothing received for {now - self._last_recv:.3f}s",
+                            "link", now, flow_reason="link lost")
+            return
+        if now >= self._last_send + self.config.heartbeat_interval:
+            self._ping_seq += 1
+            self._emit(wire.Ping(opaque=self._ping_seq), now)
+        keepalives, expired = self._liveness.poll(now)
+        for sid in keepalives:
+            s = self._streams.get(sid)
+            if s is not None:
+                self.stats.keepalives_sent += 1
+                self._emit_raw(wire.encode(wire.KeepAlive(stream=sid)), now)
+        for sid in expired:
+            s = self._streams.get(sid)
+            if s is not None and s.fsm.process(FlowInput.LIVENESS_EXPIRED):
+                self._emit(wire.Reset(stream=sid, code=ErrorCode.FLOW_PEER,
+                                      reason="unresponsive peer"), now)
+                self._ended(s, ErrorCode.FLOW_PEER, "down: unresponsive peer", "link")
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
+        """Feed bytes read from the socket."""
+        if self.state is LinkState.CLOSED or not data:
+            return
+        self.stats.bytes_in += len(data)
+        self._last_recv = now
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self.stats.protocol_errors += 1
+            self._fail(exc.code, f"protocol error: {exc}", "peer", now)
+            return
+        for frame in frames:
+            self.stats.frames_in += 1
+            try:
+                self._handle(frame, now)
+            except ProtocolError as exc:
+                self.stats.protocol_errors += 1
+                self._fail(exc.code, f"protocol error: {exc}", "peer", now)
+                return
+            if self.is_closed:
+                return
+
+    def connection_lost(self, reason: str, now: float) -> None:
+        """The socket is gone (EOF, reset, error): every live flow goes DOWN."""
+        if self.state is not LinkState.CLOSED:
+            self._terminate(ErrorCode.FLOW_DOWN, reason, "link", now, flow_reason="link lost")
+
+    # ------------------------------------------------------------------ flows
+
+    def open_flow(self, service: str, now: float, *, liveness: float | None = None,
+                  mode: int = MODE_HALF_CLOSE, origin: str | None = None) -> int:
+        """Open a stream to `service`; returns its id. `liveness` is in seconds (None:
+        none); `origin` defaults to this node's name."""
+        if not self.is_open:
+            raise LocalProtocolError(f"cannot open a flow on a link in state {self.state.name}"
+                                     + (" (peer sent GOAWAY)" if self._peer_goaway_last
+                                        is not None else ""))
+        if len(self._streams) >= self.config.max_flows:
+            raise LocalProtocolError(f"link already carries {len(self._streams)} flows "
+                                     f"(max_flows={self.config.max_flows})")
+        if liveness is not None and liveness < LivenessMonitor.MIN_TIMEOUT:
+            raise ValueError(f"liveness {liveness}s is below the minimum "
+                             f"{LivenessMonitor.MIN_TIMEOUT}s")
+        sid = self._next_local_id
+        if sid > wire.MAX_STREAM_ID:
+            raise LocalProtocolError("stream ids exhausted on this link; open a new link")
+        self._next_local_id += 2
+        origin = self.config.name if origin is None else origin
+        s = _Stream(sid, service, liveness, mode, origin, self.config.initial_window,
+                    self.config.relay_streams)
+        self._streams[sid] = s
+        self.stats.flows_opened += 1
+        self._track(s, now)
+        self._emit(wire.Open(stream=sid, service=service, liveness_ms=_liveness_ms(liveness),
+                             window=s.local_window, mode=mode, origin=origin), now)
+        return sid
+
+    def accept_flow(self, stream: int, now: float) -> None:
+        """Accept a stream the peer opened (after `FlowOpenRequested`)."""
+        s = self._stream(stream)
+        s.fsm.process(FlowInput.LOCAL_ACCEPT)
+        self._emit(wire.OpenOk(stream=stream, window=s.local_window), now)
+
+    def reject_flow(self, stream: int, code: int, reason: str, now: float) -> None:
+        """Refuse a stream the peer opened; it ends (CLOSED) with `code` and `reason`."""
+        s = self._stream(stream)
+        s.fsm.process(FlowInput.LOCAL_REJECT)
+        self._emit(wire.OpenErr(stream=stream, code=code, reason=reason), now)
+        self._ended(s, code, f"refused: {reason}", "local")
+
+    def send_data(self, stream: int, data: bytes | memoryview, now: float) -> int:
+        """Send as much of `data` as the stream's credit allows; returns the count sent.
+        Raises `LocalProtocolError` if the stream cannot send (unknown, FIN sent, ended)."""
+        s = self._stream(stream)
+        s.fsm.process(FlowInput.LOCAL_DATA)
+        n = min(len(data), s.send_credit)
+        if n == 0:
+            return 0
+        s.send_credit -= n
+        step = self._max_payload
+        mv = memoryview(data)
+        header = wire.encode_data_header
+        for off in range(0, n, step):
+            chunk = mv[off:min(off + step, n)]
+            self._out.append(header(stream, len(chunk)))
+            self._out.append(bytes(chunk))
+            self.stats.frames_out += 1
+        self.stats.bytes_out += n + wire.HEADER.size * ((n + step - 1) // step)
+        self._last_send = now
+        self._sent(s, now)
+        return n
+
+    def send_fin(self, stream: int, now: float) -> None:
+        """Half-close: this side sends no more data; the peer reads EOF and may reply."""
+        s = self._stream(stream)
+        if not s.fsm.process(FlowInput.LOCAL_FIN):
+            return
+        self._emit(wire.Fin(stream=stream), now)
+        self._sent(s, now)
+        if s.fsm.is_terminal:
+            self._ended(s, ErrorCode.NO_ERROR, "closed", "local")
+
+    def dealloc(self, stream: int, now: float) -> None:
+        """End the flow cleanly from this side: the peer reads what was sent, then EOF,
+        and its writes fail. Idempotent for a stream already ended."""
+        s = self._streams.get(stream)
+        if s is None:
+            return
+        s.fsm.process(FlowInput.LOCAL_DEALLOC)
+        self._emit(wire.Close(stream=stream), now)
+        self._ended(s, ErrorCode.NO_ERROR, "local", "local")
+
+    def reset(self, stream: int, code: int, reason: str, now: float) -> None:
+        """Abort the flow; the peer's reads and writes fail with `FlowReset`. A `code` of
+        FLOW_DOWN or FLOW_PEER tells the peer the flow is DOWN (a relay passing on what
+        happened further away)."""
+        s = self._streams.get(stream)
+        if s is None:
+            return
+        down = code in _DOWN_CODES
+        s.fsm.process(FlowInput.LINK_LOST if down else FlowInput.LOCAL_RESET)
+        self._emit(wire.Reset(stream=stream, code=code, reason=reason), now)
+        self._ended(s, code, f"down: {reason}" if down else "reset", "local")
+
+    def consumed(self, stream: int, n: int, now: float) -> None:
+        """The application took `n` bytes of this stream: give the credit back (in
+        batches of half a window, so one WINDOW frame covers many DATA frames)."""
+        s = self._streams.get(stream)
+        if s is None or n <= 0:
+            return
+        s.unacked += n
+        if s.unacked >= s.local_window // 2 and s.fsm.can_receive:
+            self._emit(wire.Window(stream=stream, increment=s.unacked), now)
+            s.recv_allowed += s.unacked
+            s.unacked = 0
+            self._sent(s, now)
+
+    def send_keepalive(self, stream: int, now: float) -> None:
+        """Forward a KEEPALIVE on a relay stream."""
+        s = self._streams.get(stream)
+        if s is not None:
+            self._emit(wire.KeepAlive(stream=stream), now)
+
+    def set_liveness(self, stream: int, liveness: float | None, now: float) -> None:
+        """Change this side's liveness timeout of a stream (None: no liveness)."""
+        s = self._stream(stream)
+        s.liveness = liveness
+        self._liveness.remove(stream)
+        self._track(s, now)
+
+    # ------------------------------------------------------------------ mesh and link
+
+    def send_message(self, kind: int, seq: int, body: bytes, now: float) -> None:
+        """Send a mesh MSG (the mesh numbers and retransmits; the link only carries)."""
+        if self.state is not LinkState.OPEN and self.state is not LinkState.DRAINING:
+            raise LocalProtocolError(f"cannot send a message on a link in state "
+                                     f"{self.state.name}")
+        if len(body) > self._max_payload:
+            raise LocalProtocolError(f"message body of {len(body)} bytes exceeds the link's "
+                                     f"maximum payload {self._max_payload}")
+        self._emit(wire.Msg(kind=kind, seq=seq, body=body), now)
+
+    def send_ack(self, seq: int, now: float) -> None:
+        """Acknowledge every mesh MSG up to `seq`."""
+        if self.state is LinkState.OPEN or self.state is LinkState.DRAINING:
+            self._emit(wire.Ack(seq=seq), now)
+
+    def goaway(self, now: float, reason: str = "shutdown") -> None:
+        """Graceful shutdown: refuse new flows, let live ones finish. The link terminates
+        by itself once none is left (or call `close` at the drain deadline)."""
+        if self.state is not LinkState.OPEN:
+            if self.state is LinkState.HANDSHAKE:
+                self.close(ErrorCode.SHUTDOWN, reason, now)
+            return
+        self.state = LinkState.DRAINING
+        self._emit(wire.GoAway(last_stream=self._highest_peer_id, code=ErrorCode.NO_ERROR,
+                               reason=reason), now)
+        self._maybe_drained(now)
+
+    def close(self, code: int, reason: str, now: float) -> None:
+        """Terminate now: every live flow is reset with `reason`, the peer gets GOAWAY."""
+        if self.state is LinkState.CLOSED:
+            return
+        for s in list(self._streams.values()):
+            if s.fsm.process(FlowInput.LOCAL_RESET):
+                self._emit(wire.Reset(stream=s.id, code=code, reason=reason), now)
+            self._ended(s, code, reason, "local")
+        self._terminate(code, reason, "local", now, flow_reason=reason)
+
+    # ------------------------------------------------------------------ internals
+
+    def _stream(self, stream: int) -> _Stream:
+        s = self._streams.get(stream)
+        if s is None:
+            raise LocalProtocolError(f"no live stream {stream} on this link")
+        return s
+
+    def _track(self, s: _Stream, now: float) -> None:
+        if not s.relay and s.liveness is not None and not math.isinf(s.liveness):
+            self._liveness.add(s.id, s.liveness, now)
+
+    def _sent(self, s: _Stream, now: float) -> None:
+        self._liveness.sent(s.id, now)
+
+    def _emit(self, frame: wire.Frame, now: float) -> None:
+        self._emit_raw(wire.encode(frame), now)
+
+    def _emit_raw(self, raw: bytes, now: float) -> None:
+        self._out.append(raw)
+        self.stats.frames_out += 1
+        self.stats.bytes_out += len(raw)
+        self._last_send = now
+
+    def _send_hello(self) -> None:
+        cfg = self.config
+        self._out.append(wire.encode(wire.Hello(
+            name=cfg.name, token=cfg.token, max_payload=cfg.max_payload,
+            heartbeat_ms=round(cfg.heartbeat_interval * 1000))))
+        self.stats.frames_out += 1
+
+    def _ended(self, s: _Stream, code: int, reason: str, initiator: Initiator) -> None:
+        del self._streams[s.id]
+        self._liveness.remove(s.id)
+        self.stats.flows_ended += 1
+        self._events.append(FlowEnded(stream=s.id, state=s.fsm.state, code=code,
+                                      reason=reason, initiator=initiator))
+
+    def _fail(self, code: int, reason: str, initiator: Initiator, now: float) -> None:
+        """The link cannot go on: tell the peer why (GOAWAY), then terminate."""
+        self._out.append(wire.encode(wire.GoAway(last_stream=self._highest_peer_id,
+                                                 code=code, reason=reason)))
+        self._terminate(code, reason, initiator, now, flow_reason="link lost")
+
+    def _terminate(self, code: int, reason: str, initiator: Initiator, now: float, *,
+                   flow_reason: str) -> None:
+        for s in list(self._streams.values()):
+            s.fsm.process(FlowInput.LINK_LOST)
+            self._ended(s, ErrorCode.FLOW_DOWN, f"down: {flow_reason}", "link")
+        self.state = LinkState.CLOSED
+        self._handshake_deadline = None
+        self._events.append(LinkTerminated(code=code, reason=reason, initiator=initiator))
+
+    def _maybe_drained(self, now: float) -> None:
+        if self.state is LinkState.DRAINING and not self._streams:
+            self._terminate(ErrorCode.NO_ERROR, "drained", "local", now, flow_reason="drained")
+
+    def _handle(self, frame: wire.Frame, now: float) -> None:
+        if self.state is LinkState.HANDSHAKE:
+            self._handle_hello(frame, now)
+            return
+        if isinstance(frame, wire.Data):
+            self._on_data(frame, now)
+        elif isinstance(frame, wire.Hello):
+            raise RemoteProtocolError("second HELLO on an established link")
+        elif frame.LINK_FRAME:
+            self._on_link_frame(frame, now)
+        else:
+            self._on_flow_frame(frame, now)
+        if self.state is LinkState.DRAINING:
+            self._maybe_drained(now)
+
+    def _handle_hello(self, frame: wire.Frame, now: float) -> None:
+        if isinstance(frame, wire.GoAway):
+            code = ErrorCode.HANDSHAKE_FAILED if frame.code == 0 else frame.code
+            self._terminate(code, f"peer refused the handshake: {frame.reason}", "peer", now,
+                            flow_reason="link lost")
+            return
+        if not isinstance(frame, wire.Hello):
+            raise RemoteProtocolError(f"expected HELLO, got {type(frame).__name__.upper()}")
+        cfg = self.config
+        if cfg.expected_token is not None and frame.token != cfg.expected_token:
+            raise RemoteProtocolError(f"bad token from {frame.name!r}", ErrorCode.BAD_TOKEN)
+        if self.role is Role.SERVER:
+            self._send_hello()
+        self.peer_name = frame.name
+        self._max_payload = min(cfg.max_payload, frame.max_payload)
+        peer_heartbeat = frame.heartbeat_ms / 1000
+        self._link_timeout = max(cfg.link_timeout, 2.5 * peer_heartbeat)
+        self._handshake_deadline = None
+        self._last_send = now
+        self.state = LinkState.OPEN
+        self._events.append(HandshakeCompleted(peer_name=frame.name,
+                                               max_payload=self._max_payload,
+                                               peer_heartbeat=peer_heartbeat))
+
+    def _on_link_frame(self, frame: wire.Frame, now: float) -> None:
+        if isinstance(frame, wire.Ping):
+            self._emit(wire.Pong(opaque=frame.opaque), now)
+        elif isinstance(frame, wire.Pong):
+            pass
+        elif isinstance(frame, wire.Msg):
+            self._events.append(MessageReceived(kind=frame.kind, seq=frame.seq, body=frame.body))
+        elif isinstance(frame, wire.Ack):
+            self._events.append(AckReceived(seq=frame.seq))
+        elif isinstance(frame, wire.GoAway):
+            self._on_goaway(frame, now)
+
+    def _on_goaway(self, frame: wire.GoAway, now: float) -> None:
+        if frame.code != ErrorCode.NO_ERROR:
+            self._terminate(frame.code, f"peer went away: {frame.reason}", "peer", now,
+                            flow_reason=f"link lost: peer went away: {frame.reason}")
+            return
+        self._peer_goaway_last = frame.last_stream
+        self._events.append(GoAwayReceived(last_stream=frame.last_stream, code=frame.code,
+                                           reason=frame.reason))
+        for s in list(self._streams.values()):
+            if (s.id % 2 == self._next_local_id % 2 and s.id > frame.last_stream
+                    and s.fsm.process(FlowInput.REMOTE_REJECT)):
+                self._ended(s, ErrorCode.REFUSED, f"refused: peer going away: {frame.reason}",
+                            "peer")
+
+    def _is_peer_id(self, sid: int) -> bool:
+        return sid % 2 != self._next_local_id % 2
+
+    def _late(self, sid: int) -> bool:
+        """A frame for a stream this link no longer knows: late (the stream ended here
+        while the frame was in flight) or bogus (never opened)."""
+        if self._is_peer_id(sid):
+            return sid <= self._highest_peer_id
+        return sid < self._next_local_id
+
+    def _on_data(self, frame: wire.Data, now: float) -> None:
+        s = self._streams.get(frame.stream)
+        if s is None:
+            self._unknown_stream(frame.stream, "DATA", now)
+            return
+        self._liveness.received(s.id, now)
+        n = len(frame.data)
+        if n > s.recv_allowed:
+            self._reset_by_error(s, ErrorCode.FLOW_CONTROL,
+                                 f"peer sent {n} bytes with only {s.recv_allowed} of credit", now)
+            return
+        try:
+            act = s.fsm.process(FlowInput.REMOTE_DATA)
+        except RemoteProtocolError as exc:
+            self._reset_by_error(s, ErrorCode.PROTOCOL_ERROR, str(exc), now)
+            return
+        if act:
+            s.recv_allowed -= n
+            self._events.append(DataReceived(s.id, frame.data))
+
+    def _on_flow_frame(self, frame: wire.Frame, now: float) -> None:
+        sid: int = frame.stream  # type: ignore[attr-defined]
+        if isinstance(frame, wire.Open):
+            self._on_open(frame, now)
+            return
+        s = self._streams.get(sid)
+        if s is None:
+            self._unknown_stream(sid, type(frame).__name__.upper(), now)
+            return
+        self._liveness.received(sid, now)
+        try:
+            self._on_stream_frame(s, frame, now)
+        except RemoteProtocolError as exc:
+            self._reset_by_error(s, ErrorCode.PROTOCOL_ERROR, str(exc), now)
+
+    def _on_stream_frame(self, s: _Stream, frame: wire.Frame, now: float) -> None:
+        fsm = s.fsm
+        if isinstance(frame, wire.KeepAlive):
+            if s.relay:
+                self._events.append(KeepAliveReceived(stream=s.id))
+        elif isinstance(frame, wire.Window):
+            if s.send_credit + frame.increment > _MAX_WINDOW:
+                raise RemoteProtocolError(f"WINDOW overflows the credit ({s.send_credit} + "
+                                          f"{frame.increment})")
+            s.send_credit += frame.increment
+            if fsm.can_send:
+                self._events.append(WindowUpdated(stream=s.id, credit=s.send_credit))
+        elif isinstance(frame, wire.Fin):
+            if fsm.process(FlowInput.REMOTE_FIN):
+                self._events.append(FinReceived(stream=s.id))
+                if fsm.is_terminal:
+                    self._ended(s, ErrorCode.NO_ERROR, "closed", "peer")
+        elif isinstance(frame, wire.Close):
+            if fsm.process(FlowInput.REMOTE_DEALLOC):
+                self._ended(s, ErrorCode.NO_ERROR, "peer", "peer")
+        elif isinstance(frame, wire.Reset):
+            down = frame.code in _DOWN_CODES
+            if fsm.process(FlowInput.REMOTE_DOWN if down else FlowInput.REMOTE_RESET):
+                reason = f"down: {frame.reason}" if down else f"reset: {frame.reason}"
+                self._ended(s, frame.code, reason, "peer")
+        elif isinstance(frame, wire.OpenOk):
+            if s.id % 2 != self._next_local_id % 2:
+                raise RemoteProtocolError(f"OPEN_OK for stream {s.id} that the peer opened")
+            if frame.window > _MAX_WINDOW:
+                raise RemoteProtocolError(f"OPEN_OK window {frame.window} too large")
+            fsm.process(FlowInput.REMOTE_ACCEPT)
+            s.send_credit = frame.window
+            self._events.append(FlowAccepted(stream=s.id))
+            if frame.window:
+                self._events.append(WindowUpdated(stream=s.id, credit=s.send_credit))
+        elif isinstance(frame, wire.OpenErr):
+            if s.id % 2 != self._next_local_id % 2:
+                raise RemoteProtocolError(f"OPEN_ERR for stream {s.id} that the peer opened")
+            fsm.process(FlowInput.REMOTE_REJECT)
+            self._ended(s, frame.code, f"refused: {frame.reason}", "peer")
+
+    def _on_open(self, frame: wire.Open, now: float) -> None:
+        sid = frame.stream
+        if not self._is_peer_id(sid):
+            raise RemoteProtocolError(f"OPEN with stream id {sid} of this side's parity")
+        if sid <= self._highest_peer_id:
+            raise RemoteProtocolError(f"OPEN reuses stream id {sid} (highest so far "
+                                      f"{self._highest_peer_id})")
+        if frame.window > _MAX_WINDOW:
+            raise RemoteProtocolError(f"OPEN window {frame.window} too large")
+        self._highest_peer_id = sid
+        refusal = None
+        if self.state is not LinkState.OPEN:
+            refusal = "going away"
+        elif len(self._streams) >= self.config.max_flows:
+            refusal = f"too many flows on this link (max_flows={self.config.max_flows})"
+        liveness = frame.liveness_ms / 1000 if frame.liveness_ms else None
+        if refusal is None and liveness is not None and liveness < LivenessMonitor.MIN_TIMEOUT:
+            refusal = f"liveness {liveness}s below the minimum {LivenessMonitor.MIN_TIMEOUT}s"
+        if refusal is not None:
+            self._emit(wire.OpenErr(stream=sid, code=ErrorCode.REFUSED, reason=refusal), now)
+            return
+        s = _Stream(sid, frame.service, liveness, frame.mode, frame.origin,
+                    self.config.initial_window, self.config.relay_streams)
+        s.send_credit = frame.window
+        self._streams[sid] = s
+        self.stats.flows_opened += 1
+        self._track(s, now)
+        self._events.append(FlowOpenRequested(stream=sid, service=frame.service,
+                                              liveness=liveness, mode=frame.mode,
+                                              origin=frame.origin))
+
+    def _unknown_stream(self, sid: int, what: str, now: float) -> None:
+        if self._late(sid):
+            self.stats.late_frames += 1
+            return
+        self.stats.protocol_errors += 1
+        self._emit(wire.Reset(stream=sid, code=ErrorCode.PROTOCOL_ERROR,
+                              reason=f"{what} for stream {sid} that was never opened"), now)
+
+    def _reset_by_error(self, s: _Stream, code: int, reason: str, now: float) -> None:
+        self.stats.protocol_errors += 1
+        self.stats.streams_reset_by_error += 1
+        s.fsm.process(FlowInput.LOCAL_RESET)
+        self._emit(wire.Reset(stream=s.id, code=code, reason=reason), now)
+        self._ended(s, code, f"error: {reason}", "peer")

@@ -1,0 +1,362 @@
+"""Node: a named tether endpoint that allocates and accepts flows (Ouroboros' API).
+
+A node connects to a gateway (or directly to another node that listens) over one
+link and offers::
+
+    async with tether.Node("client", gateway="127.0.0.1:7443") as node:
+        flow = await node.alloc("oecho", liveness=1.0)
+
+    async with tether.Node("server", gateway="127.0.0.1:7443") as node:
+        node.register("oecho")
+        flow = await node.accept()
+
+A node may also `listen` itself, so that other nodes reach its registered services
+over a direct link, without a gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from typing import Any, Final
+
+from . import wire
+from .aio import LinkConnection, SocketOptions, open_link, parse_address, serve_links
+from .errors import (
+    ErrorCode,
+    FlowClosed,
+    FlowDown,
+    FlowReset,
+    LocalProtocolError,
+    NoSuchService,
+    PeerDown,
+    PeerUnreachable,
+    TetherError,
+)
+from .events import (
+    DataReceived,
+    Event,
+    FinReceived,
+    FlowAccepted,
+    FlowEnded,
+    FlowOpenRequested,
+    GoAwayReceived,
+    HandshakeCompleted,
+    LinkTerminated,
+    WindowUpdated,
+)
+from .flow import Flow
+from .flowstate import FlowState
+from .ids import FlowId
+from .link import MODE_CASCADE, MODE_HALF_CLOSE, LinkConfig
+
+__all__ = ["Node"]
+
+log = logging.getLogger("tether.node")
+_DEFAULT: Final[Any] = object()
+_MODES: Final = {"half-close": MODE_HALF_CLOSE, "cascade": MODE_CASCADE}
+
+
+class Node:
+    """A named endpoint of flows. See the module docstring.
+
+    `liveness` is the node-wide default liveness timeout of the flows it allocates
+    (seconds, 10 ms to years; None for none). `token` is the shared secret sent to
+    the gateway; a listening node requires it from nodes that connect to it.
+    """
+
+    def __init__(self, name: str, gateway: str | None = None, *, listen: str | None = None,
+                 token: bytes | str = b"", tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None,
+                 server_tls: ssl.SSLContext | None = None,
+                 liveness: float | None = 30.0, heartbeat: float = 5.0,
+                 link_timeout: float = 15.0, window: int = 256 * 1024,
+                 sockopts: SocketOptions | None = None, accept_backlog: int = 1024,
+                 connect_timeout: float = 10.0) -> None:
+        if gateway is None and listen is None:
+            raise ValueError("a Node needs a gateway to connect to, or an address to listen on")
+        self.name = name
+        self.gateway = gateway
+        self.listen = listen
+        self.token = token.encode() if isinstance(token, str) else token
+        self.tls = tls
+        self.server_hostname = server_hostname
+        self.server_tls = server_tls
+        self.liveness = liveness
+        self.heartbeat = heartbeat
+        self.link_timeout = link_timeout
+        self.window = window
+        self.sockopts = sockopts
+        self.accept_backlog = accept_backlog
+        self.connect_timeout = connect_timeout
+        self._services: set[str] = set()
+        self._conn: LinkConnection | None = None
+        self._server: asyncio.Server | None = None
+        self._conns: set[LinkConnection] = set()
+        self._flows: dict[tuple[LinkConnection, int], Flow] = {}
+        self._pending: dict[tuple[LinkConnection, int], asyncio.Future[Flow]] = {}
+        self._incoming: deque[tuple[LinkConnection, Flow]] = deque()
+        self._accepters: deque[asyncio.Future[None]] = deque()
+        self._serial = 0
+        self._closing = False
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("allocated", "accepted", "refused", "closed", "down", "reset", "links_lost"), 0)
+
+    # lifecycle ------------------------------------------------------------------------
+
+    def _link_config(self, *, server: bool) -> LinkConfig:
+        return LinkConfig(name=self.name, token=b"" if server else self.token,
+                          expected_token=(self.token or None) if server else None,
+                          heartbeat_interval=self.heartbeat, link_timeout=self.link_timeout,
+                          initial_window=self.window)
+
+    async def start(self) -> None:
+        """Listen and/or connect to the gateway; returns once the link is up."""
+        if self.listen is not None:
+            host, port = parse_address(self.listen)
+            self._server = await serve_links(
+                host, port, lambda: self._link_config(server=True), self,
+                ssl_context=self.server_tls, sockopts=self.sockopts)
+        if self.gateway is not None:
+            host, port = parse_address(self.gateway)
+            try:
+                self._conn = await open_link(
+                    host, port, self._link_config(server=False), self, ssl_context=self.tls,
+                    server_hostname=self.server_hostname, sockopts=self.sockopts,
+                    connect_timeout=self.connect_timeout)
+            except BaseException:
+                await self._close_server()
+                raise
+            self._conns.add(self._conn)
+            log.info("node %s: link to %s up (%s)", self.name, self._conn.link.peer_name,
+                     self.gateway)
+            for service in sorted(self._services):
+                self._send_control(wire.KIND_REGISTER, service)
+
+    @property
+    def port(self) -> int:
+        """The port this node listens on (with `listen=`)."""
+        if self._server is None:
+            raise LocalProtocolError("this node does not listen")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def aclose(self, drain: float = 0.0) -> None:
+        """Close every flow (reason "shutdown") and link. With `drain`, flows get that many
+        seconds to finish on their own first."""
+        self._closing = True
+        await self._close_server()
+        conns = list(self._conns)
+        await asyncio.gather(*(c.aclose("shutdown", drain) for c in conns))
+        for waiter in self._accepters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _close_server(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # services -------------------------------------------------------------------------
+
+    def register(self, service: str) -> None:
+        """Offer `service`: flows allocated to it reach this node's `accept()`."""
+        if not service or len(service.encode()) > 255:
+            raise ValueError(f"service name {service!r} must be 1 to 255 bytes")
+        self._services.add(service)
+        self._send_control(wire.KIND_REGISTER, service)
+        log.info("node %s: registered service %s", self.name, service)
+
+    def unregister(self, service: str) -> None:
+        """Stop offering `service`."""
+        self._services.discard(service)
+        self._send_control(wire.KIND_UNREGISTER, service)
+
+    def _send_control(self, kind: int, service: str) -> None:
+        conn = self._conn
+        if conn is not None and not conn.closed.done():
+            conn.link.send_message(kind, 0, service.encode(), conn.now)
+            conn.flush()
+
+    # flows ----------------------------------------------------------------------------
+
+    async def alloc(self, service: str, *, liveness: float | None = _DEFAULT,
+                    mode: str = "half-close") -> Flow:
+        """Allocate a flow to `service`. Raises `NoSuchService` if no node offers it,
+        `FlowDown` if the link is down or the answer does not come within the liveness
+        timeout."""
+        conn = self._conn
+        if conn is None or conn.closed.done():
+            raise FlowDown(f"node {self.name} has no link to a gateway", ErrorCode.FLOW_DOWN)
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, not {mode!r}")
+        timeout = self.liveness if liveness is _DEFAULT else liveness
+        try:
+            sid = conn.link.open_flow(service, conn.now, liveness=timeout, mode=_MODES[mode])
+        except LocalProtocolError as exc:
+            raise FlowDown(f"cannot allocate a flow: {exc}") from exc
+        flow = self._new_flow(conn, sid, service, conn.link.peer_name or "?")
+        waiter: asyncio.Future[Flow] = conn.loop.create_future()
+        self._pending[(conn, sid)] = waiter
+        conn.flush()
+        try:
+            result = await waiter
+        except BaseException:
+            self._pending.pop((conn, sid), None)
+            if not waiter.done() or waiter.cancelled():
+                conn.link.dealloc(sid, conn.now)
+                conn.flush()
+            raise
+        self.counters["allocated"] += 1
+        log.info("flow %s allocated service=%s", flow.id, service)
+        return result
+
+    async def accept(self) -> Flow:
+        """The next flow allocated to one of this node's services."""
+        while True:
+            while self._incoming:
+                conn, flow = self._incoming.popleft()
+                if flow.state is not FlowState.OPENING:
+                    continue
+                conn.link.accept_flow(flow.stream, conn.now)
+                flow._opened()
+                conn.flush()
+                self.counters["accepted"] += 1
+                log.info("flow %s accepted service=%s from %s", flow.id, flow.service,
+                         flow.peer)
+                return flow
+            if self._closing:
+                raise FlowClosed(f"node {self.name} is closed")
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._accepters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._accepters:
+                    self._accepters.remove(waiter)
+
+    def _new_flow(self, conn: LinkConnection, sid: int, service: str, peer: str) -> Flow:
+        self._serial += 1
+        flow = Flow(FlowId(node=self.name, serial=self._serial), conn, sid, service, peer)
+        self._flows[(conn, sid)] = flow
+        return flow
+
+    def flows(self) -> list[Flow]:
+        """The flows this node holds now."""
+        return list(self._flows.values())
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, and what is open now."""
+        return {"name": self.name, "flows": len(self._flows), "links": len(self._conns),
+                "services": sorted(self._services), **self.counters,
+                "link_stats": [c.link.stats.as_dict() for c in self._conns]}
+
+    # link events ----------------------------------------------------------------------
+
+    def link_event(self, conn: LinkConnection, event: Event) -> None:
+        """Dispatch one event of one of this node's links."""
+        if isinstance(event, DataReceived):
+            flow = self._flows.get((conn, event.stream))
+            if flow is not None:
+                flow._on_data(event.data)
+        elif isinstance(event, WindowUpdated):
+            flow = self._flows.get((conn, event.stream))
+            if flow is not None:
+                flow._on_credit()
+        elif isinstance(event, FinReceived):
+            flow = self._flows.get((conn, event.stream))
+            if flow is not None:
+                log.info("partial deallocation of flow %s by %s", flow.id, flow.peer)
+                flow._on_fin()
+        elif isinstance(event, FlowEnded):
+            self._on_flow_ended(conn, event)
+        elif isinstance(event, FlowAccepted):
+            flow = self._flows.get((conn, event.stream))
+            waiter = self._pending.pop((conn, event.stream), None)
+            if flow is not None:
+                flow._opened()
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(flow)
+        elif isinstance(event, FlowOpenRequested):
+            self._on_open_requested(conn, event)
+        elif isinstance(event, GoAwayReceived):
+            log.info("node %s: %s is going away (%s)", self.name, conn.link.peer_name,
+                     event.reason)
+        elif isinstance(event, LinkTerminated):
+            self._conns.discard(conn)
+            if not self._closing:
+                self.counters["links_lost"] += 1
+                log.warning("node %s: link to %s ended: %s", self.name,
+                            conn.link.peer_name or conn.peer_address, event.reason)
+        elif isinstance(event, HandshakeCompleted):
+            self._conns.add(conn)
+
+    def _on_open_requested(self, conn: LinkConnection, event: FlowOpenRequested) -> None:
+        now = conn.now
+        if event.service not in self._services:
+            self.counters["refused"] += 1
+            log.warning("node %s: refused flow to unknown service %r from %s", self.name,
+                        event.service, event.origin)
+            conn.link.reject_flow(event.stream, ErrorCode.NO_SUCH_SERVICE,
+                                  f"no such service: {event.service!r}", now)
+            return
+        if len(self._incoming) >= self.accept_backlog or self._closing:
+            self.counters["refused"] += 1
+            why = "shutting down" if self._closing else \
+                f"accept backlog full ({self.accept_backlog})"
+            log.warning("node %s: refused flow to %s: %s", self.name, event.service, why)
+            conn.link.reject_flow(event.stream, ErrorCode.REFUSED, why, now)
+            return
+        flow = self._new_flow(conn, event.stream, event.service, event.origin)
+        self._incoming.append((conn, flow))
+        while self._accepters:
+            waiter = self._accepters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _on_flow_ended(self, conn: LinkConnection, event: FlowEnded) -> None:
+        flow = self._flows.pop((conn, event.stream), None)
+        if flow is None:
+            return
+        flow._on_end(event)
+        waiter = self._pending.pop((conn, event.stream), None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(_open_error(flow, event))
+            return
+        if event.state is FlowState.CLOSED:
+            self.counters["closed"] += 1
+            if event.initiator == "peer":
+                log.info("flow %s deallocated by %s", flow.id, flow.peer)
+            else:
+                log.info("flow %s deallocated", flow.id)
+        elif event.state is FlowState.DOWN:
+            self.counters["down"] += 1
+            log.warning("flow %s down: %s", flow.id, event.reason.removeprefix("down: "))
+        else:
+            self.counters["reset"] += 1
+            log.warning("flow %s reset: %s", flow.id, event.reason)
+
+
+def _open_error(flow: Flow, event: FlowEnded) -> TetherError:
+    reason = event.reason.removeprefix("refused: ")
+    if event.code == ErrorCode.NO_SUCH_SERVICE:
+        return NoSuchService(reason)
+    if event.code == ErrorCode.UNREACHABLE:
+        return PeerUnreachable(reason)
+    if event.state is FlowState.DOWN:
+        cls = PeerDown if event.code == ErrorCode.FLOW_PEER else FlowDown
+        return cls(f"allocation of {flow.service!r} failed: {reason.removeprefix('down: ')}")
+    if event.state is FlowState.RESET:
+        return FlowReset(f"allocation of {flow.service!r} failed: {reason}")
+    return FlowClosed(f"allocation of {flow.service!r} refused: {reason}")

@@ -1,0 +1,171 @@
+"""Splice: two streams joined end to end, with the close cascade (the relay's heart).
+
+A gateway joins the stream from the allocating node (side A) to the stream it opened
+toward the serving node (side B). Bytes go across as credit allows: the gateway
+gives credit back to the sender only once the bytes were passed on, so a slow
+reader at one end slows the writer at the other and nothing piles up in between
+(at most one receive window per direction is held here).
+
+Whatever ends one side ends the other, with the cause carried along:
+
+* FIN -> FIN after the pending bytes (half-close mode), or a full close (cascade mode);
+* CLOSE (dealloc) -> CLOSE after the pending bytes;
+* RESET -> RESET at once (pending bytes are dropped: the flow is aborted);
+* DOWN (liveness, link lost) -> RESET with the DOWN code, so the far end goes DOWN too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+from .errors import ErrorCode
+from .events import FlowEnded
+from .flowstate import FlowState
+from .ids import FlowId
+from .link import MODE_CASCADE
+
+if TYPE_CHECKING:
+    from .aio import LinkConnection
+
+__all__ = ["Splice", "SpliceEnd"]
+
+log = logging.getLogger("tether.relay")
+
+_FIN: Final = "fin"
+_CLOSE: Final = "close"
+
+
+class SpliceEnd:
+    """One side of a splice: a stream on a link, and what waits to be sent into it."""
+
+    __slots__ = ("conn", "ended", "pending", "pending_bytes", "pending_end", "stream")
+
+    def __init__(self, conn: LinkConnection, stream: int) -> None:
+        self.conn = conn
+        self.stream = stream
+        self.pending: deque[bytes] = deque()
+        self.pending_bytes = 0
+        self.pending_end: str | None = None
+        self.ended = False
+
+    def __repr__(self) -> str:
+        return f"{self.conn.link.peer_name}#{self.stream}"
+
+
+class Splice:
+    """Two `SpliceEnd`s, A (the allocating side) and B (the serving side)."""
+
+    __slots__ = ("a", "b", "id", "mode", "reported", "service")
+
+    def __init__(self, fid: FlowId, service: str, a: SpliceEnd, b: SpliceEnd,
+                 mode: int) -> None:
+        self.id = fid
+        self.service = service
+        self.a = a
+        self.b = b
+        self.mode = mode
+        self.reported = False
+
+    def other(self, end: SpliceEnd) -> SpliceEnd:
+        """The side that is not `end`."""
+        return self.b if end is self.a else self.a
+
+    @property
+    def finished(self) -> bool:
+        """Both sides have ended: the splice holds nothing any more."""
+        return self.a.ended and self.b.ended
+
+    # what arrives on one side is passed to the other ------------------------------------
+
+    def on_data(self, src: SpliceEnd, data: bytes) -> None:
+        """Bytes arrived on `src`: pass them on as credit allows, hold the rest."""
+        dst = self.other(src)
+        if dst.ended:
+            src.conn.link.consumed(src.stream, len(data), src.conn.now)
+            src.conn.flush()
+            return
+        dst.pending.append(data)
+        dst.pending_bytes += len(data)
+        self._pump(dst)
+
+    def on_credit(self, dst: SpliceEnd) -> None:
+        """`dst` received credit: send what waits for it."""
+        self._pump(dst)
+
+    def on_fin(self, src: SpliceEnd) -> None:
+        """`src` half-closed."""
+        dst = self.other(src)
+        if self.mode == MODE_CASCADE:
+            self._end_after_pending(dst, _CLOSE)
+            src.conn.link.dealloc(src.stream, src.conn.now)
+            src.conn.flush()
+        else:
+            self._end_after_pending(dst, _FIN)
+
+    def on_keepalive(self, src: SpliceEnd) -> None:
+        """A sign of life from `src`'s end: pass it on, end to end."""
+        dst = self.other(src)
+        if not dst.ended:
+            dst.conn.link.send_keepalive(dst.stream, dst.conn.now)
+            dst.conn.flush()
+
+    def on_end(self, src: SpliceEnd, event: FlowEnded) -> None:
+        """`src`'s stream ended: end the other side the same way."""
+        src.ended = True
+        src.pending.clear()
+        src.pending_bytes = 0
+        dst = self.other(src)
+        if dst.ended or event.initiator == "local":
+            return
+        if event.state is FlowState.CLOSED:
+            self._end_after_pending(dst, _CLOSE)
+        elif event.state is FlowState.DOWN:
+            code = event.code if event.code == ErrorCode.FLOW_PEER else ErrorCode.FLOW_DOWN
+            self._reset(dst, code, event.reason.removeprefix("down: "))
+        else:
+            self._reset(dst, event.code, event.reason.removeprefix("reset: "))
+
+    # internals --------------------------------------------------------------------------
+
+    def _reset(self, dst: SpliceEnd, code: int, reason: str) -> None:
+        dst.pending.clear()
+        dst.pending_bytes = 0
+        dst.conn.link.reset(dst.stream, code, reason, dst.conn.now)
+        dst.conn.flush()
+
+    def _end_after_pending(self, dst: SpliceEnd, how: str) -> None:
+        if dst.ended:
+            return
+        if dst.pending_end != _CLOSE:
+            dst.pending_end = how
+        self._pump(dst)
+
+    def _pump(self, dst: SpliceEnd) -> None:
+        src = self.other(dst)
+        link = dst.conn.link
+        now = dst.conn.now
+        moved = 0
+        while dst.pending and not dst.ended:
+            head = dst.pending[0]
+            n = link.send_data(dst.stream, head, now) if link.send_credit(dst.stream) else 0
+            if n == 0:
+                break
+            moved += n
+            if n == len(head):
+                dst.pending.popleft()
+            else:
+                dst.pending[0] = head[n:]
+        dst.pending_bytes -= moved
+        if not dst.pending and dst.pending_end is not None and not dst.ended:
+            how, dst.pending_end = dst.pending_end, None
+            if how == _FIN:
+                if link.flow_state(dst.stream) in (FlowState.OPEN, FlowState.REMOTE_FIN):
+                    link.send_fin(dst.stream, now)
+            else:
+                link.dealloc(dst.stream, now)
+        dst.conn.flush()
+        if moved and not src.ended:
+            src.conn.link.consumed(src.stream, moved, src.conn.now)
+            src.conn.flush()
