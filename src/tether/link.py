@@ -710,6 +710,8 @@ class Link:
             self.stats.late_frames += 1
             return
         self.stats.protocol_errors += 1
+        if what == "RESET":  # never answer a RESET with a RESET: that could ping-pong
+            return
         self._emit(wire.Reset(stream=sid, code=ErrorCode.PROTOCOL_ERROR,
                               reason=f"{what} for stream {sid} that was never opened"), now)
 

@@ -1,0 +1,455 @@
+"""The sans-IO Link: two engines in memory, time driven by hand, no sleeping."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from linkpair import Pair, ended
+from tether import wire
+from tether.errors import ErrorCode, LocalProtocolError
+from tether.events import (
+    AckReceived,
+    DataReceived,
+    FinReceived,
+    FlowAccepted,
+    FlowEnded,
+    FlowOpenRequested,
+    GoAwayReceived,
+    KeepAliveReceived,
+    LinkTerminated,
+    MessageReceived,
+    WindowUpdated,
+)
+from tether.flowstate import FlowState
+from tether.link import Link, LinkConfig, LinkState, Role
+
+
+def data_of(events: list[object], stream: int) -> bytes:
+    return b"".join(e.data for e in events if isinstance(e, DataReceived) and e.stream == stream)
+
+
+def terminated(events: list[object]) -> LinkTerminated:
+    found = [e for e in events if isinstance(e, LinkTerminated)]
+    assert len(found) == 1, events
+    return found[0]
+
+
+# --- handshake ---------------------------------------------------------------------------
+
+
+def test_handshake_exchanges_names_and_negotiates_payload() -> None:
+    p = Pair(LinkConfig(name="a", max_payload=8192), LinkConfig(name="b"))
+    p.handshake()
+    assert p.client.peer_name == "b" and p.server.peer_name == "a"
+    assert p.client.max_payload == p.server.max_payload == 8192
+    assert p.client.state is LinkState.OPEN and p.server.state is LinkState.OPEN
+
+
+def test_bad_token_is_refused_with_a_reason_on_both_sides() -> None:
+    p = Pair(LinkConfig(name="a", token=b"wrong"),
+             LinkConfig(name="b", expected_token=b"secret"))
+    p.transfer()
+    client_end = terminated(p.take("client"))
+    server_end = terminated(p.take("server"))
+    assert client_end.code == server_end.code == ErrorCode.BAD_TOKEN
+    assert "bad token" in client_end.reason and client_end.initiator == "peer"
+    assert p.server.stats.protocol_errors == 1
+
+
+def test_good_token_is_accepted() -> None:
+    p = Pair(LinkConfig(name="a", token=b"secret"),
+             LinkConfig(name="b", expected_token=b"secret"))
+    p.handshake()
+
+
+def test_version_mismatch_ends_the_link_with_version_code() -> None:
+    server = Link(Role.SERVER, LinkConfig(name="b"), 0.0)
+    hello = bytearray(wire.encode(wire.Hello(name="future")))
+    struct.pack_into("!H", hello, wire.HEADER.size + 4, 99)
+    server.receive_data(bytes(hello), 0.0)
+    end = terminated(server.next_events())
+    assert end.code == ErrorCode.VERSION_MISMATCH and "version 99" in end.reason
+    reply = wire.FrameDecoder().feed(server.data_to_send())
+    assert isinstance(reply[-1], wire.GoAway) and reply[-1].code == ErrorCode.VERSION_MISMATCH
+
+
+def test_frame_before_hello_is_a_protocol_error() -> None:
+    server = Link(Role.SERVER, LinkConfig(name="b"), 0.0)
+    server.receive_data(wire.encode(wire.Ping(opaque=1)), 0.0)
+    end = terminated(server.next_events())
+    assert "expected HELLO, got PING" in end.reason
+
+
+def test_garbage_ends_the_link_with_goaway() -> None:
+    server = Link(Role.SERVER, LinkConfig(name="b"), 0.0)
+    server.receive_data(b"GET / HTTP/1.1\r\n\r\n", 0.0)
+    end = terminated(server.next_events())
+    assert end.code == ErrorCode.PROTOCOL_ERROR and "unknown frame type" in end.reason
+    assert server.is_closed and server.next_deadline() is None
+    assert isinstance(wire.FrameDecoder().feed(server.data_to_send())[-1], wire.GoAway)
+
+
+def test_handshake_timeout() -> None:
+    server = Link(Role.SERVER, LinkConfig(name="b", handshake_timeout=2.0), 0.0)
+    assert server.next_deadline() == 2.0
+    server.handle_timer(1.999)
+    assert server.next_events() == []
+    server.handle_timer(2.0)
+    assert "handshake not completed within 2s" in terminated(server.next_events()).reason
+
+
+# --- flows -------------------------------------------------------------------------------
+
+
+def test_open_accept_data_both_ways_and_half_close() -> None:
+    p = Pair()
+    p.handshake()
+    sid = p.client.open_flow("echo", p.now, liveness=1.0)
+    assert sid % 2 == 1
+    p.transfer()
+    (req,) = p.take("server")
+    assert isinstance(req, FlowOpenRequested)
+    assert (req.service, req.liveness, req.origin) == ("echo", 1.0, "client")
+    p.server.accept_flow(sid, p.now)
+    p.transfer()
+    assert any(isinstance(e, FlowAccepted) for e in p.take("client"))
+    assert p.client.send_data(sid, b"hello", p.now) == 5
+    p.client.send_fin(sid, p.now)
+    p.transfer()
+    ev = p.take("server")
+    assert data_of(ev, sid) == b"hello" and isinstance(ev[-1], FinReceived)
+    assert p.server.flow_state(sid) is FlowState.REMOTE_FIN
+    # the half-closed side still reads the reply
+    p.server.send_data(sid, b"world", p.now)
+    p.server.send_fin(sid, p.now)
+    p.transfer()
+    ev_c = p.take("client")
+    assert data_of(ev_c, sid) == b"world"
+    assert ended(ev_c)[sid].state is FlowState.CLOSED
+    assert ended(p.take("server"))[sid].state is FlowState.CLOSED
+    assert len(p.client) == len(p.server) == 0
+
+
+def test_server_opens_even_ids_and_both_sides_open_without_collision() -> None:
+    p = Pair()
+    p.handshake()
+    a = p.client.open_flow("x", p.now)
+    b = p.server.open_flow("y", p.now)
+    assert a % 2 == 1 and b % 2 == 0
+    p.transfer()
+    assert {type(e) for e in p.take("client")} == {FlowOpenRequested}
+
+
+def test_dealloc_delivers_data_then_end_and_late_frames_are_ignored() -> None:
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open()
+    p.server.send_data(sid, b"last words", p.now)
+    p.server.dealloc(sid, p.now)
+    p.client.send_data(sid, b"in flight", p.now)  # crosses the CLOSE on the wire
+    p.transfer()
+    ev = p.take("client")
+    assert data_of(ev, sid) == b"last words"
+    end = ended(ev)[sid]
+    assert (end.state, end.reason, end.initiator) == (FlowState.CLOSED, "peer", "peer")
+    assert ended(p.take("server"))[sid].initiator == "local"
+    assert p.server.stats.late_frames == 1
+    with pytest.raises(LocalProtocolError):
+        p.client.send_data(sid, b"after", p.now)
+
+
+def test_reset_reaches_the_peer_with_code_and_reason() -> None:
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open()
+    p.client.reset(sid, ErrorCode.RESET, "user gave up", p.now)
+    p.transfer()
+    end = ended(p.take("server"))[sid]
+    assert (end.state, end.code) == (FlowState.RESET, ErrorCode.RESET)
+    assert "user gave up" in end.reason
+
+
+def test_reset_with_down_code_takes_the_peer_down() -> None:
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open()
+    p.client.reset(sid, ErrorCode.FLOW_PEER, "unresponsive peer", p.now)
+    p.transfer()
+    end = ended(p.take("server"))[sid]
+    assert (end.state, end.code) == (FlowState.DOWN, ErrorCode.FLOW_PEER)
+
+
+def test_reject_ends_the_opener_with_code() -> None:
+    p = Pair()
+    p.handshake()
+    sid = p.client.open_flow("nope", p.now)
+    p.transfer()
+    p.server.reject_flow(sid, ErrorCode.NO_SUCH_SERVICE, "no such service: 'nope'", p.now)
+    p.transfer()
+    end = ended(p.take("client"))[sid]
+    assert end.code == ErrorCode.NO_SUCH_SERVICE and "no such service" in end.reason
+
+
+def test_frame_for_never_opened_stream_resets_only_that_stream() -> None:
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open()
+    p.server.receive_data(wire.encode(wire.Data(101, b"x")), p.now)
+    p.transfer()
+    assert p.server.stats.protocol_errors == 1
+    assert p.server.flow_state(sid) is FlowState.OPEN and p.server.state is LinkState.OPEN
+
+
+def test_open_with_wrong_parity_ends_link() -> None:
+    p = Pair()
+    p.handshake()
+    p.client.receive_data(wire.encode(wire.Open(stream=3, service="x")), p.now)
+    assert "parity" in terminated(p.take("client")).reason
+
+
+# --- flow control --------------------------------------------------------------------------
+
+
+def test_credit_limits_the_writer_and_consumption_restores_it() -> None:
+    cfg = LinkConfig(name="s", initial_window=4096)
+    p = Pair(server=cfg)
+    p.handshake()
+    sid, _ = p.open()
+    assert p.client.send_credit(sid) == 4096
+    assert p.client.send_data(sid, b"x" * 10_000, p.now) == 4096
+    assert p.client.send_data(sid, b"x", p.now) == 0
+    p.transfer()
+    assert len(data_of(p.take("server"), sid)) == 4096
+    p.server.consumed(sid, 1000, p.now)  # below half a window: batched, no WINDOW yet
+    p.transfer()
+    assert p.client.send_credit(sid) == 0
+    p.server.consumed(sid, 1048, p.now)
+    p.transfer()
+    assert any(isinstance(e, WindowUpdated) for e in p.take("client"))
+    assert p.client.send_credit(sid) == 2048
+
+
+def test_data_beyond_credit_resets_the_stream_not_the_link() -> None:
+    p = Pair(server=LinkConfig(name="s", initial_window=1024))
+    p.handshake()
+    sid, _ = p.open()
+    other, _ = p.open()
+    p.server.receive_data(wire.encode(wire.Data(sid, b"x" * 2000)), p.now)
+    p.transfer()
+    end = ended(p.take("server"))[sid]
+    assert end.code == ErrorCode.FLOW_CONTROL and end.reason.startswith("error:")
+    assert ended(p.take("client"))[sid].state is FlowState.RESET
+    assert p.server.flow_state(other) is FlowState.OPEN
+
+
+def test_slow_reader_on_one_stream_does_not_block_another() -> None:
+    p = Pair(server=LinkConfig(name="s", initial_window=8192))
+    p.handshake()
+    slow, _ = p.open()
+    fast, _ = p.open()
+    p.client.send_data(slow, b"s" * 8192, p.now)
+    assert p.client.send_credit(slow) == 0
+    received = 0
+    for _ in range(50):
+        n = p.client.send_data(fast, b"f" * 8192, p.now)
+        p.transfer()
+        got = len(data_of(p.take("server"), fast))
+        p.server.consumed(fast, got, p.now)
+        p.transfer()
+        received += got
+        assert n > 0
+    assert received == 50 * 8192
+    assert p.client.send_credit(slow) == 0
+
+
+# --- liveness --------------------------------------------------------------------------------
+
+
+def test_keepalive_after_a_quarter_of_the_timeout_keeps_a_flow_alive() -> None:
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open(liveness=1.0)
+    p.advance(10.0)  # ten timeouts with no application traffic at all
+    assert p.client.flow_state(sid) is FlowState.OPEN
+    assert p.server.flow_state(sid) is FlowState.OPEN
+    assert 30 <= p.client.stats.keepalives_sent <= 45
+
+
+def test_silent_peer_takes_flow_down_after_its_timeout_not_before() -> None:
+    p = Pair(LinkConfig(name="c", heartbeat_interval=50, link_timeout=100))
+    p.handshake()
+    sid, _ = p.open(liveness=1.0)
+    last_heard = p.now
+    p.cut = True  # the peer goes silent: nothing crosses any more
+    p.advance(last_heard + 0.999)
+    assert p.client.flow_state(sid) is FlowState.OPEN
+    p.advance(last_heard + 1.0 + p.client.config.tick)
+    end = ended(p.take("client"))[sid]
+    assert (end.state, end.code) == (FlowState.DOWN, ErrorCode.FLOW_PEER)
+    assert end.reason == "down: unresponsive peer"
+
+
+def test_application_not_reading_is_not_a_dead_peer() -> None:
+    p = Pair(server=LinkConfig(name="s", initial_window=1024))
+    p.handshake()
+    sid, _ = p.open(liveness=0.2)
+    p.client.send_data(sid, b"x" * 1024, p.now)  # server app never consumes: credit is 0
+    p.advance(5.0)
+    assert p.client.flow_state(sid) is FlowState.OPEN
+    assert p.server.flow_state(sid) is FlowState.OPEN
+
+
+def test_dead_link_takes_every_flow_down_at_once() -> None:
+    p = Pair(LinkConfig(name="c", heartbeat_interval=1.0, link_timeout=3.0),
+             LinkConfig(name="s", heartbeat_interval=1.0, link_timeout=3.0))
+    p.handshake()
+    ids = [p.open()[0] for _ in range(5)]
+    p.advance(20.0)
+    assert p.client.state is LinkState.OPEN  # heartbeats keep an idle link up
+    p.cut = True
+    p.advance(20.0 + 3.0 + 0.02)
+    ev = p.take("client")
+    ends = ended(ev)
+    assert set(ends) == set(ids)
+    assert all(e.state is FlowState.DOWN and e.reason == "down: link lost" for e in ends.values())
+    assert "link lost" in terminated(ev).reason
+
+
+def test_connection_lost_ends_every_flow_exactly_once() -> None:
+    p = Pair()
+    p.handshake()
+    ids = [p.open()[0] for _ in range(3)]
+    p.client.connection_lost("connection reset", p.now)
+    p.client.connection_lost("again", p.now)
+    ev = p.take("client")
+    assert set(ended(ev)) == set(ids)
+    terminated(ev)
+
+
+def test_relay_streams_surface_keepalives_and_track_no_liveness() -> None:
+    p = Pair(server=LinkConfig(name="gw", relay_streams=True))
+    p.handshake()
+    sid, _ = p.open(liveness=0.1)
+    p.advance(1.0)
+    kinds = [e for e in p.take("server") if isinstance(e, KeepAliveReceived)]
+    assert len(kinds) >= 3
+    assert p.server.stats.keepalives_sent == 0
+
+
+# --- link frames -------------------------------------------------------------------------------
+
+
+def test_messages_and_acks_pass_through() -> None:
+    p = Pair()
+    p.handshake()
+    p.client.send_message(7, 1, b"m1", p.now)
+    p.server.send_ack(1, p.now)
+    p.transfer()
+    (m,) = p.take("server")
+    assert isinstance(m, MessageReceived) and (m.kind, m.seq, m.body) == (7, 1, b"m1")
+    assert any(isinstance(e, AckReceived) and e.seq == 1 for e in p.take("client"))
+
+
+def test_goaway_drains_then_terminates() -> None:
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open()
+    p.server.goaway(p.now)
+    p.transfer()
+    assert any(isinstance(e, GoAwayReceived) for e in p.take("client"))
+    with pytest.raises(LocalProtocolError):
+        p.client.open_flow("more", p.now)
+    p.client.send_data(sid, b"still flows", p.now)
+    p.transfer()
+    assert data_of(p.take("server"), sid) == b"still flows"
+    p.client.dealloc(sid, p.now)
+    p.transfer()
+    assert terminated(p.take("server")).reason == "drained"
+
+
+def test_close_resets_every_flow_and_tells_the_peer() -> None:
+    p = Pair()
+    p.handshake()
+    ids = [p.open()[0] for _ in range(3)]
+    p.server.close(ErrorCode.SHUTDOWN, "shutdown", p.now)
+    p.transfer()
+    ends = ended(p.take("client"))
+    assert set(ends) == set(ids)
+    assert all(e.code == ErrorCode.SHUTDOWN for e in ends.values())
+
+
+# --- many flows, any chunking ------------------------------------------------------------------
+
+
+def random_chunker(seed: int) -> object:
+    rng = random.Random(seed)
+
+    def chunk(data: bytes) -> list[bytes]:
+        out, i = [], 0
+        while i < len(data):
+            n = rng.choice((1, 2, 7, 10, 64, 1000, 70_000))
+            out.append(data[i:i + n])
+            i += n
+        return out
+    return chunk
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_many_flows_through_arbitrary_chunking(seed: int) -> None:
+    exchange_many(seed, n_flows=60, sizes=(0, 1, 100, 5000, 40_000))
+
+
+def test_thousands_of_flows_and_megabytes_in_one_link() -> None:
+    exchange_many(1, n_flows=2000, sizes=(0, 1, 100, 3000))
+
+
+def exchange_many(seed: int, n_flows: int, sizes: tuple[int, ...]) -> None:
+    """Every flow sends a random payload and FIN; the server closes its half on EOF.
+    Every byte must arrive in order, every flow end exactly once, CLOSED."""
+    rng = random.Random(seed)
+    p = Pair(server=LinkConfig(name="s", initial_window=16_384),
+             chunker=random_chunker(seed))  # type: ignore[arg-type]
+    p.handshake()
+    payload = {}
+    for _ in range(n_flows):
+        sid = p.client.open_flow("bulk", p.now)
+        payload[sid] = rng.randbytes(rng.choice(sizes))
+    p.transfer()
+    for e in p.take("server"):
+        assert isinstance(e, FlowOpenRequested)
+        p.server.accept_flow(e.stream, p.now)
+    p.transfer()
+    p.take("client")
+    offset = dict.fromkeys(payload, 0)
+    got: dict[int, bytearray] = {sid: bytearray() for sid in payload}
+    finished: dict[int, FlowEnded] = {}
+    sending = set(payload)
+    for _ in range(1000):
+        for sid in list(sending):
+            data = payload[sid]
+            offset[sid] += p.client.send_data(sid, data[offset[sid]:], p.now)
+            if offset[sid] == len(data):
+                p.client.send_fin(sid, p.now)
+                sending.discard(sid)
+        p.transfer()
+        for e in p.take("server"):
+            if isinstance(e, DataReceived):
+                got[e.stream] += e.data
+                p.server.consumed(e.stream, len(e.data), p.now)
+            elif isinstance(e, FinReceived):
+                p.server.send_fin(e.stream, p.now)  # reply half: close our direction too
+            elif isinstance(e, FlowEnded):
+                assert e.stream not in finished
+                finished[e.stream] = e
+        p.transfer()
+        if len(finished) == n_flows:
+            break
+    assert {sid: bytes(b) for sid, b in got.items()} == payload
+    assert all(e.state is FlowState.CLOSED for e in finished.values())
+    assert len(p.client) == len(p.server) == 0
