@@ -334,7 +334,7 @@ def test_connection_lost_ends_every_flow_exactly_once() -> None:
 def test_relay_streams_surface_keepalives_and_track_no_liveness() -> None:
     p = Pair(server=LinkConfig(name="gw", relay_streams=True))
     p.handshake()
-    sid, _ = p.open(liveness=0.1)
+    p.open(liveness=0.1)
     p.advance(1.0)
     kinds = [e for e in p.take("server") if isinstance(e, KeepAliveReceived)]
     assert len(kinds) >= 3
