@@ -306,15 +306,19 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
 async def serve_links(host: str, port: int, config_factory: Callable[[], LinkConfig],
                       handler: LinkHandler, *, ssl_context: ssl.SSLContext | None = None,
                       sockopts: SocketOptions | None = None, backlog: int = 1024,
-                      reuse_port: bool = False) -> asyncio.Server:
-    """Listen for links; each accepted socket becomes a server-side `LinkConnection`."""
+                      reuse_port: bool = False,
+                      handshake_timeout: float = 10.0) -> asyncio.Server:
+    """Listen for links; each accepted socket becomes a server-side `LinkConnection`.
+    A TLS handshake must complete within `handshake_timeout` (the HELLO exchange that
+    follows has its own deadline in the link)."""
     loop = asyncio.get_running_loop()
 
     def factory() -> LinkConnection:
         return LinkConnection(Role.SERVER, config_factory(), handler, sockopts)
 
-    return await loop.create_server(factory, host, port, ssl=ssl_context, backlog=backlog,
-                                    reuse_port=reuse_port or None)
+    return await loop.create_server(
+        factory, host, port, ssl=ssl_context, backlog=backlog, reuse_port=reuse_port or None,
+        ssl_handshake_timeout=handshake_timeout if ssl_context is not None else None)
 
 
 def spawn_owned(tasks: set[asyncio.Task[Any]], coro: Awaitable[Any]) -> asyncio.Task[Any]:

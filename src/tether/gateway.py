@@ -83,7 +83,8 @@ class Gateway:
         """Start listening."""
         host, port = parse_address(self.listen)
         self._server = await serve_links(host, port, self._config, self, ssl_context=self.tls,
-                                         sockopts=self.sockopts)
+                                         sockopts=self.sockopts,
+                                         handshake_timeout=self.handshake_timeout)
         log.info("gateway %s listening on %s:%d", self.name, host, self.port)
 
     @property

@@ -263,7 +263,7 @@ class TimingWheel(Generic[K]):
         if current:
             if self._early:
                 return self._wake(current, c, exact=True)
-            return self._time_of(c + 1)
+            return self._boundary(c + 1)
         for i in range(digit + 1, nslots):
             if slots[i]:
                 return self._wake(slots[i], c - digit + i)
@@ -290,11 +290,19 @@ class TimingWheel(Generic[K]):
         """
         if exact or len(slot) <= _SCAN_LIMIT:
             earliest = min(slot.values())
-            return self._time_of(int(-(-earliest // self._tick)))
+            return self._boundary(int(-(-earliest // self._tick)))
         return self._time_of(start)
 
+    def _boundary(self, t: int) -> float:
+        """The latest time not after the start of tick ``t`` (exactly ``t * tick``)."""
+        tick = self._tick
+        when = t * tick
+        while when // tick >= t and when % tick:
+            when = math.nextafter(when, -_INF)
+        return when
+
     def _time_of(self, t: int) -> float:
-        """The earliest time ``now`` with ``now // tick >= t``."""
+        """The earliest time ``now`` with ``now // tick >= t``: inside tick ``t``."""
         tick = self._tick
         when = t * tick
         while when // tick < t:

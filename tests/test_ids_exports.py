@@ -1,0 +1,52 @@
+"""FlowId round trips, and the public surface is what the docs say."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tether
+from tether import FlowId
+
+names = st.text(st.characters(blacklist_characters="@", blacklist_categories=("Cs",)),
+                min_size=1, max_size=30)
+
+
+@given(node=names, serial=st.integers(0, 2**48 - 1), worker=st.integers(0, 0xFFFF))
+def test_flow_id_round_trips_through_str_and_int(node: str, serial: int, worker: int) -> None:
+    fid = FlowId(node=node, serial=serial, worker=worker)
+    assert FlowId.parse(str(fid)) == fid
+    assert FlowId.from_int(int(fid), node) == fid
+    assert hash(FlowId.parse(str(fid))) == hash(fid)
+
+
+def test_flow_id_text_form() -> None:
+    assert str(FlowId(node="gw1", serial=0x1F)) == "1f@gw1"
+    assert str(FlowId(node="gw1", serial=0x1F, worker=3)) == "3:1f@gw1"
+
+
+@pytest.mark.parametrize("bad", ["", "x", "@gw", "zz@gw", "1f@", "-1@gw"])
+def test_flow_id_parse_rejects_garbage_clearly(bad: str) -> None:
+    with pytest.raises(ValueError, match="flow id|node name"):
+        FlowId.parse(bad)
+
+
+def test_public_names_match_the_design() -> None:
+    expected = {"Node", "Gateway", "Flow", "FlowId", "FlowState", "TetherError", "FlowClosed",
+                "FlowDown", "PeerDown", "FlowReset", "ProtocolError", "LocalProtocolError",
+                "RemoteProtocolError", "NoSuchService", "PeerUnreachable", "HandshakeError"}
+    assert expected <= set(tether.__all__)
+    for name in tether.__all__:
+        obj = getattr(tether, name)
+        assert obj.__doc__, f"tether.{name} has no docstring"
+
+
+def test_error_hierarchy() -> None:
+    for cls in (tether.FlowClosed, tether.FlowDown, tether.FlowReset, tether.ProtocolError,
+                tether.NoSuchService, tether.PeerUnreachable, tether.HandshakeError):
+        assert issubclass(cls, tether.TetherError)
+    assert issubclass(tether.PeerDown, tether.FlowDown)
+    assert tether.PeerDown("x").code != tether.FlowDown("x").code
+    assert issubclass(tether.LocalProtocolError, tether.ProtocolError)
+    assert issubclass(tether.RemoteProtocolError, tether.ProtocolError)
