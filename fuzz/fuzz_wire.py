@@ -58,7 +58,7 @@ def _check_reencodes(frame: wire.Frame) -> None:
     assert again == [frame], (frame, raw, again)
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 - atheris' name
+def TestOneInput(data: bytes) -> None:  # the name atheris expects
     decoder = wire.FrameDecoder(max_payload=MAX_PAYLOAD, hard_max=HARD_MAX)
     for chunk in _chunks(data):
         try:

@@ -28,7 +28,7 @@ def test_flow_id_text_form() -> None:
 
 @pytest.mark.parametrize("bad", ["", "x", "@gw", "zz@gw", "1f@", "-1@gw"])
 def test_flow_id_parse_rejects_garbage_clearly(bad: str) -> None:
-    with pytest.raises(ValueError, match="flow id|node name"):
+    with pytest.raises(ValueError, match=r"flow id|node name"):
         FlowId.parse(bad)
 
 
