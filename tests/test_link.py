@@ -380,7 +380,9 @@ def test_close_resets_every_flow_and_tells_the_peer() -> None:
     p.transfer()
     ends = ended(p.take("client"))
     assert set(ends) == set(ids)
-    assert all(e.code == ErrorCode.SHUTDOWN for e in ends.values())
+    assert all(e.state is FlowState.DOWN and e.code == ErrorCode.FLOW_DOWN
+               and e.reason == "down: shutdown" for e in ends.values())
+    assert all(e.reason == "down: shutdown" for e in ended(p.take("server")).values())
 
 
 # --- many flows, any chunking ------------------------------------------------------------------

@@ -457,13 +457,17 @@ class Link:
         self._maybe_drained(now)
 
     def close(self, code: int, reason: str, now: float) -> None:
-        """Terminate now: every live flow is reset with `reason`, the peer gets GOAWAY."""
+        """Terminate now: every live flow is taken DOWN with `reason` on both sides (the
+        peer gets a RESET with code FLOW_DOWN for each), then GOAWAY with `code`."""
         if self.state is LinkState.CLOSED:
             return
         for s in list(self._streams.values()):
-            if s.fsm.process(FlowInput.LOCAL_RESET):
-                self._emit(wire.Reset(stream=s.id, code=code, reason=reason), now)
-            self._ended(s, code, reason, "local")
+            s.fsm.process(FlowInput.LINK_LOST)
+            self._emit(wire.Reset(stream=s.id, code=ErrorCode.FLOW_DOWN, reason=reason), now)
+            self._ended(s, ErrorCode.FLOW_DOWN, f"down: {reason}", "local")
+        if self.state is not LinkState.HANDSHAKE:
+            self._emit(wire.GoAway(last_stream=self._highest_peer_id, code=code,
+                                   reason=reason), now)
         self._terminate(code, reason, "local", now, flow_reason=reason)
 
     # ------------------------------------------------------------------ internals
