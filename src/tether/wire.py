@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Final
 
-from .errors import ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError, RemoteProtocolError
 
 __all__ = [
     "CONTROL_KIND_BASE",
@@ -260,9 +260,13 @@ def _name_bytes(text: str, what: str, limit: int) -> bytes:
     return raw
 
 
-def _reason_bytes(text: str) -> bytes:
+def _reason_bytes(text: str, prefix: int) -> bytes:
+    """`text` as UTF-8, cut at a character boundary to fit after a `prefix`-byte field."""
     raw = text.encode()
-    return raw[: CONTROL_PAYLOAD_MAX - 8]
+    limit = CONTROL_PAYLOAD_MAX - prefix
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode()
 
 
 def encode_data_header(stream: int, length: int) -> bytes:
@@ -273,6 +277,8 @@ def encode_data_header(stream: int, length: int) -> bytes:
 def _payload(frame: Frame) -> tuple[int, bytes]:
     """(stream, payload) of any frame but DATA."""
     if isinstance(frame, Hello):
+        if frame.max_payload < 1024:
+            raise ValueError(f"HELLO max_payload {frame.max_payload} is below the minimum 1024")
         name = _name_bytes(frame.name, "node name", 255)
         if len(frame.token) > 1024:
             raise ValueError(f"token is {len(frame.token)} bytes, at most 1024 allowed")
@@ -289,10 +295,12 @@ def _payload(frame: Frame) -> tuple[int, bytes]:
     if isinstance(frame, OpenOk):
         return frame.stream, _U32.pack(frame.window)
     if isinstance(frame, OpenErr | Reset):
-        return frame.stream, _CODE.pack(frame.code) + _reason_bytes(frame.reason)
+        return frame.stream, _CODE.pack(frame.code) + _reason_bytes(frame.reason, _CODE.size)
     if isinstance(frame, Fin | Close | KeepAlive):
         return frame.stream, b""
     if isinstance(frame, Window):
+        if frame.increment == 0:
+            raise ValueError("WINDOW increment must be at least 1")
         return frame.stream, _U32.pack(frame.increment)
     if isinstance(frame, Ping | Pong):
         return 0, _U64.pack(frame.opaque)
@@ -301,18 +309,19 @@ def _payload(frame: Frame) -> tuple[int, bytes]:
     if isinstance(frame, Ack):
         return 0, _U64.pack(frame.seq)
     if isinstance(frame, GoAway):
-        return 0, _GOAWAY.pack(frame.last_stream, frame.code) + _reason_bytes(frame.reason)
+        return 0, (_GOAWAY.pack(frame.last_stream, frame.code)
+                   + _reason_bytes(frame.reason, _GOAWAY.size))
     raise TypeError(f"not a frame: {frame!r}")
 
 
 def encode(frame: Frame) -> bytes:
     """The bytes of one frame. Raises `ValueError` for a field out of range."""
-    if isinstance(frame, Data):
-        return HEADER.pack(FrameType.DATA, 0, frame.stream, len(frame.data)) + frame.data
-    stream, payload = _payload(frame)
     try:
+        if isinstance(frame, Data):
+            return HEADER.pack(FrameType.DATA, 0, frame.stream, len(frame.data)) + frame.data
+        stream, payload = _payload(frame)
         return HEADER.pack(frame.TYPE, 0, stream, len(payload)) + payload
-    except struct.error as exc:  # pragma: no cover - fields are checked by struct in _payload
+    except struct.error as exc:  # a field out of its wire range
         raise ValueError(f"cannot encode {frame!r}: {exc}") from exc
 
 
@@ -324,14 +333,14 @@ _Parser = Callable[[int, memoryview], "Frame"]
 
 def _need(mv: memoryview, size: int, what: str) -> None:
     if len(mv) < size:
-        raise ProtocolError(f"truncated {what} payload: need {size} bytes, got {len(mv)}")
+        raise RemoteProtocolError(f"truncated {what} payload: need {size} bytes, got {len(mv)}")
 
 
 def _text(mv: memoryview, what: str) -> str:
     try:
         return str(mv, "utf-8")
     except UnicodeDecodeError as exc:
-        raise ProtocolError(f"{what} is not valid UTF-8: {exc.reason}") from None
+        raise RemoteProtocolError(f"{what} is not valid UTF-8: {exc.reason}") from None
 
 
 def _short_bytes(mv: memoryview, off: int, width: struct.Struct,
@@ -345,17 +354,17 @@ def _short_bytes(mv: memoryview, off: int, width: struct.Struct,
 
 def _no_trailing(mv: memoryview, used: int, frame: str) -> None:
     if len(mv) != used:
-        raise ProtocolError(f"{frame} payload has {len(mv) - used} unexpected trailing bytes")
+        raise RemoteProtocolError(f"{frame} payload has {len(mv) - used} unexpected trailing bytes")
 
 
 def _parse_hello(stream: int, mv: memoryview) -> Frame:
     _need(mv, _HELLO.size, "HELLO")
     magic, version, options, max_payload, heartbeat_ms = _HELLO.unpack_from(mv)
     if magic != MAGIC:
-        raise ProtocolError(f"bad magic {bytes(magic)!r} in HELLO (expected {MAGIC!r}): "
+        raise RemoteProtocolError(f"bad magic {bytes(magic)!r} in HELLO (expected {MAGIC!r}): "
                             "not a tether peer")
     if version not in SUPPORTED_VERSIONS:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             f"protocol version {version} not supported (this side speaks "
             f"{sorted(SUPPORTED_VERSIONS)})", ErrorCode.VERSION_MISMATCH)
     raw_name, off = _short_bytes(mv, _HELLO.size, _U8, "HELLO")
@@ -363,7 +372,7 @@ def _parse_hello(stream: int, mv: memoryview) -> Frame:
     _no_trailing(mv, off, "HELLO")
     name = _text(memoryview(raw_name), "HELLO node name")
     if max_payload < 1024:
-        raise ProtocolError(f"HELLO max_payload {max_payload} is below the minimum 1024")
+        raise RemoteProtocolError(f"HELLO max_payload {max_payload} is below the minimum 1024")
     return Hello(name=name, token=token, version=version, max_payload=max_payload,
                  heartbeat_ms=heartbeat_ms, options=options)
 
@@ -412,7 +421,7 @@ def _parse_window(stream: int, mv: memoryview) -> Frame:
     _no_trailing(mv, 4, "WINDOW")
     increment = _U32.unpack_from(mv)[0]
     if increment == 0:
-        raise ProtocolError("WINDOW increment of 0")
+        raise RemoteProtocolError("WINDOW increment of 0")
     return Window(stream=stream, increment=increment)
 
 
@@ -543,11 +552,11 @@ class FrameDecoder:
             ftype, _flags, stream, length = unpack(mv, off)
             if ftype == FrameType.DATA:
                 if length > max_payload:
-                    raise ProtocolError(
+                    raise RemoteProtocolError(
                         f"DATA payload of {length} bytes exceeds the maximum {max_payload}",
                         ErrorCode.FRAME_TOO_LARGE)
                 if stream == 0:
-                    raise ProtocolError("DATA frame on stream 0")
+                    raise RemoteProtocolError("DATA frame on stream 0")
                 if end - off - hsize < length:
                     break
                 start = off + hsize
@@ -556,18 +565,18 @@ class FrameDecoder:
                 continue
             parse = _PARSERS.get(ftype)
             if parse is None:
-                raise ProtocolError(f"unknown frame type 0x{ftype:02x}")
+                raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
             limit = max_payload + _MSG.size if ftype in _BULK_TYPES else CONTROL_PAYLOAD_MAX
             if length > limit:
-                raise ProtocolError(
+                raise RemoteProtocolError(
                     f"{frame_name(ftype)} payload of {length} bytes exceeds the maximum {limit}",
                     ErrorCode.FRAME_TOO_LARGE)
             if ftype in _LINK_TYPES:
                 if stream != 0:
-                    raise ProtocolError(f"{frame_name(ftype)} frame on stream {stream}, "
+                    raise RemoteProtocolError(f"{frame_name(ftype)} frame on stream {stream}, "
                                         "must be stream 0")
             elif stream == 0:
-                raise ProtocolError(f"{frame_name(ftype)} frame on stream 0")
+                raise RemoteProtocolError(f"{frame_name(ftype)} frame on stream 0")
             if end - off - hsize < length:
                 break
             start = off + hsize
