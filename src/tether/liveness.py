@@ -239,18 +239,35 @@ class TimingWheel(Generic[K]):
             current = slots[n & mask]
             if current:
                 self._scan(current, now, fired)
-        index = self._index
-        later: list[tuple[K, float]] = []
-        for old in popped:
-            due = [key for key, deadline in old.items() if deadline <= now]
-            for key in due:
-                del index[key]
-            fired += due
-            if len(due) < len(old):
-                later += [item for item in old.items() if item[1] > now]
-        if later:
-            self._put_all(later)
+        if popped:
+            self._cascade(popped, now, fired)
         return fired
+
+    def _cascade(self, popped: list[dict[K, float]], now: float, fired: list[K]) -> None:
+        """Fire the entries of ``popped`` due at ``now``; re-insert the others lower."""
+        tick = self._tick
+        c = self._cur
+        mask = self._mask
+        maxbits = self._maxbits
+        slots = self._slots
+        offsets = self._offsets
+        shifts = self._shifts
+        index = self._index
+        for old in popped:
+            for key, deadline in old.items():
+                if deadline <= now:
+                    fired.append(key)
+                    del index[key]
+                    continue
+                t = int(deadline // tick)
+                x = t ^ c
+                if t <= c or x >> maxbits:
+                    self._put(key, deadline)
+                else:
+                    hb = x.bit_length()
+                    slot = slots[offsets[hb] + ((t >> shifts[hb]) & mask)]
+                    slot[key] = deadline
+                    index[key] = slot
 
     def _scan(self, slot: dict[K, float], now: float, fired: list[K]) -> None:
         """Move the entries of ``slot`` due at ``now`` out of the wheel into ``fired``."""
@@ -356,13 +373,15 @@ class LivenessMonitor(Generic[K]):
     """
 
     KEEPALIVE_FRACTION: ClassVar[float] = 0.25
+    """A key that sent nothing for this fraction of its timeout is due a keepalive."""
     MIN_TIMEOUT: ClassVar[float] = 0.01
+    """The shortest timeout accepted, in seconds."""
 
     __slots__ = ("_horizon", "_peers", "_wheel")
 
     def __init__(self, tick: float = 0.01, now: float = 0.0) -> None:
         """Create an empty monitor with a timing wheel of resolution ``tick`` seconds."""
-        self._wheel: TimingWheel[K] = TimingWheel(tick, now)
+        self._wheel: TimingWheel[K] = TimingWheel(tick, now, slots=256, levels=6)
         self._peers: dict[K, _Peer] = {}
         self._horizon = self._wheel._max_deadline
 
