@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Hashable, Iterable
-from typing import ClassVar, Generic, TypeVar
+from typing import ClassVar, Final, Generic, TypeVar
 
 __all__ = ["LivenessMonitor", "TimingWheel"]
 
@@ -31,6 +31,9 @@ _SCAN_LIMIT = 64
 def _check_time(value: float, what: str) -> None:
     if not -_INF < value < _INF:
         raise ValueError(f"{what} must be a finite number of seconds, got {value!r}")
+
+
+_STALE: Final = object()
 
 
 class TimingWheel(Generic[K]):
@@ -51,6 +54,7 @@ class TimingWheel(Generic[K]):
 
     __slots__ = (
         "_bits",
+        "_cached_next",
         "_cur",
         "_early",
         "_index",
@@ -102,6 +106,9 @@ class TimingWheel(Generic[K]):
         # tick's start (scheduled in the past), so next_deadline() must look inside it.
         self._early = False
         self._max_deadline = sys.float_info.max * min(self._tick, 1.0) / 4
+        # next_deadline() is asked after every I/O event but changes only when the wheel
+        # does; _STALE marks the cache invalid.
+        self._cached_next: float | object | None = _STALE
 
     @property
     def tick(self) -> float:
@@ -131,6 +138,7 @@ class TimingWheel(Generic[K]):
         slot = self._index.get(key)
         if slot is not None:
             del slot[key]
+        self._cached_next = _STALE
         self._put(key, deadline)
 
     def cancel(self, key: K) -> bool:
@@ -139,6 +147,7 @@ class TimingWheel(Generic[K]):
         if slot is None:
             return False
         del slot[key]
+        self._cached_next = _STALE
         return True
 
     def _put(self, key: K, deadline: float) -> None:
@@ -166,6 +175,7 @@ class TimingWheel(Generic[K]):
 
     def _put_all(self, items: Iterable[tuple[K, float]]) -> None:
         """Insert many ``(key, deadline)`` pairs as ``_put`` would, faster."""
+        self._cached_next = _STALE
         tick = self._tick
         c = self._cur
         mask = self._mask
@@ -191,6 +201,7 @@ class TimingWheel(Generic[K]):
         The keys are returned in no particular order.
         """
         _check_time(now, "now")
+        self._cached_next = _STALE
         n = int(now // self._tick)
         c = self._cur
         slots = self._slots
@@ -292,6 +303,12 @@ class TimingWheel(Generic[K]):
         fires entries or cascades them down a level, so a lone entry needs at most
         ``levels + 2`` calls however far away it is.
         """
+        cached = self._cached_next
+        if cached is _STALE:
+            cached = self._cached_next = self._compute_next_deadline()
+        return cached  # type: ignore[return-value]
+
+    def _compute_next_deadline(self) -> float | None:
         if not self._index:
             return None
         c = self._cur
