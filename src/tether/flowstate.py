@@ -103,7 +103,7 @@ TRANSITIONS: Final[dict[tuple[FlowState, FlowInput], tuple[Effect, FlowState]]] 
     # frames the peer sent before it learned that this side ended the flow
     **{(t, i): (X, t) for t in TERMINAL_STATES
        for i in (I.REMOTE_DATA, I.REMOTE_FIN, I.REMOTE_DEALLOC, I.REMOTE_RESET,
-                 I.REMOTE_DOWN)},
+                 I.REMOTE_DOWN, I.REMOTE_ACCEPT, I.REMOTE_REJECT)},
     # ending the flow from any live state; once ended, further ends change nothing
     **{(s, i): (A, nxt) for s in LIVE_STATES for i, nxt in (
         (I.LOCAL_DEALLOC, S.CLOSED), (I.REMOTE_DEALLOC, S.CLOSED),

@@ -337,12 +337,16 @@ class Link:
     def accept_flow(self, stream: int, now: float) -> None:
         """Accept a stream the peer opened (after `FlowOpenRequested`)."""
         s = self._stream(stream)
+        if not self._is_peer_id(stream):
+            raise LocalProtocolError(f"cannot accept stream {stream}: this side opened it")
         s.fsm.process(FlowInput.LOCAL_ACCEPT)
         self._emit(wire.OpenOk(stream=stream, window=s.local_window), now)
 
     def reject_flow(self, stream: int, code: int, reason: str, now: float) -> None:
         """Refuse a stream the peer opened; it ends (CLOSED) with `code` and `reason`."""
         s = self._stream(stream)
+        if not self._is_peer_id(stream):
+            raise LocalProtocolError(f"cannot reject stream {stream}: this side opened it")
         s.fsm.process(FlowInput.LOCAL_REJECT)
         self._emit(wire.OpenErr(stream=stream, code=code, reason=reason), now)
         self._ended(s, code, f"refused: {reason}", "local")
