@@ -38,6 +38,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("tether.link")
+_HANDSHAKE_CODES = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.HANDSHAKE_FAILED,
+                              ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
+                              ErrorCode.FRAME_TOO_LARGE})
 T = TypeVar("T")
 
 
@@ -107,7 +110,8 @@ class LinkConnection(asyncio.Protocol):
     """One socket carrying one `Link`. Create with `open_link` or `serve_links`."""
 
     def __init__(self, role: Role, config: LinkConfig, handler: LinkHandler,
-                 sockopts: SocketOptions | None = None) -> None:
+                 sockopts: SocketOptions | None = None,
+                 server_tls: ssl.SSLContext | None = None) -> None:
         self.role = role
         self.config = config
         self.handler = handler
@@ -123,6 +127,7 @@ class LinkConnection(asyncio.Protocol):
         self._flushing = False
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._tls = _ServerTLS(server_tls) if server_tls is not None else None
 
     def __repr__(self) -> str:
         return f"<LinkConnection {self.config.name}<->{self.link.peer_name or '?'} " \
@@ -149,8 +154,32 @@ class LinkConnection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._tls is not None:
+            try:
+                data = self._tls.receive(data)
+            except ssl.SSLError as exc:
+                self._write_raw(self._tls.outgoing())  # the TLS alert, if any
+                self.link.abort(ErrorCode.HANDSHAKE_FAILED, f"TLS failed: {exc}",
+                                self.loop.time())
+                self.flush()
+                return
+            self._write_raw(self._tls.outgoing())
+            if not data:
+                return
         self.link.receive_data(data, self.loop.time())
         self.flush()
+
+    def _write_raw(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def get_extra_info(self, name: str) -> Any:
+        """Like `transport.get_extra_info`, TLS included ("ssl_object", "peercert")."""
+        if self._tls is not None and name in ("ssl_object", "peercert", "cipher"):
+            obj = self._tls.obj
+            return {"ssl_object": obj, "peercert": obj.getpeercert(),
+                    "cipher": obj.cipher()}[name] if self._tls.established else None
+        return self.transport.get_extra_info(name) if self.transport is not None else None
 
     def eof_received(self) -> bool:
         self.link.connection_lost("peer closed the connection", self.loop.time())
@@ -191,6 +220,8 @@ class LinkConnection(asyncio.Protocol):
                 if not data and not events:
                     break
                 if data and transport is not None and not transport.is_closing():
+                    if self._tls is not None:
+                        data = self._tls.send(data)
                     transport.write(data)
                 for event in events:
                     if isinstance(event, HandshakeCompleted) and not self.ready.done():
@@ -210,9 +241,15 @@ class LinkConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if not self.ready.done():
-            self.ready.set_exception(HandshakeError(event.reason, ErrorCode(event.code)
-                                                    if event.code in ErrorCode._value2member_map_
-                                                    else ErrorCode.HANDSHAKE_FAILED))
+            code = ErrorCode(event.code) if event.code in _HANDSHAKE_CODES \
+                else ErrorCode.HANDSHAKE_FAILED
+            reason = event.reason
+            if event.code == ErrorCode.FLOW_DOWN:  # the connection ended before HELLO
+                reason = f"handshake with {self.peer_address} failed: {reason}"
+                if self.get_extra_info("ssl_object") is not None:
+                    reason += (" right after the TLS handshake: the peer probably refused "
+                               "this node's TLS client certificate (or its absence)")
+            self.ready.set_exception(HandshakeError(reason, code))
             self.ready.exception()  # retrieved: no "exception never retrieved" warning
         if not self.closed.done():
             self.closed.set_result(event)
@@ -268,6 +305,56 @@ class LinkConnection(asyncio.Protocol):
             await _wait_closed(self.transport)
 
 
+class _ServerTLS:
+    """The server side of TLS over memory BIOs, inside the link's own protocol.
+
+    asyncio's `create_server(ssl=...)` swallows a failed TLS handshake (a wrong client
+    certificate, a client that speaks plain TCP) before the protocol exists, and
+    uvloop's server-side `start_tls` does not complete on these transports; doing TLS
+    here gives the gateway its log line and counter for every refused handshake.
+    """
+
+    __slots__ = ("established", "incoming", "obj", "out")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.out = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.out, server_side=True)
+        self.established = False
+
+    def receive(self, data: bytes) -> bytes:
+        """Feed ciphertext; return the plaintext it completes (raises `ssl.SSLError`)."""
+        self.incoming.write(data)
+        if not self.established:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            self.established = True
+        chunks = []
+        while True:
+            try:
+                chunk = self.obj.read(256 * 1024)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def send(self, data: bytes) -> bytes:
+        """Encrypt plaintext; return the ciphertext to write."""
+        view = memoryview(data)
+        while view:
+            n = self.obj.write(view)
+            view = view[n:]
+        return self.out.read()
+
+    def outgoing(self) -> bytes:
+        """Ciphertext produced by the handshake, waiting to be written."""
+        return self.out.read()
+
+
 async def _wait_closed(transport: asyncio.BaseTransport) -> None:
     for _ in range(100):
         if transport.is_closing() and transport.get_extra_info("socket") is None:
@@ -306,19 +393,19 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
 async def serve_links(host: str, port: int, config_factory: Callable[[], LinkConfig],
                       handler: LinkHandler, *, ssl_context: ssl.SSLContext | None = None,
                       sockopts: SocketOptions | None = None, backlog: int = 1024,
-                      reuse_port: bool = False,
-                      handshake_timeout: float = 10.0) -> asyncio.Server:
+                      reuse_port: bool = False) -> asyncio.Server:
     """Listen for links; each accepted socket becomes a server-side `LinkConnection`.
-    A TLS handshake must complete within `handshake_timeout` (the HELLO exchange that
-    follows has its own deadline in the link)."""
+    With `ssl_context`, each connection is upgraded to TLS, which must complete within
+    the link config's `handshake_timeout`; a failure ends the link with
+    HANDSHAKE_FAILED (the handler sees it like any other)."""
     loop = asyncio.get_running_loop()
 
     def factory() -> LinkConnection:
-        return LinkConnection(Role.SERVER, config_factory(), handler, sockopts)
+        return LinkConnection(Role.SERVER, config_factory(), handler, sockopts,
+                              server_tls=ssl_context)
 
-    return await loop.create_server(
-        factory, host, port, ssl=ssl_context, backlog=backlog, reuse_port=reuse_port or None,
-        ssl_handshake_timeout=handshake_timeout if ssl_context is not None else None)
+    return await loop.create_server(factory, host, port, backlog=backlog,
+                                    reuse_port=reuse_port or None)
 
 
 def spawn_owned(tasks: set[asyncio.Task[Any]], coro: Awaitable[Any]) -> asyncio.Task[Any]:

@@ -26,6 +26,7 @@ __all__ = [
     "KeepAliveReceived",
     "LinkTerminated",
     "MessageReceived",
+    "StreamProtocolError",
     "WindowUpdated",
 ]
 
@@ -144,3 +145,14 @@ class LinkTerminated(Event):
     code: int
     reason: str
     initiator: Initiator
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamProtocolError(Event):
+    """The peer broke the protocol on one stream (more data than its credit, a frame for
+    a stream never opened, ...). The stream was reset (it also gets its `FlowEnded` if
+    it was live); the link goes on. For the receiver's log line and counter."""
+
+    stream: int
+    code: int
+    reason: str

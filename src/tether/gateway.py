@@ -30,6 +30,7 @@ from .events import (
     KeepAliveReceived,
     LinkTerminated,
     MessageReceived,
+    StreamProtocolError,
     WindowUpdated,
 )
 from .ids import FlowId
@@ -83,8 +84,7 @@ class Gateway:
         """Start listening."""
         host, port = parse_address(self.listen)
         self._server = await serve_links(host, port, self._config, self, ssl_context=self.tls,
-                                         sockopts=self.sockopts,
-                                         handshake_timeout=self.handshake_timeout)
+                                         sockopts=self.sockopts)
         log.info("gateway %s listening on %s:%d", self.name, host, self.port)
 
     @property
@@ -161,6 +161,10 @@ class Gateway:
                      conn.peer_address)
         elif isinstance(event, LinkTerminated):
             self._on_link_terminated(conn, event)
+        elif isinstance(event, StreamProtocolError):
+            self.counters["protocol_errors"] += 1
+            log.warning("gateway %s: protocol error from %s on stream %d: %s", self.name,
+                        conn.link.peer_name, event.stream, event.reason)
 
     def _on_control(self, conn: LinkConnection, event: MessageReceived) -> None:
         if event.kind == wire.KIND_REGISTER or event.kind == wire.KIND_UNREGISTER:

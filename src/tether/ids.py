@@ -18,7 +18,8 @@ __all__ = ["FlowId"]
 _SERIAL_BITS: Final = 48
 _SERIAL_MASK: Final = (1 << _SERIAL_BITS) - 1
 _MAX_WORKER: Final = 0xFFFF
-_PATTERN: Final = re.compile(r"(?:(?P<worker>[0-9]+):)?(?P<serial>[0-9a-f]+)@(?P<node>.+)")
+_PATTERN: Final = re.compile(r"(?:(?P<worker>[0-9]+):)?(?P<serial>[0-9a-f]+)@(?P<node>.+)",
+                             re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True, order=True)

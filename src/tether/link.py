@@ -40,6 +40,7 @@ from .events import (
     KeepAliveReceived,
     LinkTerminated,
     MessageReceived,
+    StreamProtocolError,
     WindowUpdated,
 )
 from .flowstate import FlowInput, FlowState, FlowStateMachine
@@ -299,6 +300,12 @@ class Link:
             if self.is_closed:
                 return
 
+    def abort(self, code: int, reason: str, now: float) -> None:
+        """The adapter gave up on the connection (a failed TLS handshake, say): end the
+        link with `code` without sending anything; every live flow goes DOWN."""
+        if self.state is not LinkState.CLOSED:
+            self._terminate(code, reason, "link", now, flow_reason="link lost")
+
     def connection_lost(self, reason: str, now: float) -> None:
         """The socket is gone (EOF, reset, error): every live flow goes DOWN."""
         if self.state is not LinkState.CLOSED:
@@ -555,6 +562,7 @@ class Link:
         if not isinstance(frame, wire.Hello):
             raise RemoteProtocolError(f"expected HELLO, got {type(frame).__name__.upper()}")
         cfg = self.config
+        self.peer_name = frame.name  # for log lines, even if the token is refused below
         if cfg.expected_token is not None and frame.token != cfg.expected_token:
             raise RemoteProtocolError(f"bad token from {frame.name!r}", ErrorCode.BAD_TOKEN)
         if self.role is Role.SERVER:
@@ -718,14 +726,17 @@ class Link:
             self.stats.late_frames += 1
             return
         self.stats.protocol_errors += 1
+        reason = f"{what} for stream {sid} that was never opened"
+        self._events.append(StreamProtocolError(stream=sid, code=ErrorCode.PROTOCOL_ERROR,
+                                                reason=reason))
         if what == "RESET":  # never answer a RESET with a RESET: that could ping-pong
             return
-        self._emit(wire.Reset(stream=sid, code=ErrorCode.PROTOCOL_ERROR,
-                              reason=f"{what} for stream {sid} that was never opened"), now)
+        self._emit(wire.Reset(stream=sid, code=ErrorCode.PROTOCOL_ERROR, reason=reason), now)
 
     def _reset_by_error(self, s: _Stream, code: int, reason: str, now: float) -> None:
         self.stats.protocol_errors += 1
         self.stats.streams_reset_by_error += 1
+        self._events.append(StreamProtocolError(stream=s.id, code=code, reason=reason))
         s.fsm.process(FlowInput.LOCAL_RESET)
         self._emit(wire.Reset(stream=s.id, code=code, reason=reason), now)
         self._ended(s, code, f"error: {reason}", "peer")

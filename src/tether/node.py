@@ -45,6 +45,7 @@ from .events import (
     GoAwayReceived,
     HandshakeCompleted,
     LinkTerminated,
+    StreamProtocolError,
     WindowUpdated,
 )
 from .flow import Flow
@@ -102,7 +103,8 @@ class Node:
         self._serial = 0
         self._closing = False
         self.counters: dict[str, int] = dict.fromkeys(
-            ("allocated", "accepted", "refused", "closed", "down", "reset", "links_lost"), 0)
+            ("allocated", "accepted", "refused", "closed", "down", "reset", "links_lost",
+             "protocol_errors"), 0)
 
     # lifecycle ------------------------------------------------------------------------
 
@@ -296,10 +298,16 @@ class Node:
             self._conns.discard(conn)
             if not self._closing:
                 self.counters["links_lost"] += 1
-                log.warning("node %s: link to %s ended: %s", self.name,
+                level = logging.INFO if event.code in (ErrorCode.NO_ERROR, ErrorCode.SHUTDOWN) \
+                    else logging.WARNING
+                log.log(level, "node %s: link to %s ended: %s", self.name,
                             conn.link.peer_name or conn.peer_address, event.reason)
         elif isinstance(event, HandshakeCompleted):
             self._conns.add(conn)
+        elif isinstance(event, StreamProtocolError):
+            self.counters["protocol_errors"] += 1
+            log.warning("node %s: protocol error from %s on stream %d: %s", self.name,
+                        conn.link.peer_name, event.stream, event.reason)
 
     def _on_open_requested(self, conn: LinkConnection, event: FlowOpenRequested) -> None:
         now = conn.now
