@@ -13,7 +13,6 @@ never hangs.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 import time
