@@ -1,4 +1,4 @@
-"""The `tether` command: run a gateway (and, as they arrive, the other daemons).
+"""The `tether` command: the gateway, agent and connector daemons, and `status`.
 
 Each subcommand is a daemon in the usual style: it logs one line per event to stderr,
 stops cleanly on SIGINT/SIGTERM (every flow gets its end), and exits non-zero with a
@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .aio import run
+from .admin import AdminServer, fetch_status
+from .aio import parse_address, run
 from .errors import TetherError
 from .gateway import Gateway
+from .relay import Agent, Connector, parse_forward, parse_service
 
 __all__ = ["main"]
 
@@ -42,18 +46,117 @@ async def _until_signalled(stop: asyncio.Event) -> None:
     await stop.wait()
 
 
+def _tls_client_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not args.tls_ca:
+        return None
+    ctx = ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls_cert:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    return ctx
+
+
+def _load_json(path: str | None, what: str) -> Any:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the {what} file {path}: {exc}") from exc
+
+
+async def _with_admin(args: argparse.Namespace, role: str, name: str,
+                      stats: Callable[[], dict[str, Any]]) -> AdminServer | None:
+    if args.admin in ("", "none", "off"):
+        return None
+    admin = AdminServer(parse_address(args.admin), role, name, stats)
+    await admin.start()
+    print(f"{role} {name} admin endpoint on port {admin.port}", file=sys.stderr, flush=True)
+    return admin
+
+
 async def _gateway(args: argparse.Namespace) -> int:
+    tokens = _load_json(args.tokens, "tokens")
+    policy = _load_json(args.policy, "policy")
     gw = Gateway(args.listen, name=args.name, token=args.token,
                  tls=_tls_server_context(args), heartbeat=args.heartbeat,
-                 link_timeout=args.link_timeout)
+                 link_timeout=args.link_timeout,
+                 tokens={k: str(v).encode() for k, v in tokens.items()} if tokens else None,
+                 policy={k: set(v) for k, v in policy.items()} if policy is not None else None)
     await gw.start()
     print(f"gateway {args.name} listening on port {gw.port}", file=sys.stderr, flush=True)
+    admin = await _with_admin(args, "gateway", args.name, gw.stats)
     try:
         await _until_signalled(asyncio.Event())
     finally:
         log.info("gateway %s shutting down: %s", args.name, gw.stats())
+        if admin is not None:
+            await admin.aclose()
         await gw.aclose(drain=args.drain)
     return 0
+
+
+async def _agent(args: argparse.Namespace) -> int:
+    forwards = [parse_forward(f) for f in args.forward]
+    agent = Agent(args.gateway, forwards, name=args.name, token=args.token or b"",
+                  tls=_tls_client_context(args), liveness=args.liveness,
+                  fin_timeout=args.fin_timeout, cascade=args.cascade)
+    await agent.start()
+    for (host, _, service), port in zip(forwards, agent.ports(), strict=True):
+        print(f"agent {args.name} forwarding {host}:{port} to {service}", file=sys.stderr,
+              flush=True)
+    admin = await _with_admin(args, "agent", args.name, agent.stats)
+    try:
+        await _until_signalled(asyncio.Event())
+    finally:
+        if admin is not None:
+            await admin.aclose()
+        await agent.aclose()
+    return 0
+
+
+async def _connector(args: argparse.Namespace) -> int:
+    services = [parse_service(s) for s in args.service]
+    connector = Connector(args.gateway, services, name=args.name, token=args.token or b"",
+                          tls=_tls_client_context(args), liveness=args.liveness,
+                          fin_timeout=args.fin_timeout)
+    await connector.start()
+    print(f"connector {args.name} serving {', '.join(s for s, _, _ in services)}",
+          file=sys.stderr, flush=True)
+    admin = await _with_admin(args, "connector", args.name, connector.stats)
+    try:
+        await _until_signalled(asyncio.Event())
+    finally:
+        if admin is not None:
+            await admin.aclose()
+        await connector.aclose()
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    host, port = parse_address(args.address)
+    body = await fetch_status(host, port, "/metrics" if args.metrics else "/status")
+    sys.stdout.write(body.decode())
+    return 0
+
+
+def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
+    p.add_argument("--gateway", required=True, metavar="HOST:PORT",
+                   help="the gateway to connect to")
+    p.add_argument("--name", default=default_name,
+                   help=f"this node's name (default {default_name})")
+    p.add_argument("--token", default=None, help="this node's token for the gateway")
+    p.add_argument("--tls-ca", metavar="PEM",
+                   help="connect over TLS, trusting gateway certificates from this CA")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
+    p.add_argument("--liveness", type=float, default=30.0, metavar="SECONDS",
+                   help="liveness timeout of each flow (default 30)")
+    p.add_argument("--fin-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="reset a connection half-closed for longer than this (default 60)")
+    p.add_argument("--admin", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="admin endpoint for `tether status` and /metrics "
+                        "(default 127.0.0.1:0, 'none' to disable)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +188,43 @@ def _parser() -> argparse.ArgumentParser:
                     help="a link silent this long is lost (default 15)")
     gw.add_argument("--drain", type=float, default=2.0, metavar="SECONDS",
                     help="on SIGTERM, let flows finish this long before closing (default 2)")
+    gw.add_argument("--tokens", metavar="JSON",
+                    help='file {"node name": "token", ...}: a token per node')
+    gw.add_argument("--policy", metavar="JSON",
+                    help='file {"node name" or "*": ["service", ...]}: who may reach what; '
+                         "anything not listed is denied")
+    gw.add_argument("--admin", default="127.0.0.1:0", metavar="HOST:PORT",
+                    help="admin endpoint for `tether status` and /metrics "
+                         "(default 127.0.0.1:0, 'none' to disable)")
     gw.set_defaults(func=_gateway)
+
+    ag = sub.add_parser(
+        "agent", help="carry local TCP connections to services through the gateway",
+        description="Listen on local ports; carry each TCP connection as a flow to a service "
+                    "through the gateway. Ends travel end to end (half-close by default).")
+    _edge_options(ag, "agent")
+    ag.add_argument("--forward", action="append", required=True,
+                    metavar="LISTEN_HOST:PORT=SERVICE",
+                    help="listen here and forward to SERVICE (repeatable)")
+    ag.add_argument("--cascade", choices=["half", "full"], default="half",
+                    help="half: TCP half-close (default); full: one side's EOF closes both")
+    ag.set_defaults(func=_agent)
+
+    co = sub.add_parser(
+        "connector", help="serve local TCP services to the gateway",
+        description="Register services with the gateway; each flow allocated to one becomes "
+                    "a TCP connection to its address.")
+    _edge_options(co, "connector")
+    co.add_argument("--service", action="append", required=True, metavar="NAME=HOST:PORT",
+                    help="serve NAME by connecting to HOST:PORT (repeatable)")
+    co.set_defaults(func=_connector)
+
+    st = sub.add_parser("status", help="print a daemon's links, flows and counters",
+                        description="Read a daemon's admin endpoint (see --admin).")
+    st.add_argument("address", metavar="HOST:PORT", help="the daemon's admin endpoint")
+    st.add_argument("--metrics", action="store_true",
+                    help="print the Prometheus metrics instead of the JSON status")
+    st.set_defaults(func=_status)
     return parser
 
 

@@ -48,6 +48,7 @@ class ErrorCode(IntEnum):
     SHUTDOWN = 14
     SLOW_CONSUMER = 15
     UNREACHABLE = 16
+    DENIED = 17  # a policy does not allow this node to reach this service
 
 
 class TetherError(Exception):

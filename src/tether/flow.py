@@ -22,7 +22,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import (
     ErrorCode,
@@ -40,7 +40,7 @@ from .ids import FlowId
 if TYPE_CHECKING:
     from .aio import LinkConnection
 
-__all__ = ["Flow"]
+__all__ = ["Flow", "FlowSink"]
 
 log = logging.getLogger("tether.flow")
 
@@ -48,7 +48,7 @@ log = logging.getLogger("tether.flow")
 class Flow:
     """One flow, as seen by the application. Made by `Node.alloc` and `Node.accept`."""
 
-    __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_eof", "_reader", "_state",
+    __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_eof", "_reader", "_sink", "_state",
                  "_writer", "id", "peer", "service", "stream")
 
     def __init__(self, fid: FlowId, conn: LinkConnection, stream: int, service: str,
@@ -65,6 +65,7 @@ class Flow:
         self._end: FlowError | None = None
         self._reader: asyncio.Future[None] | None = None
         self._writer: asyncio.Future[None] | None = None
+        self._sink: FlowSink | None = None
 
     def __repr__(self) -> str:
         return f"<Flow {self.id} service={self.service} {self._state.name}>"
@@ -192,6 +193,55 @@ class Flow:
             self._conn.link.reset(self.stream, ErrorCode.RESET, reason, self._conn.now)
             self._conn.flush()
 
+    # the non-blocking surface, for bridges that pump a flow from a Protocol ----------
+
+    def attach(self, sink: FlowSink) -> None:
+        """Hand this flow's events to `sink` instead of buffering them for `read()`.
+        What was already received is passed on at once. The sink gives credit back
+        with `consumed(n)` when it has passed bytes on."""
+        self._sink = sink
+        if self._buffer:
+            data = b"".join(self._buffer)
+            self._buffer.clear()
+            self._buffered = 0
+            sink.flow_data(data)
+        if self._eof and self._end is None:
+            sink.flow_fin()
+        if self._end is not None:
+            sink.flow_ended(self._state, self._end)
+
+    def try_write(self, data: bytes | memoryview) -> int:
+        """Send what the peer's credit allows of `data` now; returns the count sent (0
+        when there is no credit: wait for `FlowSink.flow_credit`). Raises like `write`."""
+        self._check_writable()
+        n = self._conn.link.send_data(self.stream, data, self._conn.now)
+        self._conn.flush()
+        return n
+
+    def consumed(self, n: int) -> None:
+        """Give `n` bytes of credit back to the peer (an attached sink passed them on)."""
+        self._conn.link.consumed(self.stream, n, self._conn.now)
+        self._conn.flush()
+
+    def fin_nowait(self) -> None:
+        """`close_write()` without awaiting."""
+        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN):
+            self._conn.link.send_fin(self.stream, self._conn.now)
+            self._set_state()
+            self._conn.flush()
+
+    def dealloc_nowait(self) -> None:
+        """`dealloc()` without awaiting."""
+        if self._end is None:
+            self._conn.link.dealloc(self.stream, self._conn.now)
+            self._conn.flush()
+
+    def reset_nowait(self, reason: str, code: int = ErrorCode.RESET) -> None:
+        """`reset()` without awaiting."""
+        if self._end is None:
+            self._conn.link.reset(self.stream, code, reason, self._conn.now)
+            self._conn.flush()
+
     async def __aenter__(self) -> Flow:
         return self
 
@@ -210,6 +260,9 @@ class Flow:
         self._set_state()
 
     def _on_data(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.flow_data(data)
+            return
         self._buffer.append(data)
         self._buffered += len(data)
         self._wake_reader()
@@ -217,9 +270,13 @@ class Flow:
     def _on_fin(self) -> None:
         self._eof = True
         self._set_state()
+        if self._sink is not None:
+            self._sink.flow_fin()
         self._wake_reader()
 
     def _on_credit(self) -> None:
+        if self._sink is not None:
+            self._sink.flow_credit()
         if self._writer is not None and not self._writer.done():
             self._writer.set_result(None)
 
@@ -238,10 +295,28 @@ class Flow:
         self._wake_reader()
         if self._writer is not None and not self._writer.done():
             self._writer.set_result(None)
+        if self._sink is not None:
+            self._sink.flow_ended(event.state, self._end)
 
     def _wake_reader(self) -> None:
         if self._reader is not None and not self._reader.done():
             self._reader.set_result(None)
+
+
+class FlowSink(Protocol):
+    """Receives a flow's events when attached with `Flow.attach` (a socket bridge)."""
+
+    def flow_data(self, data: bytes) -> None:
+        """Bytes arrived; call `Flow.consumed(len)` once they are passed on."""
+
+    def flow_fin(self) -> None:
+        """The peer half-closed: no more data will come."""
+
+    def flow_credit(self) -> None:
+        """The peer granted credit: `try_write` may send more."""
+
+    def flow_ended(self, state: FlowState, error: FlowError) -> None:
+        """The flow ended (CLOSED, DOWN or RESET); `error` is what a read would raise."""
 
 
 def _code(code: int, default: ErrorCode) -> ErrorCode:

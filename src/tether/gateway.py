@@ -46,15 +46,20 @@ class Gateway:
     """A tether gateway. `await start()` (or `async with`), then nodes connect to `port`.
 
     `token`, when set, is required in every node's HELLO; a wrong one gets a GOAWAY
-    with BAD_TOKEN (the node raises `HandshakeError`) and a log line here. `tls` is a
+    with BAD_TOKEN (the node raises `HandshakeError`) and a log line here. `tokens`
+    gives each node name its own token (a name not listed is refused). `tls` is a
     server-side `ssl.SSLContext` (require client certificates in it for mutual TLS).
+    `policy` maps a node name (or "*") to the services it may allocate; when given,
+    anything not allowed is denied (DENIED, logged).
     """
 
     def __init__(self, listen: str = "127.0.0.1:7443", *, name: str = "gw",
                  token: bytes | str | None = None, tls: ssl.SSLContext | None = None,
                  heartbeat: float = 5.0, link_timeout: float = 15.0,
                  handshake_timeout: float = 10.0, window: int = 256 * 1024,
-                 sockopts: SocketOptions | None = None) -> None:
+                 sockopts: SocketOptions | None = None,
+                 tokens: dict[str, bytes] | None = None,
+                 policy: dict[str, set[str]] | None = None) -> None:
         self.listen = listen
         self.name = name
         self.token = token.encode() if isinstance(token, str) else token
@@ -64,6 +69,8 @@ class Gateway:
         self.handshake_timeout = handshake_timeout
         self.window = window
         self.sockopts = sockopts
+        self.tokens = tokens
+        self.policy = policy
         self._server: asyncio.Server | None = None
         self._conns: set[LinkConnection] = set()
         self._services: dict[str, list[LinkConnection]] = defaultdict(list)
@@ -72,13 +79,25 @@ class Gateway:
         self._serial = 0
         self.counters: dict[str, int] = dict.fromkeys(
             ("links_accepted", "links_refused", "flows_spliced", "flows_ended",
-             "no_such_service", "protocol_errors"), 0)
+             "no_such_service", "denied", "protocol_errors"), 0)
 
     def _config(self) -> LinkConfig:
         return LinkConfig(name=self.name, expected_token=self.token,
                           heartbeat_interval=self.heartbeat, link_timeout=self.link_timeout,
                           handshake_timeout=self.handshake_timeout,
-                          initial_window=self.window, relay_streams=True)
+                          initial_window=self.window, relay_streams=True,
+                          authorize=self._authorize if self.tokens is not None else None)
+
+    def _authorize(self, name: str, token: bytes) -> bool:
+        assert self.tokens is not None
+        expected = self.tokens.get(name)
+        return expected is not None and expected == token
+
+    def allowed(self, node: str, service: str) -> bool:
+        """Whether the policy lets `node` allocate flows to `service`."""
+        if self.policy is None:
+            return True
+        return service in self.policy.get(node, ()) or service in self.policy.get("*", ())
 
     async def start(self) -> None:
         """Start listening."""
@@ -193,6 +212,15 @@ class Gateway:
 
     def _on_open(self, conn: LinkConnection, event: FlowOpenRequested) -> None:
         now = conn.now
+        who = conn.link.peer_name or "?"
+        if not self.allowed(who, event.service):
+            self.counters["denied"] += 1
+            log.warning("gateway %s: denied %s access to service %s (policy)", self.name, who,
+                        event.service)
+            conn.link.reject_flow(event.stream, ErrorCode.DENIED,
+                                  f"denied by policy: {who} may not reach {event.service!r}",
+                                  now)
+            return
         target = self._pick(event.service)
         if target is None:
             self.counters["no_such_service"] += 1

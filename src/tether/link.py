@@ -20,6 +20,7 @@ becomes a RESET of the one stream or, for a broken frame stream, a GOAWAY and a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final
@@ -80,6 +81,8 @@ class LinkConfig:
     `link_timeout`; it sends a PING after `heartbeat_interval` with nothing sent.
     `relay_streams` is for gateways: streams carry no liveness of their own and
     KEEPALIVEs surface as `KeepAliveReceived`, to be forwarded end to end.
+    `authorize(name, token)`, when set, must accept the peer's HELLO as well (a token
+    per node name).
     """
 
     name: str
@@ -94,6 +97,7 @@ class LinkConfig:
     tick: float = 0.01
     max_flows: int = 100_000
     relay_streams: bool = False
+    authorize: Callable[[str, bytes], bool] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.initial_window <= _MAX_WINDOW:
@@ -564,6 +568,8 @@ class Link:
         cfg = self.config
         self.peer_name = frame.name  # for log lines, even if the token is refused below
         if cfg.expected_token is not None and frame.token != cfg.expected_token:
+            raise RemoteProtocolError(f"bad token from {frame.name!r}", ErrorCode.BAD_TOKEN)
+        if cfg.authorize is not None and not cfg.authorize(frame.name, frame.token):
             raise RemoteProtocolError(f"bad token from {frame.name!r}", ErrorCode.BAD_TOKEN)
         if self.role is Role.SERVER:
             self._send_hello()

@@ -362,6 +362,8 @@ def _open_error(flow: Flow, event: FlowEnded) -> TetherError:
         return NoSuchService(reason)
     if event.code == ErrorCode.UNREACHABLE:
         return PeerUnreachable(reason)
+    if event.code == ErrorCode.DENIED:
+        return FlowClosed(reason, ErrorCode.DENIED)
     if event.state is FlowState.DOWN:
         cls = PeerDown if event.code == ErrorCode.FLOW_PEER else FlowDown
         return cls(f"allocation of {flow.service!r} failed: {reason.removeprefix('down: ')}")

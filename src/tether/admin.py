@@ -1,0 +1,146 @@
+"""The admin endpoint of every tether daemon: `GET /status` (JSON) and `GET /metrics`
+(Prometheus text exposition), on loopback by default. `tether status HOST:PORT`
+reads the first.
+
+It is a deliberately tiny HTTP/1.0 server on an asyncio Protocol: one request per
+connection, GET only, a bounded request size, so it cannot be turned into a resource
+sink by a misbehaving client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+
+__all__ = ["AdminServer", "fetch_status", "flatten"]
+
+log = logging.getLogger("tether.admin")
+_MAX_REQUEST = 8192
+
+
+def flatten(stats: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Numeric leaves of a stats dict as (dotted_name, value); lists are skipped."""
+    for key, value in stats.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (bool, int | float)):
+            yield name, float(value)
+        elif isinstance(value, dict):
+            yield from flatten(value, f"{name}_")
+
+
+class _StatsCollector:
+    """Turns the daemon's stats() into gauges, read at scrape time."""
+
+    def __init__(self, role: str, name: str, stats: Callable[[], dict[str, Any]]) -> None:
+        self.role = role
+        self.name = name
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        for key, value in flatten(self.stats()):
+            metric = "tether_" + "".join(c if c.isalnum() else "_" for c in key)
+            family = GaugeMetricFamily(metric, f"tether {self.role} {key}",
+                                       labels=["role", "node"])
+            family.add_metric([self.role, self.name], value)
+            yield family
+
+
+class AdminServer:
+    """Serves `/status` and `/metrics` for one daemon. `stats` is called per request."""
+
+    def __init__(self, listen: tuple[str, int], role: str, name: str,
+                 stats: Callable[[], dict[str, Any]]) -> None:
+        self.listen = listen
+        self.role = role
+        self.name = name
+        self.stats = stats
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatsCollector(role, name, stats))
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _AdminProtocol(self), *self.listen)
+        log.info("%s %s: admin endpoint on %s:%d", self.role, self.name, self.listen[0],
+                 self.port)
+
+    @property
+    def port(self) -> int:
+        """The port listened on."""
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def respond(self, path: str) -> tuple[str, str, bytes]:
+        """(status line, content type, body) for a GET of `path`."""
+        if path in ("/", "/status"):
+            body = json.dumps({"role": self.role, **self.stats()}, indent=2, default=str)
+            return "200 OK", "application/json", body.encode() + b"\n"
+        if path == "/metrics":
+            return "200 OK", "text/plain; version=0.0.4", generate_latest(self.registry)
+        return "404 Not Found", "text/plain", b"not found: try /status or /metrics\n"
+
+
+class _AdminProtocol(asyncio.Protocol):
+    def __init__(self, server: AdminServer) -> None:
+        self.server = server
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.buffer += data
+        if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
+            if len(self.buffer) > _MAX_REQUEST:
+                self._reply("431 Request Header Fields Too Large", "text/plain", b"too large\n")
+            return
+        parts = bytes(self.buffer).split(b"\r\n", 1)[0].split()
+        if len(parts) < 2 or parts[0] != b"GET":
+            self._reply("405 Method Not Allowed", "text/plain", b"GET only\n")
+            return
+        try:
+            status, ctype, body = self.server.respond(parts[1].decode("ascii", "replace"))
+        except Exception as exc:  # a stats() bug must not kill the daemon
+            log.exception("admin endpoint failed")
+            status, ctype, body = "500 Internal Server Error", "text/plain", f"{exc}\n".encode()
+        self._reply(status, ctype, body)
+
+    def _reply(self, status: str, ctype: str, body: bytes) -> None:
+        assert self.transport is not None
+        head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
+async def fetch_status(host: str, port: int, path: str = "/status",
+                       timeout: float = 5.0) -> bytes:
+    """GET `path` from an admin endpoint; the body."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200"):
+        raise OSError(f"admin endpoint answered: {head.splitlines()[0].decode(errors='replace')}")
+    return body

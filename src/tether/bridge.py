@@ -1,0 +1,239 @@
+"""SocketBridge: one TCP socket joined to one flow, at the edge of a relay.
+
+The agent bridges each application connection it accepts, the connector each
+connection it makes to a server. A bridge is an `asyncio.Protocol` for the socket and
+a `FlowSink` for the flow, so it pumps both ways with no task of its own:
+
+* socket -> flow: bytes go out as the flow's credit allows; without credit the socket
+  stops being read (`pause_reading`) until credit comes back, so a slow receiver at the
+  far end holds at most one window here.
+* flow -> socket: bytes are written to the socket; credit is returned to the far end
+  only while the socket's write buffer is below its high-water mark, so a slow
+  application holds at most one window here too.
+
+Ends travel TCP-correctly: the socket's EOF becomes a FIN on the flow and the flow's
+FIN a `write_eof()` on the socket (half-close); a clean end of the flow closes the
+socket after its data; a reset or DOWN flow resets the socket (RST, via SO_LINGER 0),
+and a reset socket resets the flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Callable
+
+from .errors import ErrorCode, FlowError
+from .flow import Flow
+from .flowstate import FlowState
+
+__all__ = ["SocketBridge", "reset_socket"]
+
+log = logging.getLogger("tether.relay")
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def reset_socket(transport: asyncio.BaseTransport) -> None:
+    """Close `transport` with a TCP RST (SO_LINGER 0), so the peer sees a reset, not EOF."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    transport.abort()  # type: ignore[attr-defined]
+
+
+class SocketBridge(asyncio.Protocol):
+    """Pumps bytes and ends between a TCP socket and a `Flow`. See the module docstring.
+
+    Create it with the flow and hand it to `loop.create_connection` (connector), or
+    create it without one as a server's protocol (agent): `on_connect` is then called
+    when the socket arrives, reading waits, and `set_flow` starts the pumping.
+    `on_done` is called once when both the socket and the flow have ended.
+    """
+
+    __slots__ = ("_fin_pending", "_flow", "_flow_done", "_pending", "_read_paused",
+                 "_socket_done", "_unconsumed", "_write_paused", "bytes_down", "bytes_up",
+                 "half_closed_at", "label", "on_connect", "on_done", "opened_at", "peer",
+                 "transport")
+
+    def __init__(self, flow: Flow | None, *, label: str = "socket",
+                 on_done: Callable[[SocketBridge], None] | None = None,
+                 on_connect: Callable[[SocketBridge], None] | None = None) -> None:
+        self._flow = flow
+        self.label = label
+        self.on_done = on_done
+        self.on_connect = on_connect
+        self.peer = "?"
+        self.transport: asyncio.Transport | None = None
+        self._pending: memoryview | None = None
+        self._fin_pending = False
+        self._read_paused = False
+        self._write_paused = False
+        self._unconsumed = 0
+        self._socket_done = False
+        self._flow_done = False
+        self.bytes_up = 0  # socket -> flow
+        self.bytes_down = 0  # flow -> socket
+        self.opened_at = asyncio.get_running_loop().time()
+        self.half_closed_at: float | None = None  # for the fin timeout
+
+    @property
+    def flow(self) -> Flow:
+        """The bridged flow."""
+        if self._flow is None:
+            raise RuntimeError("this bridge has no flow yet")
+        return self._flow
+
+    @property
+    def has_flow(self) -> bool:
+        """`set_flow` was called (or the flow was given at creation)."""
+        return self._flow is not None
+
+    def set_flow(self, flow: Flow) -> None:
+        """Join the socket to `flow` and start reading it."""
+        self._flow = flow
+        if self._socket_done:  # the application left while the flow was being set up
+            flow.dealloc_nowait()
+            self._flow_done = True
+            return
+        flow.attach(self)
+        if self._flow_done:
+            return
+        if self._pending is not None:  # uvloop may deliver bytes despite pause_reading
+            pending, self._pending = self._pending, None
+            self._send(pending)
+        elif self._fin_pending:
+            self._fin_pending = False
+            flow.fin_nowait()
+        if self._pending is None and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    # the socket side --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._flow is not None:
+            self._flow.attach(self)
+        else:
+            transport.pause_reading()  # type: ignore[attr-defined]
+            if self.on_connect is not None:
+                self.on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_up += len(data)
+        if self._flow is None:  # held until set_flow (reading is paused meanwhile)
+            held = b"" if self._pending is None else bytes(self._pending)
+            self._pending = memoryview(held + data)
+            return
+        if self._pending is not None:  # reading is paused; this was already in flight
+            self._pending = memoryview(bytes(self._pending) + data)
+            return
+        self._send(memoryview(data))
+
+    def _send(self, view: memoryview) -> None:
+        try:
+            n = self.flow.try_write(view)
+        except FlowError:
+            self._pending = None
+            return  # the flow ended; flow_ended does the rest
+        if n < len(view):
+            self._pending = view[n:]
+            if not self._read_paused and self.transport is not None:
+                self._read_paused = True
+                self.transport.pause_reading()
+        else:
+            self._pending = None
+            if self._fin_pending:
+                self._fin_pending = False
+                self.flow.fin_nowait()
+
+    def eof_received(self) -> bool:
+        self._half_closed()
+        if self._pending is not None or self._flow is None:
+            self._fin_pending = True
+        else:
+            self._flow.fin_nowait()
+        return True  # keep our write side open: TCP half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._socket_done = True
+        if not self._flow_done and self._flow is not None:
+            if exc is not None:
+                self._flow.reset_nowait(f"connection reset: {exc}")
+            else:
+                self._flow.dealloc_nowait()
+        self._maybe_done()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._unconsumed and not self._flow_done:
+            n, self._unconsumed = self._unconsumed, 0
+            self.flow.consumed(n)
+
+    # the flow side (FlowSink) --------------------------------------------------------------
+
+    def flow_data(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.flow.consumed(len(data))
+            return
+        self.bytes_down += len(data)
+        transport.write(data)
+        if self._write_paused:
+            self._unconsumed += len(data)
+        else:
+            self.flow.consumed(len(data))
+
+    def _half_closed(self) -> None:
+        if self.half_closed_at is None:
+            self.half_closed_at = asyncio.get_running_loop().time()
+
+    def flow_fin(self) -> None:
+        self._half_closed()
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+
+    def flow_credit(self) -> None:
+        if self._pending is not None:
+            self._send(self._pending)
+        if self._pending is None and self._read_paused and self.transport is not None:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def flow_ended(self, state: FlowState, error: FlowError) -> None:
+        self._flow_done = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if state is FlowState.CLOSED:
+                transport.close()  # after the data already written
+            else:
+                log.info("flow %s %s: resetting %s socket (%s)", self.flow.id,
+                         state.name.lower(), self.label, error)
+                reset_socket(transport)
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._socket_done and self._flow_done and self.on_done is not None:
+            done, self.on_done = self.on_done, None
+            done(self)
+
+    def abort(self, reason: str, code: int = ErrorCode.RESET) -> None:
+        """End both sides now: reset the flow and the socket."""
+        if self._flow is not None:
+            self._flow.reset_nowait(reason, code)
+        if self.transport is not None and not self.transport.is_closing():
+            reset_socket(self.transport)

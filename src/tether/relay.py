@@ -1,0 +1,255 @@
+"""The relay's edges: the Agent (applications connect to it) and the Connector (it
+connects to servers). Between them, one or more gateways splice the flows.
+
+    application --TCP--> Agent ==flow==> Gateway(s) ==flow==> Connector --TCP--> server
+
+Each TCP connection is one flow, joined to its socket by a `SocketBridge`, so every
+end travels end to end: EOF as FIN (half-close, the default) or as a full close
+(`cascade="full"`), a reset as a reset, a dead process or link as DOWN (the far
+socket is reset). A half-closed connection may stay so for at most `fin_timeout`
+seconds; then it is reset, so a peer that never closes its side cannot hold
+resources for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from .aio import parse_address, spawn_owned
+from .bridge import SocketBridge, reset_socket
+from .errors import ErrorCode, TetherError
+from .flowstate import FlowState
+from .node import Node
+
+__all__ = ["Agent", "Connector", "parse_forward", "parse_service"]
+
+log = logging.getLogger("tether.relay")
+_CASCADE = {"half": "half-close", "full": "cascade"}
+
+
+def parse_forward(text: str) -> tuple[str, int, str]:
+    """``"127.0.0.1:9080=web"`` -> ("127.0.0.1", 9080, "web")."""
+    address, sep, service = text.partition("=")
+    if not sep or not service:
+        raise ValueError(f"--forward {text!r}: expected LISTEN_HOST:PORT=SERVICE")
+    host, port = parse_address(address)
+    return host, port, service
+
+
+def parse_service(text: str) -> tuple[str, str, int]:
+    """``"web=127.0.0.1:8080"`` -> ("web", "127.0.0.1", 8080)."""
+    service, sep, address = text.partition("=")
+    if not sep or not service:
+        raise ValueError(f"--service {text!r}: expected SERVICE=HOST:PORT")
+    host, port = parse_address(address)
+    return service, host, port
+
+
+class _Edge:
+    """What the agent and the connector share: a node, bridges, the fin timeout."""
+
+    def __init__(self, name: str, gateway: str, *, token: bytes | str, tls: ssl.SSLContext | None,
+                 liveness: float | None, fin_timeout: float, cascade: str) -> None:
+        if cascade not in _CASCADE:
+            raise ValueError(f"cascade must be 'half' or 'full', not {cascade!r}")
+        self.name = name
+        self.node = Node(name, gateway=gateway, token=token, tls=tls, liveness=liveness)
+        self.fin_timeout = fin_timeout
+        self.mode = _CASCADE[cascade]
+        self.bridges: set[SocketBridge] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.TimerHandle | None = None
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("connections", "refused", "fin_timeouts", "bytes_up", "bytes_down"), 0)
+
+    def _adopt(self, bridge: SocketBridge) -> None:
+        self.bridges.add(bridge)
+        self.counters["connections"] += 1
+        if self._reaper is None and self.fin_timeout > 0:
+            self._schedule_reaper()
+
+    def _done(self, bridge: SocketBridge) -> None:
+        self.bridges.discard(bridge)
+        if not bridge.has_flow:
+            return
+        self.counters["bytes_up"] += bridge.bytes_up
+        self.counters["bytes_down"] += bridge.bytes_down
+        log.info("flow %s ended: %s, %d bytes up, %d bytes down, %.3fs", bridge.flow.id,
+                 bridge.flow.state.name, bridge.bytes_up, bridge.bytes_down,
+                 asyncio.get_running_loop().time() - bridge.opened_at)
+
+    def _schedule_reaper(self) -> None:
+        period = max(0.05, self.fin_timeout / 4)
+        self._reaper = asyncio.get_running_loop().call_later(period, self._reap)
+
+    def _reap(self) -> None:
+        """One timer for the whole process: reset connections half-closed too long."""
+        now = asyncio.get_running_loop().time()
+        for bridge in list(self.bridges):
+            since = bridge.half_closed_at
+            if since is not None and now - since >= self.fin_timeout \
+                    and bridge.flow.state is not FlowState.CLOSED:
+                self.counters["fin_timeouts"] += 1
+                log.warning("flow %s half-closed for %.1fs (fin timeout): resetting",
+                            bridge.flow.id, now - since)
+                bridge.abort(f"fin timeout ({self.fin_timeout:g}s)")
+        self._reaper = None
+        if self.bridges:
+            self._schedule_reaper()
+
+    async def _close_edge(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.node.aclose()
+        for bridge in list(self.bridges):
+            if bridge.transport is not None and not bridge.transport.is_closing():
+                reset_socket(bridge.transport)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, the node's view, and every open connection with age and bytes."""
+        loop_now = asyncio.get_running_loop().time()
+        return {"name": self.name, "open": len(self.bridges), **self.counters,
+                "node": self.node.stats(),
+                "flows": [{"id": str(b.flow.id), "service": b.flow.service,
+                           "state": b.flow.state.name, "age": round(loop_now - b.opened_at, 3),
+                           "bytes_up": b.bytes_up, "bytes_down": b.bytes_down}
+                          for b in self.bridges]}
+
+
+class Agent(_Edge):
+    """Listens on local ports; each connection accepted is carried as a flow to a service.
+
+    `forwards` maps (host, port) to a service name. A connection whose flow cannot be
+    allocated (unknown service, denied, no gateway) is reset, and the reason logged.
+    """
+
+    def __init__(self, gateway: str, forwards: list[tuple[str, int, str]], *,
+                 name: str = "agent", token: bytes | str = b"",
+                 tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
+                 fin_timeout: float = 60.0, cascade: str = "half") -> None:
+        super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
+                         fin_timeout=fin_timeout, cascade=cascade)
+        self.forwards = forwards
+        self.servers: list[asyncio.Server] = []
+
+    async def start(self) -> None:
+        """Connect to the gateway, then listen on every forward."""
+        await self.node.start()
+        loop = asyncio.get_running_loop()
+        try:
+            for host, port, service in self.forwards:
+                server = await loop.create_server(self._factory(service), host, port)
+                self.servers.append(server)
+                log.info("agent %s: forwarding %s:%d to service %s", self.name, host,
+                         server.sockets[0].getsockname()[1], service)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    def _factory(self, service: str) -> Callable[[], SocketBridge]:
+        def bridge() -> SocketBridge:
+            return SocketBridge(None, label="application", on_done=self._done,
+                                on_connect=lambda b: self._connected(b, service))
+        return bridge
+
+    def ports(self) -> list[int]:
+        """The ports listened on, in the order of `forwards`."""
+        return [int(s.sockets[0].getsockname()[1]) for s in self.servers]
+
+    async def aclose(self) -> None:
+        """Stop listening, end every connection and the link."""
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()
+        await self._close_edge()
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _connected(self, bridge: SocketBridge, service: str) -> None:
+        spawn_owned(self.tasks, self._allocate(bridge, service))
+
+    async def _allocate(self, bridge: SocketBridge, service: str) -> None:
+        try:
+            flow = await self.node.alloc(service, mode=self.mode)
+        except TetherError as exc:
+            self.counters["refused"] += 1
+            log.warning("agent %s: connection from %s to %s refused: %s", self.name,
+                        bridge.peer, service, exc)
+            if bridge.transport is not None and not bridge.transport.is_closing():
+                reset_socket(bridge.transport)
+            return
+        log.info("flow %s allocated service=%s for %s", flow.id, service, bridge.peer)
+        self._adopt(bridge)
+        bridge.set_flow(flow)
+
+
+class Connector(_Edge):
+    """Serves services to the gateway: each flow accepted becomes a TCP connection to
+    the service's address. A server that cannot be reached resets the flow with the
+    reason (the application's socket is reset at the agent)."""
+
+    def __init__(self, gateway: str, services: list[tuple[str, str, int]], *,
+                 name: str = "connector", token: bytes | str = b"",
+                 tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
+                 fin_timeout: float = 60.0, connect_timeout: float = 5.0) -> None:
+        super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
+                         fin_timeout=fin_timeout, cascade="half")
+        self.services = {svc: (host, port) for svc, host, port in services}
+        self.connect_timeout = connect_timeout
+
+    async def start(self) -> None:
+        """Connect to the gateway, register the services, start accepting flows."""
+        await self.node.start()
+        for service in self.services:
+            self.node.register(service)
+        spawn_owned(self.tasks, self._accept_loop())
+
+    async def aclose(self) -> None:
+        """End every connection and the link."""
+        await self._close_edge()
+
+    async def __aenter__(self) -> Connector:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _accept_loop(self) -> None:
+        while True:
+            try:
+                flow = await self.node.accept()
+            except TetherError:
+                return
+            spawn_owned(self.tasks, self._connect(flow))
+
+    async def _connect(self, flow: Any) -> None:
+        host, port = self.services[flow.service]
+        loop = asyncio.get_running_loop()
+        bridge = SocketBridge(flow, label="server", on_done=self._done)
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: bridge, host, port),
+                                   self.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            self.counters["refused"] += 1
+            why = f"cannot connect to service {flow.service} at {host}:{port}: " \
+                  f"{exc or 'timed out'}"
+            log.warning("connector %s: %s", self.name, why)
+            flow.reset_nowait(why, ErrorCode.UNREACHABLE)
+            return
+        self._adopt(bridge)
+        log.info("flow %s connected service=%s to %s:%d", flow.id, flow.service, host, port)
