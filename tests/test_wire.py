@@ -263,7 +263,7 @@ def test_error_codes_match_spec() -> None:
     names = ["NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CLOSED", "FLOW_DOWN",
              "FLOW_PEER", "RESET", "NO_SUCH_SERVICE", "HANDSHAKE_FAILED", "BAD_TOKEN",
              "VERSION_MISMATCH", "FLOW_CONTROL", "FRAME_TOO_LARGE", "REFUSED", "SHUTDOWN",
-             "SLOW_CONSUMER", "UNREACHABLE"]
+             "SLOW_CONSUMER", "UNREACHABLE", "DENIED"]
     assert [(c.name, c.value) for c in ErrorCode] == [(n, i) for i, n in enumerate(names)]
 
 

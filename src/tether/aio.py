@@ -215,14 +215,15 @@ class LinkConnection(asyncio.Protocol):
             link = self.link
             transport = self.transport
             while True:
-                data = link.data_to_send()
+                pieces = link.buffers_to_send()
                 events = link.next_events()
-                if not data and not events:
+                if not pieces and not events:
                     break
-                if data and transport is not None and not transport.is_closing():
+                if pieces and transport is not None and not transport.is_closing():
                     if self._tls is not None:
-                        data = self._tls.send(data)
-                    transport.write(data)
+                        transport.write(self._tls.send(b"".join(pieces)))
+                    else:
+                        transport.writelines(pieces)  # one writev, no join
                 for event in events:
                     if isinstance(event, HandshakeCompleted) and not self.ready.done():
                         self.ready.set_result(event)

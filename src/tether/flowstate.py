@@ -33,6 +33,10 @@ __all__ = ["TRANSITIONS", "Effect", "FlowInput", "FlowState", "FlowStateMachine"
 class FlowState(Enum):
     """The states of one flow."""
 
+    # members are singletons compared by identity: C-level hashing, not
+    # Enum.__hash__ (a Python function in 3.11) on every TRANSITIONS lookup
+    __hash__ = object.__hash__
+
     OPENING = "OPENING"
     OPEN = "OPEN"
     LOCAL_FIN = "LOCAL_FIN"
@@ -45,6 +49,8 @@ class FlowState(Enum):
 class FlowInput(Enum):
     """What can happen to a flow. `LOCAL_*` come from this side's application,
     `REMOTE_*` from frames the peer sent, the rest from the link itself."""
+
+    __hash__ = object.__hash__
 
     LOCAL_ACCEPT = "LOCAL_ACCEPT"
     REMOTE_ACCEPT = "REMOTE_ACCEPT"

@@ -168,7 +168,7 @@ class Link:
         self.peer_name: str | None = None
         self.stats = LinkStats()
         self._decoder = wire.FrameDecoder(config.max_payload, config.hard_max_payload)
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._events: list[Event] = []
         self._streams: dict[int, _Stream] = {}
         self._liveness: LivenessMonitor[int] = LivenessMonitor(config.tick, now)
@@ -229,8 +229,15 @@ class Link:
         """The bytes to write to the socket now (empty if none)."""
         if not self._out:
             return b""
-        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        out = bytes(self._out[0]) if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
+        return out
+
+    def buffers_to_send(self) -> list[bytes | memoryview]:
+        """Like `data_to_send`, as the list of pieces, for `transport.writelines`
+        (a writev, no copy): header and payload of a DATA frame stay apart."""
+        out = self._out
+        self._out = []
         return out
 
     def next_events(self) -> list[Event]:
@@ -372,13 +379,22 @@ class Link:
             return 0
         s.send_credit -= n
         step = self._max_payload
-        mv = memoryview(data)
         header = wire.encode_data_header
-        for off in range(0, n, step):
-            chunk = mv[off:min(off + step, n)]
-            self._out.append(header(stream, len(chunk)))
-            self._out.append(bytes(chunk))
+        out = self._out
+        if n == len(data) <= step and isinstance(data, bytes):
+            out.append(header(stream, n))  # the common relay case: one frame, no copy
+            out.append(data)
             self.stats.frames_out += 1
+        else:
+            mv = memoryview(data)
+            # slices of immutable bytes are kept as they are; anything else (a
+            # bytearray the caller may reuse) is copied
+            keep = mv.readonly and isinstance(mv.obj, bytes)
+            for off in range(0, n, step):
+                chunk = mv[off:min(off + step, n)]
+                out.append(header(stream, len(chunk)))
+                out.append(chunk if keep else bytes(chunk))
+                self.stats.frames_out += 1
         self.stats.bytes_out += n + wire.HEADER.size * ((n + step - 1) // step)
         self._last_send = now
         self._sent(s, now)

@@ -524,22 +524,39 @@ class FrameDecoder:
         """Add bytes; return every frame they complete, in order."""
         if self._error is not None:
             raise self._error
-        if self._buf:
-            self._buf += data
-            src: bytes | bytearray | memoryview = self._buf
-        else:
-            src = data
         frames: list[Frame] = []
+        mv = memoryview(data).cast("B")
+        buf = self._buf
         try:
-            used = self._parse(memoryview(src), frames)
+            if buf:
+                # Complete the one pending frame from the head of `data`, then parse the
+                # rest of `data` in place: a read is never copied into the buffer whole.
+                hsize = HEADER.size
+                if len(buf) < hsize:
+                    take = hsize - len(buf)
+                    buf += mv[:take]
+                    mv = mv[take:]
+                    if len(buf) < hsize:
+                        return frames
+                    with memoryview(buf) as head:
+                        used = self._parse(head, frames)  # checks the header first
+                    del buf[:used]
+                if buf:  # a checked header, its payload incomplete
+                    need = hsize + HEADER.unpack_from(buf)[3] - len(buf)
+                    buf += mv[:need]
+                    mv = mv[need:]
+                    if len(buf) < hsize + HEADER.unpack_from(buf)[3]:
+                        return frames
+                    with memoryview(buf) as whole:
+                        self._parse(whole, frames)
+                    buf.clear()
+            used = self._parse(mv, frames)
         except ProtocolError as exc:
             self._error = exc
             self._buf = bytearray()
             raise
-        if src is self._buf:
-            del self._buf[:used]
-        elif used < len(src):
-            self._buf += memoryview(src)[used:]
+        if used < len(mv):
+            buf += mv[used:]
         return frames
 
     def _parse(self, mv: memoryview, out: list[Frame]) -> int:
