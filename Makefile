@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
+	$(BIN)/python bench/flows.py
 
 fuzz: $(STAMP)
 	$(BIN)/python fuzz/fuzz_wire.py -atheris_runs=200000
