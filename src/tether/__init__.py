@@ -4,6 +4,7 @@ The public API lives here; submodules `wire`, `link`, `flowstate`, `liveness` ar
 sans-IO core and `aio` the asyncio adapter. See docs/ and README.md.
 """
 
+from . import sync
 from .aio import SocketOptions, run
 from .errors import (
     ErrorCode,
@@ -21,13 +22,17 @@ from .errors import (
 )
 from .flow import Flow
 from .flowstate import FlowState
+from .framing import LengthPrefixed, Lines, MessageTooLarge, Raw
 from .gateway import Gateway
+from .hub import Closed, Data, FlowsClosed, Hub, HubClosed, HubStats, Messages, Opened
 from .ids import FlowId
 from .node import Node
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Closed",
+    "Data",
     "ErrorCode",
     "Flow",
     "FlowClosed",
@@ -35,16 +40,27 @@ __all__ = [
     "FlowId",
     "FlowReset",
     "FlowState",
+    "FlowsClosed",
     "Gateway",
     "HandshakeError",
+    "Hub",
+    "HubClosed",
+    "HubStats",
+    "LengthPrefixed",
+    "Lines",
     "LocalProtocolError",
+    "MessageTooLarge",
+    "Messages",
     "NoSuchService",
     "Node",
+    "Opened",
     "PeerDown",
     "PeerUnreachable",
     "ProtocolError",
+    "Raw",
     "RemoteProtocolError",
     "SocketOptions",
     "TetherError",
     "run",
+    "sync",
 ]
