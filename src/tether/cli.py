@@ -65,6 +65,14 @@ def _load_json(path: str | None, what: str) -> Any:
         raise ValueError(f"cannot read the {what} file {path}: {exc}") from exc
 
 
+def _parse_peer(text: str) -> tuple[str, str]:
+    name, sep, address = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--peer {text!r}: expected NAME=HOST:PORT")
+    parse_address(address)
+    return name, address
+
+
 async def _with_admin(args: argparse.Namespace, role: str, name: str,
                       stats: Callable[[], dict[str, Any]]) -> AdminServer | None:
     if args.admin in ("", "none", "off"):
@@ -78,7 +86,14 @@ async def _with_admin(args: argparse.Namespace, role: str, name: str,
 async def _gateway(args: argparse.Namespace) -> int:
     tokens = _load_json(args.tokens, "tokens")
     policy = _load_json(args.policy, "policy")
-    gw = Gateway(args.listen, name=args.name, token=args.token,
+    peers = dict(_parse_peer(p) for p in args.peer)
+    peer_tls = None
+    if args.peer_tls_ca:
+        peer_tls = ssl.create_default_context(cafile=args.peer_tls_ca)
+        if args.tls_cert:
+            peer_tls.load_cert_chain(args.tls_cert, args.tls_key)
+    gw = Gateway(args.listen, name=args.name, token=args.token, peers=peers,
+                 retry_interval=args.retry_interval, peer_tls=peer_tls,
                  tls=_tls_server_context(args), heartbeat=args.heartbeat,
                  link_timeout=args.link_timeout,
                  tokens={k: str(v).encode() for k, v in tokens.items()} if tokens else None,
@@ -188,6 +203,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="a link silent this long is lost (default 15)")
     gw.add_argument("--drain", type=float, default=2.0, metavar="SECONDS",
                     help="on SIGTERM, let flows finish this long before closing (default 2)")
+    gw.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
+                    help="a peer gateway of the cluster (repeatable): services are learned "
+                         "from it and flows forwarded to it")
+    gw.add_argument("--retry-interval", type=float, default=2.0, metavar="SECONDS",
+                    help="longest wait between attempts to reach a peer gateway (default 2)")
+    gw.add_argument("--peer-tls-ca", metavar="PEM",
+                    help="dial peer gateways over TLS, trusting this CA (presenting "
+                         "--tls-cert as client certificate)")
     gw.add_argument("--tokens", metavar="JSON",
                     help='file {"node name": "token", ...}: a token per node')
     gw.add_argument("--policy", metavar="JSON",

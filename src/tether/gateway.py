@@ -11,14 +11,22 @@ exactly that ("unresponsive peer"), not masked by a healthy gateway in between.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 from collections import defaultdict
-from typing import Any
+from typing import Any, Final
 
 from . import wire
-from .aio import LinkConnection, SocketOptions, parse_address, serve_links
-from .errors import ErrorCode, LocalProtocolError
+from .aio import (
+    LinkConnection,
+    SocketOptions,
+    open_link,
+    parse_address,
+    serve_links,
+    spawn_owned,
+)
+from .errors import ErrorCode, LocalProtocolError, TetherError
 from .events import (
     DataReceived,
     Event,
@@ -34,12 +42,17 @@ from .events import (
     WindowUpdated,
 )
 from .ids import FlowId
-from .link import LinkConfig
+from .link import LinkConfig, Role
 from .splice import Splice, SpliceEnd
 
 __all__ = ["Gateway"]
 
 log = logging.getLogger("tether.gateway")
+_MAX_HOPS: Final = 8
+
+
+def _hops(n: int) -> str:
+    return f"{n} hop" if n == 1 else f"{n} hops"
 
 
 class Gateway:
@@ -51,6 +64,15 @@ class Gateway:
     server-side `ssl.SSLContext` (require client certificates in it for mutual TLS).
     `policy` maps a node name (or "*") to the services it may allocate; when given,
     anything not allowed is denied (DENIED, logged).
+
+    `peers` ({name: "host:port"}) makes a cluster: the gateway keeps a link to each
+    peer gateway (re-dialled every `retry_interval` while down), tells it which
+    services it can reach (a SERVICES control message, sent again on every change,
+    with hop counts so that chains of gateways work and loops do not), and forwards a
+    flow for a service it does not serve itself to the nearest peer that reaches it,
+    with the same splice. A peer whose link is lost takes its routes with it, and the
+    flows through it go DOWN on both ends. Either side may dial; a second link between
+    the same two gateways is harmless (both carry flows and routes).
     """
 
     def __init__(self, listen: str = "127.0.0.1:7443", *, name: str = "gw",
@@ -59,7 +81,10 @@ class Gateway:
                  handshake_timeout: float = 10.0, window: int = 256 * 1024,
                  sockopts: SocketOptions | None = None,
                  tokens: dict[str, bytes] | None = None,
-                 policy: dict[str, set[str]] | None = None) -> None:
+                 policy: dict[str, set[str]] | None = None,
+                 peers: dict[str, str] | None = None,
+                 retry_interval: float = 2.0,
+                 peer_tls: ssl.SSLContext | None = None) -> None:
         self.listen = listen
         self.name = name
         self.token = token.encode() if isinstance(token, str) else token
@@ -71,7 +96,15 @@ class Gateway:
         self.sockopts = sockopts
         self.tokens = tokens
         self.policy = policy
+        self.peers = dict(peers or {})
+        self.retry_interval = retry_interval
+        self.peer_tls = peer_tls
         self._server: asyncio.Server | None = None
+        # the cluster: links to peer gateways, and what each peer says it can reach
+        self._peer_links: dict[str, set[LinkConnection]] = defaultdict(set)
+        self._routes: dict[str, dict[str, int]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._advertised: dict[str, int] = {}
         self._conns: set[LinkConnection] = set()
         self._services: dict[str, list[LinkConnection]] = defaultdict(list)
         self._rr: dict[str, int] = defaultdict(int)
@@ -81,12 +114,14 @@ class Gateway:
             ("links_accepted", "links_refused", "flows_spliced", "flows_ended",
              "no_such_service", "denied", "protocol_errors"), 0)
 
-    def _config(self) -> LinkConfig:
-        return LinkConfig(name=self.name, expected_token=self.token,
+    def _config(self, *, dial: bool = False) -> LinkConfig:
+        return LinkConfig(name=self.name, token=(self.token or b"") if dial else b"",
+                          expected_token=None if dial else self.token,
                           heartbeat_interval=self.heartbeat, link_timeout=self.link_timeout,
                           handshake_timeout=self.handshake_timeout,
                           initial_window=self.window, relay_streams=True,
-                          authorize=self._authorize if self.tokens is not None else None)
+                          authorize=self._authorize
+                          if self.tokens is not None and not dial else None)
 
     def _authorize(self, name: str, token: bytes) -> bool:
         assert self.tokens is not None
@@ -105,6 +140,30 @@ class Gateway:
         self._server = await serve_links(host, port, self._config, self, ssl_context=self.tls,
                                          sockopts=self.sockopts)
         log.info("gateway %s listening on %s:%d", self.name, host, self.port)
+        for peer, address in self.peers.items():
+            spawn_owned(self._tasks, self._keep_peer(peer, address))
+
+    async def _keep_peer(self, peer: str, address: str) -> None:
+        """Dial a peer gateway and keep the link up: re-dial while it is down."""
+        host, port = parse_address(address)
+        delay = min(0.1, self.retry_interval)
+        while True:
+            try:
+                conn = await open_link(host, port, self._config(dial=True), self,
+                                       ssl_context=self.peer_tls, sockopts=self.sockopts,
+                                       connect_timeout=self.retry_interval * 2)
+            except TetherError as exc:
+                log.debug("gateway %s: peer %s at %s unreachable: %s", self.name, peer,
+                          address, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_interval)
+                continue
+            delay = min(0.1, self.retry_interval)
+            if conn.link.peer_name != peer:
+                log.warning("gateway %s: %s answered as %r, not %r", self.name, address,
+                            conn.link.peer_name, peer)
+            await asyncio.shield(conn.closed)
+            await asyncio.sleep(delay)
 
     @property
     def port(self) -> int:
@@ -116,6 +175,9 @@ class Gateway:
 
     async def aclose(self, drain: float = 0.0) -> None:
         """Stop accepting, then close every link (their flows end "shutdown")."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             self._server.close()
         await asyncio.gather(*(c.aclose("shutdown", drain) for c in list(self._conns)))
@@ -138,15 +200,28 @@ class Gateway:
         await self._server.serve_forever()
 
     def services(self) -> dict[str, list[str]]:
-        """Which node names serve which service."""
-        return {svc: [c.link.peer_name or "?" for c in conns]
-                for svc, conns in self._services.items() if conns}
+        """Which node names serve which service (here, or via which peer gateway)."""
+        table = {svc: [c.link.peer_name or "?" for c in conns]
+                 for svc, conns in self._services.items() if conns}
+        for peer, routes in self._routes.items():
+            if self._peer_link(peer) is not None:
+                for svc, hops in routes.items():
+                    table.setdefault(svc, []).append(f"{peer} (gateway, {_hops(hops + 1)})")
+        return table
+
+    def cluster(self) -> dict[str, Any]:
+        """Peer gateways: whether a link is up, and the services each reaches."""
+        names = set(self.peers) | set(self._peer_links)
+        return {peer: {"up": self._peer_link(peer) is not None,
+                       "address": self.peers.get(peer, "(dialled us)"),
+                       "services": dict(self._routes.get(peer, {}))}
+                for peer in sorted(names)}
 
     def stats(self) -> dict[str, Any]:
         """Counters, and what is open now."""
         return {"name": self.name, "links": len(self._conns),
                 "flows": len({id(s) for s, _ in self._ends.values()}),
-                "services": self.services(), **self.counters}
+                "services": self.services(), "peers": self.cluster(), **self.counters}
 
     # link events ----------------------------------------------------------------------
 
@@ -178,6 +253,11 @@ class Gateway:
             self.counters["links_accepted"] += 1
             log.info("gateway %s: node %s connected from %s", self.name, event.peer_name,
                      conn.peer_address)
+            if event.peer_name in self.peers or conn.link.role is Role.CLIENT:
+                self._peer_links[event.peer_name].add(conn)
+                log.info("gateway %s: peer gateway %s up (%s)", self.name, event.peer_name,
+                         conn.peer_address)
+                self._send_table(conn)
         elif isinstance(event, LinkTerminated):
             self._on_link_terminated(conn, event)
         elif isinstance(event, StreamProtocolError):
@@ -186,6 +266,9 @@ class Gateway:
                         conn.link.peer_name, event.stream, event.reason)
 
     def _on_control(self, conn: LinkConnection, event: MessageReceived) -> None:
+        if event.kind == wire.KIND_SERVICES:
+            self._on_services(conn, event.body)
+            return
         if event.kind == wire.KIND_REGISTER or event.kind == wire.KIND_UNREGISTER:
             service = event.body.decode(errors="replace")
             servers = self._services[service]
@@ -198,22 +281,86 @@ class Gateway:
                 servers.remove(conn)
                 log.info("gateway %s: %s unregistered service %s", self.name,
                          conn.link.peer_name, service)
+            self._advertise()
         else:
             log.warning("gateway %s: ignored message kind %#x from %s", self.name, event.kind,
                         conn.link.peer_name)
 
+    # the cluster ----------------------------------------------------------------------
+
+    def _peer_link(self, peer: str) -> LinkConnection | None:
+        for conn in self._peer_links.get(peer, ()):
+            if conn.link.is_open:
+                return conn
+        return None
+
+    def _on_services(self, conn: LinkConnection, body: bytes) -> None:
+        """A peer gateway's table: {service: hops from it}."""
+        peer = conn.link.peer_name or "?"
+        try:
+            table = json.loads(body)
+            routes = {str(k): int(v) for k, v in table.items()}
+        except (ValueError, AttributeError, TypeError) as exc:
+            self.counters["protocol_errors"] += 1
+            log.warning("gateway %s: bad SERVICES message from %s: %s", self.name, peer, exc)
+            return
+        new_peer = conn not in self._peer_links[peer]
+        self._peer_links[peer].add(conn)
+        if new_peer and len(self._peer_links[peer]) == 1:
+            log.info("gateway %s: peer gateway %s up (%s)", self.name, peer, conn.peer_address)
+            self._send_table(conn)
+        if routes != self._routes.get(peer):
+            self._routes[peer] = routes
+            log.info("gateway %s: peer %s reaches %s", self.name, peer,
+                     ", ".join(f"{s} ({_hops(h + 1)})" for s, h in sorted(routes.items()))
+                     or "nothing")
+            self._advertise()
+
+    def _table_for(self, peer: str) -> dict[str, int]:
+        """What this gateway reaches, as told to `peer` (never what `peer` told us:
+        split horizon, so that two gateways do not count to infinity)."""
+        table = {svc: 0 for svc, conns in self._services.items()
+                 if any(c.link.is_open for c in conns)}
+        for other, routes in self._routes.items():
+            if other == peer or self._peer_link(other) is None:
+                continue
+            for svc, hops in routes.items():
+                if hops + 1 < _MAX_HOPS and hops + 1 < table.get(svc, _MAX_HOPS):
+                    table[svc] = hops + 1
+        return table
+
+    def _send_table(self, conn: LinkConnection) -> None:
+        table = self._table_for(conn.link.peer_name or "?")
+        if conn.link.is_open:
+            conn.link.send_message(wire.KIND_SERVICES, 0,
+                                   json.dumps(table, sort_keys=True).encode(), conn.now)
+            conn.flush()
+
+    def _advertise(self) -> None:
+        """Tell every peer gateway (and every gateway we dialled) what we reach now."""
+        for conns in self._peer_links.values():
+            for conn in conns:
+                self._send_table(conn)
+
     def _pick(self, service: str) -> LinkConnection | None:
         servers = [c for c in self._services.get(service, ()) if c.link.is_open]
-        if not servers:
-            return None
-        i = self._rr[service] % len(servers)
-        self._rr[service] = i + 1
-        return servers[i]
+        if servers:
+            i = self._rr[service] % len(servers)
+            self._rr[service] = i + 1
+            return servers[i]
+        best: tuple[int, str] | None = None
+        for peer, routes in self._routes.items():
+            hops = routes.get(service)
+            if hops is not None and self._peer_link(peer) is not None \
+                    and (best is None or (hops, peer) < best):
+                best = (hops, peer)
+        return self._peer_link(best[1]) if best is not None else None
 
     def _on_open(self, conn: LinkConnection, event: FlowOpenRequested) -> None:
         now = conn.now
         who = conn.link.peer_name or "?"
-        if not self.allowed(who, event.service):
+        from_peer = conn in self._peer_links.get(who, ())
+        if not from_peer and not self.allowed(who, event.service):
             self.counters["denied"] += 1
             log.warning("gateway %s: denied %s access to service %s (policy)", self.name, who,
                         event.service)
@@ -278,9 +425,22 @@ class Gateway:
 
     def _on_link_terminated(self, conn: LinkConnection, event: LinkTerminated) -> None:
         self._conns.discard(conn)
+        changed = False
         for servers in self._services.values():
             if conn in servers:
                 servers.remove(conn)
+                changed = True
+        peer = conn.link.peer_name or "?"
+        if conn in self._peer_links.get(peer, ()):
+            self._peer_links[peer].discard(conn)
+            if not self._peer_links[peer]:
+                del self._peer_links[peer]
+                self._routes.pop(peer, None)
+                changed = True
+                log.warning("gateway %s: peer gateway %s down: %s", self.name, peer,
+                            event.reason)
+        if changed:
+            self._advertise()
         if event.code in (ErrorCode.PROTOCOL_ERROR, ErrorCode.FRAME_TOO_LARGE,
                           ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
                           ErrorCode.HANDSHAKE_FAILED):

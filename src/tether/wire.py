@@ -27,6 +27,7 @@ __all__ = [
     "HARD_MAX_PAYLOAD",
     "HEADER",
     "KIND_REGISTER",
+    "KIND_SERVICES",
     "KIND_UNREGISTER",
     "MAGIC",
     "PROTOCOL_VERSION",
@@ -65,6 +66,7 @@ MAX_STREAM_ID: Final = 0xFFFFFFFF
 CONTROL_KIND_BASE: Final = 0xFF00
 KIND_REGISTER: Final = 0xFF01
 KIND_UNREGISTER: Final = 0xFF02
+KIND_SERVICES: Final = 0xFF03
 
 HEADER: Final = struct.Struct("!BBII")
 _HELLO: Final = struct.Struct("!4sHHII")
