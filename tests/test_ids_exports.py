@@ -35,7 +35,8 @@ def test_flow_id_parse_rejects_garbage_clearly(bad: str) -> None:
 def test_public_names_match_the_design() -> None:
     expected = {"Node", "Gateway", "Flow", "FlowId", "FlowState", "TetherError", "FlowClosed",
                 "FlowDown", "PeerDown", "FlowReset", "ProtocolError", "LocalProtocolError",
-                "RemoteProtocolError", "NoSuchService", "PeerUnreachable", "HandshakeError"}
+                "RemoteProtocolError", "NoSuchService", "PeerUnreachable", "HandshakeError",
+                "Mesh", "Message", "Failure", "Hub", "Opened", "Data", "Closed"}
     assert expected <= set(tether.__all__)
     for name in tether.__all__:
         obj = getattr(tether, name)

@@ -26,6 +26,7 @@ from .framing import LengthPrefixed, Lines, MessageTooLarge, Raw
 from .gateway import Gateway
 from .hub import Closed, Data, FlowsClosed, Hub, HubClosed, HubStats, Messages, Opened
 from .ids import FlowId
+from .mesh import Failure, Mesh, Message, PeerInfo, PeerState, QueueFull
 from .node import Node
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "Closed",
     "Data",
     "ErrorCode",
+    "Failure",
     "Flow",
     "FlowClosed",
     "FlowDown",
@@ -49,14 +51,19 @@ __all__ = [
     "LengthPrefixed",
     "Lines",
     "LocalProtocolError",
+    "Mesh",
+    "Message",
     "MessageTooLarge",
     "Messages",
     "NoSuchService",
     "Node",
     "Opened",
     "PeerDown",
+    "PeerInfo",
+    "PeerState",
     "PeerUnreachable",
     "ProtocolError",
+    "QueueFull",
     "Raw",
     "RemoteProtocolError",
     "SocketOptions",

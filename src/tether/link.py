@@ -465,10 +465,17 @@ class Link:
         if self.state is not LinkState.OPEN and self.state is not LinkState.DRAINING:
             raise LocalProtocolError(f"cannot send a message on a link in state "
                                      f"{self.state.name}")
-        if len(body) > self._max_payload:
-            raise LocalProtocolError(f"message body of {len(body)} bytes exceeds the link's "
+        n = len(body)
+        if n > self._max_payload:
+            raise LocalProtocolError(f"message body of {n} bytes exceeds the link's "
                                      f"maximum payload {self._max_payload}")
-        self._emit(wire.Msg(kind=kind, seq=seq, body=body), now)
+        # header and body appended apart (as send_data does): no Msg object, no copies
+        self._out.append(wire.encode_msg_header(kind, seq, n))
+        if n:
+            self._out.append(body)
+        self.stats.frames_out += 1
+        self.stats.bytes_out += wire.HEADER.size + 10 + n
+        self._last_send = now
 
     def send_ack(self, seq: int, now: float) -> None:
         """Acknowledge every mesh MSG up to `seq`."""

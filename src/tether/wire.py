@@ -51,6 +51,7 @@ __all__ = [
     "Window",
     "encode",
     "encode_data_header",
+    "encode_msg_header",
 ]
 
 MAGIC: Final = b"TTHR"
@@ -77,6 +78,7 @@ _U32: Final = struct.Struct("!I")
 _U64: Final = struct.Struct("!Q")
 _CODE: Final = struct.Struct("!H")
 _MSG: Final = struct.Struct("!HQ")
+_MSG_HEADER: Final = struct.Struct("!BBIIHQ")
 _GOAWAY: Final = struct.Struct("!IH")
 
 
@@ -274,6 +276,15 @@ def _reason_bytes(text: str, prefix: int) -> bytes:
 def encode_data_header(stream: int, length: int) -> bytes:
     """The header of a DATA frame, for writing header and payload without joining them."""
     return HEADER.pack(FrameType.DATA, 0, stream, length)
+
+
+def encode_msg_header(kind: int, seq: int, length: int) -> bytes:
+    """The header and fixed fields of a MSG frame with a `length`-byte body, for writing
+    the body after it without joining them. Raises `ValueError` for a field out of range."""
+    try:
+        return _MSG_HEADER.pack(FrameType.MSG, 0, 0, _MSG.size + length, kind, seq)
+    except struct.error as exc:
+        raise ValueError(f"cannot encode a MSG kind={kind} seq={seq}: {exc}") from exc
 
 
 def _payload(frame: Frame) -> tuple[int, bytes]:

@@ -1,0 +1,1068 @@
+"""tether.mesh — named nodes that message each other (the connection manager's job).
+
+::
+
+    mesh = tether.Mesh("server1", listen="127.0.0.1:7001",
+                       peers={"server2": "127.0.0.1:7002"}, servers={"server1", "server2"})
+    await mesh.start()
+    await mesh.send("server2", b"...", kind=1)
+    mesh.broadcast(b"...", kind=1)            # also server_broadcast, custom_broadcast
+    async for message in mesh.messages(): ... # Message(remote, kind, body)
+    async for failure in mesh.failures(): ... # Failure(remote, reason, undelivered)
+
+**Delivery.** Per ordered pair of nodes, every message `send` accepts is delivered to
+the receiving application once and in send order, across lost links and reconnects,
+or it is returned in a `Failure`: when the peer stays unreachable for
+`establish_timeout` (the very first connection attempt included), when the mesh
+closes, or when the peer *restarted* before acknowledging messages it may have
+received (those are counted in `Failure.unconfirmed`: the dead process may have
+delivered some of them; tether never re-sends them blindly). Nothing is dropped
+silently. `docs/mesh.md` has the whole contract and its one limitation.
+
+**How.** One link (`tether.link` over `tether.aio`) per pair of nodes, dialled on
+demand by whichever side has something to send; when both dial at once, the node
+whose name sorts first (the *leader* of the pair) keeps the newest link and closes
+the other. On each new link the two nodes exchange SESSION control messages (their
+incarnation and what they have received and consumed), after which the sender
+re-sends what is missing; messages carry sequence numbers, the receiver drops
+duplicates, and acknowledges (cumulatively, once per loop turn) what its
+application has consumed. The sequencing arithmetic is `tether.meshstate`, without
+I/O. A silent peer is found by the link heartbeat within `liveness` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Final
+
+from . import wire
+from .aio import LinkConnection, SocketOptions, parse_address, spawn_owned
+from .errors import (
+    ErrorCode,
+    HandshakeError,
+    LocalProtocolError,
+    PeerUnreachable,
+    RemoteProtocolError,
+    TetherError,
+)
+from .events import (
+    AckReceived,
+    Event,
+    FlowOpenRequested,
+    GoAwayReceived,
+    HandshakeCompleted,
+    LinkTerminated,
+    MessageReceived,
+    StreamProtocolError,
+)
+from .link import LinkConfig, Role
+from .meshstate import (
+    KIND_CLOSING,
+    KIND_SESSION,
+    MESSAGE_OVERHEAD,
+    ClosingInfo,
+    Entry,
+    Inbox,
+    Outbox,
+    SessionInfo,
+)
+
+__all__ = [
+    "KIND_CLOSING",
+    "KIND_SESSION",
+    "Failure",
+    "Mesh",
+    "Message",
+    "PeerInfo",
+    "PeerState",
+    "QueueFull",
+]
+
+log = logging.getLogger("tether.mesh")
+
+MAX_KIND: Final = wire.CONTROL_KIND_BASE - 1
+# A link is written as soon as this many bytes of messages wait for it (else once per
+# loop turn), and `send` lets the loop run at that point: the receiver works while the
+# sender produces, and a sender in a tight loop does not starve the loop.
+_FLUSH_BYTES: Final = 64 * 1024
+_BAD_INPUT: Final = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.FRAME_TOO_LARGE,
+                               ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
+                               ErrorCode.HANDSHAKE_FAILED})
+_QUIET_ENDS: Final = frozenset({ErrorCode.NO_ERROR, ErrorCode.SHUTDOWN})
+_PEER_COUNTERS: Final = ("connects", "disconnects", "connect_errors", "sent", "received",
+                         "retransmits", "duplicates", "failures", "failure_reports")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A mesh message. `remote` is the other node: the sender of a received message,
+    the destination of an undelivered one. `kind` is the application's (0..0xFEFF)."""
+
+    remote: str
+    kind: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Messages the mesh gives back, whole, with the reason.
+
+    `undelivered` holds them in send order. The first `unconfirmed` of them were
+    transmitted to an incarnation of `remote` that ended (crashed, was killed, or
+    could not be reached again) before acknowledging them: its application *may* have
+    received some of them. The rest were certainly not delivered.
+    """
+
+    remote: str
+    reason: str
+    undelivered: list[Message]
+    unconfirmed: int = 0
+
+
+class PeerState(Enum):
+    """Where the mesh stands with one peer."""
+
+    IDLE = "idle"  # never contacted, nothing to send
+    CONNECTING = "connecting"  # dialling, or setting up a session on a new link
+    UP = "up"  # a session is established: messages flow
+    DOWN = "down"  # was up (or could not be reached), no link now
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerInfo:
+    """A snapshot of one peer, from `Mesh.peers()`.
+
+    `down_since` is a wall-clock time (`time.time()`), None while up or never
+    contacted. `queued` counts the messages not yet acknowledged (sent or not),
+    `queued_bytes` their cost against the queue bound. `incarnation` is the peer's
+    current run as last seen (None before the first session). `counters`: connects,
+    disconnects, connect_errors, sent, received, retransmits, duplicates, failures
+    (messages), failure_reports.
+    """
+
+    name: str
+    address: str
+    state: PeerState
+    down_since: float | None
+    queued: int
+    queued_bytes: int
+    incarnation: int | None
+    last_error: str | None
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+class QueueFull(TetherError):
+    """The outgoing queue to a peer is full (`send(..., nowait=True)`)."""
+
+    code = ErrorCode.REFUSED
+
+
+class _Peer:
+    """Everything the mesh knows about one peer."""
+
+    __slots__ = ("address", "change_waiters", "counters", "dialer", "down_since", "flaps",
+                 "host", "inbox", "last_error", "link", "link_max", "name", "outbox",
+                 "pending", "port", "removed", "space_waiters", "stalled_since", "timer",
+                 "unflushed", "up", "up_since")
+
+    def __init__(self, name: str, address: str, queue_bytes: int) -> None:
+        self.name = name
+        self.address = address
+        self.host, self.port = parse_address(address)
+        self.outbox = Outbox(queue_bytes)
+        self.inbox = Inbox()
+        self.link: LinkConnection | None = None  # the link the session lives on
+        self.up = False  # SESSIONs exchanged on `link`
+        self.link_max = 0  # the largest body `link` carries
+        self.up_since = 0.0  # loop time
+        self.flaps = 0  # sessions in a row that lasted less than retry_interval
+        self.pending: set[LinkConnection] = set()  # follower: waiting for the leader's SESSION
+        self.dialer: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None  # establish_timeout
+        self.stalled_since: float | None = None
+        self.down_since: float | None = None
+        self.last_error: str | None = None
+        self.space_waiters: deque[asyncio.Future[None]] = deque()
+        self.change_waiters: list[asyncio.Future[None]] = []
+        self.counters = dict.fromkeys(_PEER_COUNTERS, 0)
+        self.removed = False
+        self.unflushed = 0  # bytes of messages given to `link` since it was last written
+
+    @property
+    def state(self) -> PeerState:
+        if self.up:
+            return PeerState.UP
+        if self.dialer is not None or self.link is not None or self.pending:
+            return PeerState.CONNECTING
+        return PeerState.DOWN if self.down_since is not None else PeerState.IDLE
+
+    def wake_change(self) -> None:
+        waiters, self.change_waiters = self.change_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def wake_space(self) -> None:
+        while self.space_waiters:
+            w = self.space_waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+
+
+class _Dialled:
+    """The handler of a link this node dialled: it knows whom it meant to reach."""
+
+    __slots__ = ("mesh", "peer")
+
+    def __init__(self, mesh: Mesh, peer: _Peer) -> None:
+        self.mesh = mesh
+        self.peer = peer
+
+    def link_event(self, conn: LinkConnection, event: Event) -> None:
+        self.mesh._on_event(conn, event, self.peer)
+
+
+class Mesh:
+    """A named node of a mesh. See the module docstring and `docs/mesh.md`.
+
+    `peers` maps node names to "host:port" (this node's own name is ignored there);
+    `servers` names the nodes `server_broadcast` reaches. Times are in seconds:
+    `retry_interval` bounds the backoff between connection attempts,
+    `establish_timeout` is how long a peer may stay unreachable while messages wait
+    for it before they are failed, `liveness` how soon a silent peer is declared
+    down. `token` is the shared secret every node presents and requires. `tls` is
+    the client context used to dial, `server_tls` the server context to listen with.
+    `queue_bytes` bounds each peer's outgoing queue (a message costs its body plus
+    64 bytes); `max_message` bounds a body.
+    """
+
+    def __init__(self, name: str, listen: str | None = None,
+                 peers: Mapping[str, str] | None = None, servers: Iterable[str] = (), *,
+                 retry_interval: float = 1.0, establish_timeout: float = 10.0,
+                 liveness: float = 5.0, token: bytes | str = b"",
+                 tls: ssl.SSLContext | None = None, server_tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None, queue_bytes: int = 4 * 1024 * 1024,
+                 max_message: int = wire.DEFAULT_MAX_PAYLOAD,
+                 sockopts: SocketOptions | None = None) -> None:
+        if not name or len(name.encode()) > 255:
+            raise ValueError(f"node name {name!r} must be 1 to 255 bytes")
+        if retry_interval <= 0 or establish_timeout <= 0 or liveness <= 0:
+            raise ValueError("retry_interval, establish_timeout and liveness must be > 0")
+        if not 1024 <= max_message <= wire.HARD_MAX_PAYLOAD:
+            raise ValueError(f"max_message {max_message} must lie in "
+                             f"[1024, {wire.HARD_MAX_PAYLOAD}]")
+        if queue_bytes < max_message + MESSAGE_OVERHEAD:
+            raise ValueError(f"queue_bytes {queue_bytes} must hold at least one message of "
+                             f"max_message {max_message} bytes (+{MESSAGE_OVERHEAD})")
+        self.name = name
+        self.listen = listen
+        self.servers = frozenset(servers)
+        self.retry_interval = retry_interval
+        self.establish_timeout = establish_timeout
+        self.liveness = liveness
+        self.token = token.encode() if isinstance(token, str) else token
+        self.tls = tls
+        self.server_tls = server_tls
+        self.server_hostname = server_hostname
+        self.queue_bytes = queue_bytes
+        self.max_message = max_message
+        self.sockopts = sockopts
+        # This run of the process: lets peers tell a restart from a reconnect.
+        self.incarnation = secrets.randbits(64) or 1
+        self._peers: dict[str, _Peer] = {}
+        for peer_name, address in (peers or {}).items():
+            if peer_name != name:
+                self._add(peer_name, address)
+        self._handshake_timeout = min(max(liveness, 0.05), 10.0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._conns: set[LinkConnection] = set()  # every live link, identified or not
+        self._conn_peer: dict[LinkConnection, _Peer] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._inbox: deque[tuple[_Peer, int, int, Message]] = deque()
+        self._msg_waiters: list[asyncio.Future[None]] = []
+        self._failures: deque[Failure] = deque()
+        self._failure_waiters: list[asyncio.Future[None]] = []
+        # The peer of the message the application took last, until it asks for the next
+        # one (there is never more than one such message: every take commits the last).
+        self._taken_from: _Peer | None = None
+        self._ack_dirty: set[_Peer] = set()
+        self._dirty_conns: set[LinkConnection] = set()
+        self._flush_handle: asyncio.Handle | None = None
+        self._stopping = False  # aclose() called: no new sends
+        self._closing = False  # past the drain: links are being closed
+        self._closed = False
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("links_accepted", "links_dialled", "refused", "protocol_errors"), 0)
+
+    def __repr__(self) -> str:
+        return f"<Mesh {self.name} peers={sorted(self._peers)}>"
+
+    # lifecycle ------------------------------------------------------------------------
+
+    def _link_config(self, *, server: bool) -> LinkConfig:
+        return LinkConfig(name=self.name, token=b"" if server else self.token,
+                          expected_token=(self.token or None) if server else None,
+                          max_payload=self.max_message,
+                          heartbeat_interval=self.liveness / 4,
+                          link_timeout=self.liveness * 0.9,
+                          handshake_timeout=self._handshake_timeout)
+
+    async def start(self) -> None:
+        """Start listening (with `listen`). Links are dialled when there is something to
+        send."""
+        if self._loop is not None:
+            raise LocalProtocolError(f"mesh {self.name} already started")
+        self._loop = asyncio.get_running_loop()
+        if self.listen is not None:
+            host, port = parse_address(self.listen)
+            self._server = await self._loop.create_server(self._accepted, host, port,
+                                                          backlog=1024)
+            log.info("mesh %s: listening on %s:%d (incarnation %016x)", self.name, host,
+                     self.port, self.incarnation)
+
+    def _accepted(self) -> LinkConnection:
+        conn = LinkConnection(Role.SERVER, self._link_config(server=True), self,
+                              self.sockopts, server_tls=self.server_tls)
+        self._conns.add(conn)
+        return conn
+
+    @property
+    def port(self) -> int:
+        """The port this node listens on."""
+        if self._server is None:
+            raise LocalProtocolError(f"mesh {self.name} does not listen")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def aclose(self, drain: float = 0.0) -> None:
+        """Shut down. With `drain`, first wait up to that many seconds for every queued
+        message to be acknowledged. Each peer with a session is told (CLOSING) exactly
+        which of its messages this node consumed; messages still queued here are
+        returned in `Failure`s (reason "shutdown: ..."), which `failures()` still yields.
+        `messages()` ends; messages received and not yet taken are discarded (their
+        senders know they were not delivered)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        if drain > 0 and self._loop is not None:
+            deadline = self._loop.time() + drain
+            while any(p.outbox for p in self._peers.values()) and \
+                    self._loop.time() < deadline:
+                await asyncio.sleep(0.01)
+        self._closing = True
+        _wake(self._msg_waiters)  # messages() ends
+        self._commit()
+        self._send_acks()
+        for peer in self._peers.values():
+            conn = peer.link
+            if peer.up and conn is not None:
+                info = ClosingInfo(self.incarnation, peer.inbox.incarnation,
+                                   peer.inbox.consumed)
+                conn.link.send_message(KIND_CLOSING, 0, info.encode(), conn.now)
+                conn.flush()
+            self._cancel_timer(peer)
+            if peer.outbox:
+                self._fail_all(peer, f"shutdown: mesh {self.name} closed before {peer.name} "
+                                     "acknowledged")
+        self._inbox.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(c.aclose("shutdown") for c in list(self._conns)))
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._closed = True
+        for peer in self._peers.values():
+            peer.wake_space()
+            peer.wake_change()
+        _wake(self._msg_waiters)
+        _wake(self._failure_waiters)
+        log.info("mesh %s: closed", self.name)
+
+    async def __aenter__(self) -> Mesh:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # peers ----------------------------------------------------------------------------
+
+    def _add(self, name: str, address: str) -> _Peer:
+        if not name or len(name.encode()) > 255:
+            raise ValueError(f"node name {name!r} must be 1 to 255 bytes")
+        peer = _Peer(name, address, self.queue_bytes)
+        self._peers[name] = peer
+        return peer
+
+    def add_peer(self, name: str, address: str) -> None:
+        """Add a peer, or change the address of a known one (used from the next dial)."""
+        if name == self.name:
+            raise ValueError(f"{name!r} is this node's own name")
+        peer = self._peers.get(name)
+        if peer is None:
+            self._add(name, address)
+            log.info("mesh %s: added peer %s at %s", self.name, name, address)
+        else:
+            peer.host, peer.port = parse_address(address)
+            peer.address = address
+
+    def remove_peer(self, name: str) -> None:
+        """Forget a peer: its queued messages are failed ("peer removed"), its link closed."""
+        peer = self._peers.pop(name, None)
+        if peer is None:
+            raise PeerUnreachable(f"{name!r} is not a peer of mesh {self.name}")
+        peer.removed = True
+        self._cancel_timer(peer)
+        if peer.outbox:
+            self._fail_all(peer, f"peer {name} removed")
+        if peer.dialer is not None:
+            peer.dialer.cancel()
+        for conn in [peer.link, *peer.pending]:
+            if conn is not None:
+                conn.close("peer removed", ErrorCode.SHUTDOWN)
+        peer.wake_space()
+        peer.wake_change()
+        log.info("mesh %s: removed peer %s", self.name, name)
+
+    def peers(self) -> dict[str, PeerInfo]:
+        """Each peer's state now, by name."""
+        return {name: PeerInfo(name=name, address=p.address, state=p.state,
+                               down_since=p.down_since, queued=len(p.outbox),
+                               queued_bytes=p.outbox.bytes,
+                               incarnation=p.inbox.incarnation or None,
+                               last_error=p.last_error, counters=dict(p.counters))
+                for name, p in self._peers.items()}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and per-peer state, JSON-friendly."""
+        return {"name": self.name, "incarnation": self.incarnation,
+                "links": len(self._conn_peer), **self.counters,
+                "peers": {name: {"state": i.state.value, "down_since": i.down_since,
+                                 "queued": i.queued, "queued_bytes": i.queued_bytes,
+                                 "last_error": i.last_error, **i.counters}
+                          for name, i in self.peers().items()}}
+
+    # sending --------------------------------------------------------------------------
+
+    def _target(self, remote: str) -> _Peer:
+        if self._loop is None:
+            raise LocalProtocolError(f"mesh {self.name} is not started")
+        if self._stopping:
+            raise LocalProtocolError(f"mesh {self.name} is closed")
+        peer = self._peers.get(remote)
+        if peer is None:
+            what = "this node itself" if remote == self.name else "not a peer"
+            raise PeerUnreachable(f"{remote!r} is {what} of mesh {self.name}")
+        return peer
+
+    def _check(self, body: bytes | bytearray | memoryview, kind: int) -> bytes:
+        if not 0 <= kind <= MAX_KIND:
+            raise ValueError(f"message kind {kind:#x} out of range: applications use "
+                             f"0..{MAX_KIND:#x} (kinds from {wire.CONTROL_KIND_BASE:#x} "
+                             "are tether's own)")
+        data = bytes(body)
+        if len(data) > self.max_message:
+            raise ValueError(f"message body of {len(data)} bytes exceeds max_message "
+                             f"{self.max_message}")
+        return data
+
+    async def send(self, remote: str, body: bytes | bytearray | memoryview, kind: int = 0,
+                   *, nowait: bool = False) -> None:
+        """Queue `body` for `remote`; it is delivered once, in order, or returned in a
+        `Failure`. Raises `PeerUnreachable` at once if `remote` is not a peer. When the
+        peer's queue is full, waits for room, or raises `QueueFull` with `nowait`."""
+        peer = self._target(remote)
+        data = self._check(body, kind)
+        cost = len(data) + MESSAGE_OVERHEAD
+        while not peer.outbox.fits(cost):
+            if nowait:
+                raise QueueFull(f"outgoing queue to {remote} is full ({peer.outbox.bytes} of "
+                                f"{peer.outbox.limit} bytes)")
+            assert self._loop is not None
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            peer.space_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+            if self._stopping:
+                raise LocalProtocolError(f"mesh {self.name} closed while waiting to send")
+            if peer.removed:
+                raise PeerUnreachable(f"peer {remote} was removed while waiting to send")
+        written = self._enqueue(peer, kind, data)
+        if written is not None:  # a batch went out: honour the socket's backpressure,
+            await written.drain()  # and let the loop run (ACKs, other tasks)
+            await asyncio.sleep(0)
+
+    def broadcast(self, body: bytes | bytearray | memoryview, kind: int = 0) -> list[str]:
+        """Queue `body` for every peer. See `custom_broadcast`."""
+        return self._multicast(list(self._peers), body, kind)
+
+    def server_broadcast(self, body: bytes | bytearray | memoryview,
+                         kind: int = 0) -> list[str]:
+        """Queue `body` for every peer named in `servers`. See `custom_broadcast`."""
+        return self._multicast([n for n in self._peers if n in self.servers], body, kind)
+
+    def custom_broadcast(self, names: Iterable[str], body: bytes | bytearray | memoryview,
+                         kind: int = 0) -> list[str]:
+        """Queue `body` for each of `names` (raises `PeerUnreachable`, queuing nothing, if
+        one is not a peer). Does not wait: a peer whose queue is full gets the message
+        back at once in a `Failure` ("outgoing queue full"). Returns the names it was
+        queued for."""
+        return self._multicast(list(dict.fromkeys(names)), body, kind)
+
+    def _multicast(self, names: list[str], body: bytes | bytearray | memoryview,
+                   kind: int) -> list[str]:
+        peers = [self._target(n) for n in names]
+        data = self._check(body, kind)
+        cost = len(data) + MESSAGE_OVERHEAD
+        queued = []
+        for peer in peers:
+            if peer.outbox.fits(cost):
+                self._enqueue(peer, kind, data)
+                queued.append(peer.name)
+            else:
+                self._report(peer, [Message(peer.name, kind, data)],
+                             f"outgoing queue full ({peer.outbox.bytes} of "
+                             f"{peer.outbox.limit} bytes)", 0)
+        return queued
+
+    def _enqueue(self, peer: _Peer, kind: int, data: bytes) -> LinkConnection | None:
+        """Queue a message, and transmit it if a session is up. Returns the link if it
+        was just written (a batch of `_FLUSH_BYTES` was reached)."""
+        outbox = peer.outbox
+        entry = outbox.push(kind, data)
+        peer.counters["sent"] += 1
+        conn = peer.link
+        if peer.up and conn is not None:
+            if len(data) <= peer.link_max:
+                conn.link.send_message(kind, entry.seq, data, conn.now)
+                outbox.sent_high = entry.seq  # entries are transmitted in order
+            else:
+                self._transmit(peer, conn, entry)
+            peer.unflushed += entry.cost
+            if peer.unflushed >= _FLUSH_BYTES:
+                peer.unflushed = 0
+                conn.flush()
+                return conn
+            self._dirty_conns.add(conn)
+            self._schedule_flush()
+        else:
+            self._stall(peer)
+            self._ensure_dialing(peer)
+        return None
+
+    def _transmit(self, peer: _Peer, conn: LinkConnection, entry: Entry) -> None:
+        link = conn.link
+        if len(entry.body) > link.max_payload:  # the peer accepts less than max_message
+            peer.outbox.remove(entry)
+            self._report(peer, [Message(peer.name, entry.kind, entry.body)],
+                         f"message body of {len(entry.body)} bytes exceeds the maximum "
+                         f"payload {link.max_payload} of the link to {peer.name}", 0)
+            return
+        link.send_message(entry.kind, entry.seq, entry.body, conn.now)
+        peer.outbox.transmitted(entry)
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Once per loop turn: send the ACKs that are due and write every link that has
+        something queued (one write per link, however many messages)."""
+        self._flush_handle = None
+        self._send_acks()
+        conns, self._dirty_conns = self._dirty_conns, set()
+        for conn in conns:
+            peer = self._conn_peer.get(conn)
+            if peer is not None:
+                peer.unflushed = 0
+            conn.flush()
+
+    def _send_acks(self) -> None:
+        dirty, self._ack_dirty = self._ack_dirty, set()
+        for peer in dirty:
+            conn = peer.link
+            if peer.up and conn is not None:
+                seq = peer.inbox.ack_due()
+                if seq is not None:
+                    conn.link.send_ack(seq, conn.now)
+                    self._dirty_conns.add(conn)
+            # else: the next SESSION carries what was consumed
+
+    # receiving ------------------------------------------------------------------------
+
+    def messages(self) -> AsyncIterator[Message]:
+        """The messages that arrive, from every peer, each peer's in send order. A
+        message is acknowledged to its sender when the application asks for the next
+        one (or closes the mesh): until then it counts as not yet consumed. Ends when
+        the mesh closes."""
+        return _MessageStream(self)
+
+    def failures(self) -> AsyncIterator[Failure]:
+        """Failure reports, as they happen. Ends when the mesh is closed and every
+        report was taken."""
+        return _FailureStream(self)
+
+    def _commit(self) -> None:
+        """The application is done with the message it took last: acknowledge it (with
+        the next flush, once per loop turn)."""
+        peer = self._taken_from
+        if peer is not None:
+            self._taken_from = None
+            if peer.inbox.commit():
+                self._ack_dirty.add(peer)
+                if self._flush_handle is None:
+                    self._schedule_flush()
+
+    # link events ----------------------------------------------------------------------
+
+    def link_event(self, conn: LinkConnection, event: Event) -> None:
+        """Dispatch one event of a link a peer dialled to this node."""
+        self._on_event(conn, event, None)
+
+    def _on_event(self, conn: LinkConnection, event: Event, dialled: _Peer | None) -> None:
+        if isinstance(event, MessageReceived):  # the hot path first
+            peer = self._conn_peer.get(conn)
+            if peer is None:
+                return
+            if event.kind >= wire.CONTROL_KIND_BASE:
+                self._on_control(peer, conn, event)
+            elif conn is peer.link and peer.up:
+                inbox = peer.inbox
+                if inbox.accept(event.seq):
+                    peer.counters["received"] += 1
+                    self._inbox.append((peer, inbox.incarnation, event.seq,
+                                        _message(peer.name, event.kind, event.body)))
+                    if self._msg_waiters:
+                        _wake(self._msg_waiters)
+                else:
+                    peer.counters["duplicates"] += 1
+            elif conn is peer.link or conn in peer.pending:
+                self._protocol_error(conn, peer, "MSG before SESSION")
+        elif isinstance(event, AckReceived):
+            peer = self._conn_peer.get(conn)
+            if peer is not None and conn is peer.link and peer.up and peer.outbox.ack(event.seq):
+                peer.wake_space()
+        elif isinstance(event, HandshakeCompleted):
+            self._on_handshake(conn, event, dialled)
+        elif isinstance(event, LinkTerminated):
+            self._on_terminated(conn, event, dialled)
+        elif isinstance(event, FlowOpenRequested):
+            conn.link.reject_flow(event.stream, ErrorCode.NO_SUCH_SERVICE,
+                                  "mesh links carry no flows", conn.now)
+        elif isinstance(event, GoAwayReceived):
+            log.info("mesh %s: %s is going away: %s", self.name, conn.link.peer_name,
+                     event.reason)
+        elif isinstance(event, StreamProtocolError):
+            self.counters["protocol_errors"] += 1
+
+    def _on_handshake(self, conn: LinkConnection, event: HandshakeCompleted,
+                      dialled: _Peer | None) -> None:
+        name = event.peer_name
+        if self._closing:
+            conn.close("shutting down", ErrorCode.SHUTDOWN)
+            return
+        if dialled is not None and name != dialled.name:
+            dialled.last_error = (f"dialled {dialled.name} at {dialled.address} but the "
+                                  f"node there is {name!r}")
+            log.warning("mesh %s: %s", self.name, dialled.last_error)
+            conn.close(f"expected node {dialled.name!r}, not {name!r}", ErrorCode.REFUSED)
+            return
+        peer = self._peers.get(name)
+        if peer is None:
+            self.counters["refused"] += 1
+            what = "this node's own name" if name == self.name else "an unknown node"
+            log.warning("mesh %s: refused link from %s: %r is %s", self.name,
+                        conn.peer_address, name, what)
+            conn.close(f"{name!r} is not a peer of mesh {self.name}", ErrorCode.REFUSED)
+            return
+        self._conn_peer[conn] = peer
+        self.counters["links_dialled" if conn.role is Role.CLIENT else "links_accepted"] += 1
+        if conn.link.is_closed:
+            return  # HELLO and the end in one read: its LinkTerminated follows
+        if self.name < name:  # leader of the pair: the newest link wins
+            self._adopt(peer, conn)
+            self._send_session(peer, conn)
+        else:  # follower: wait for the leader's SESSION on this link
+            peer.pending.add(conn)
+        peer.wake_change()
+
+    def _adopt(self, peer: _Peer, conn: LinkConnection) -> None:
+        peer.pending.discard(conn)
+        old = peer.link
+        if old is conn:
+            return
+        peer.link = conn
+        if old is not None:
+            if peer.up:
+                self._session_lost(peer, "replaced by a newer link", logging.INFO)
+            old.close("replaced by a newer link", ErrorCode.REFUSED)
+
+    def _send_session(self, peer: _Peer, conn: LinkConnection) -> None:
+        inbox = peer.inbox
+        info = SessionInfo(self.incarnation, inbox.incarnation, inbox.consumed,
+                           inbox.received)
+        conn.link.send_message(KIND_SESSION, 0, info.encode(), conn.now)
+        inbox.acked = max(inbox.acked, inbox.consumed)
+
+    def _on_control(self, peer: _Peer, conn: LinkConnection, event: MessageReceived) -> None:
+        try:
+            if event.kind == KIND_SESSION:
+                info = SessionInfo.decode(event.body)
+                if conn.link.is_closed:
+                    return  # it ended in the same read (its LinkTerminated follows)
+                if self.name < peer.name:
+                    if conn is not peer.link or peer.up:
+                        return  # a link this side replaced already
+                elif conn is peer.link and peer.up:
+                    raise RemoteProtocolError("second SESSION on a link")
+                else:
+                    self._adopt(peer, conn)
+                self._session_up(peer, conn, info)
+            elif event.kind == KIND_CLOSING:
+                closing = ClosingInfo.decode(event.body)
+                if conn is peer.link:
+                    peer.outbox.peer_closing(closing.incarnation,
+                                             closing.known == self.incarnation,
+                                             closing.consumed)
+                    peer.last_error = "peer shut down"
+                    peer.wake_space()
+                    log.info("mesh %s: peer %s is shutting down", self.name, peer.name)
+            else:
+                log.warning("mesh %s: ignored control message kind %#x from %s", self.name,
+                            event.kind, peer.name)
+        except RemoteProtocolError as exc:
+            self._protocol_error(conn, peer, str(exc))
+
+    def _session_up(self, peer: _Peer, conn: LinkConnection, info: SessionInfo) -> None:
+        previous = peer.inbox.incarnation
+        restarted = peer.inbox.session(info.incarnation) and previous != 0
+        result = peer.outbox.session(info.incarnation, info.known == self.incarnation,
+                                     info.consumed, info.received)
+        if self.name > peer.name:  # the follower answers the leader's SESSION
+            self._send_session(peer, conn)
+        peer.up = True
+        peer.up_since = conn.now
+        peer.link_max = conn.link.max_payload
+        peer.counters["connects"] += 1
+        peer.down_since = None
+        peer.last_error = None
+        self._cancel_timer(peer)
+        how = "dialled" if conn.role is Role.CLIENT else "accepted"
+        log.info("mesh %s: peer %s up (%s link %s, incarnation %016x)", self.name, peer.name,
+                 how, conn.peer_address, info.incarnation)
+        if restarted:
+            log.warning("mesh %s: peer %s restarted (incarnation %016x -> %016x)", self.name,
+                        peer.name, previous, info.incarnation)
+        if result.unconfirmed:
+            self._report(peer, [Message(peer.name, e.kind, e.body) for e in result.unconfirmed],
+                         f"peer {peer.name} restarted before acknowledging these messages; "
+                         "its previous incarnation may have delivered some of them",
+                         len(result.unconfirmed))
+        for entry in result.resend:
+            self._transmit(peer, conn, entry)
+        if result.retransmits:
+            peer.counters["retransmits"] += result.retransmits
+            log.info("mesh %s: re-sent %d message(s) to %s", self.name, result.retransmits,
+                     peer.name)
+        if peer.inbox.consumed > peer.inbox.acked:
+            self._ack_dirty.add(peer)
+            self._schedule_flush()
+        peer.wake_space()
+        peer.wake_change()
+
+    def _session_lost(self, peer: _Peer, reason: str, level: int = logging.WARNING) -> None:
+        peer.up = False
+        assert self._loop is not None
+        short = self._loop.time() - peer.up_since < self.retry_interval
+        peer.flaps = peer.flaps + 1 if short else 0  # a flapping peer keeps its backoff
+        peer.counters["disconnects"] += 1
+        peer.down_since = time.time()
+        peer.last_error = reason
+        log.log(level, "mesh %s: peer %s down: %s (%d message(s) queued)", self.name,
+                peer.name, reason, len(peer.outbox))
+        if peer.outbox:
+            self._stall(peer)
+            self._ensure_dialing(peer)
+
+    def _on_terminated(self, conn: LinkConnection, event: LinkTerminated,
+                       dialled: _Peer | None) -> None:
+        self._conns.discard(conn)
+        self._dirty_conns.discard(conn)
+        peer = self._conn_peer.pop(conn, None)
+        if peer is None:
+            if conn.role is Role.SERVER and event.code in _BAD_INPUT:
+                self.counters["protocol_errors"] += 1
+                log.warning("mesh %s: closed connection from %s (%s): %s", self.name,
+                            conn.peer_address, conn.link.peer_name or "no HELLO",
+                            event.reason)
+            return
+        if event.code in _BAD_INPUT and event.initiator == "peer":
+            self.counters["protocol_errors"] += 1
+            log.warning("mesh %s: link with %s (%s) closed: %s", self.name, peer.name,
+                        conn.peer_address, event.reason)
+        peer.pending.discard(conn)
+        if conn is peer.link:
+            peer.link = None
+            if peer.up:
+                quiet = event.code in _QUIET_ENDS or self._closing
+                self._session_lost(peer, event.reason,
+                                   logging.INFO if quiet else logging.WARNING)
+            else:
+                peer.last_error = event.reason
+                if peer.outbox:
+                    self._ensure_dialing(peer)
+        elif not peer.up and peer.link is None:
+            peer.last_error = event.reason
+        peer.wake_change()
+
+    def _protocol_error(self, conn: LinkConnection, peer: _Peer, reason: str) -> None:
+        self.counters["protocol_errors"] += 1
+        log.warning("mesh %s: protocol error from %s: %s", self.name, peer.name, reason)
+        conn.close(f"protocol error: {reason}", ErrorCode.PROTOCOL_ERROR)
+
+    # connecting -----------------------------------------------------------------------
+
+    def _ensure_dialing(self, peer: _Peer) -> None:
+        if (peer.dialer is None and not self._closing and not peer.removed and not peer.up
+                and peer.outbox):
+            peer.dialer = spawn_owned(self._tasks, self._dial(peer))
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter, never above `retry_interval`."""
+        base = min(self.retry_interval, 0.02 * 2.0 ** min(attempt, 30))
+        return base * random.uniform(0.5, 1.0)
+
+    async def _dial(self, peer: _Peer) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = peer.flaps
+        try:
+            while not self._closing and not peer.removed and not peer.up and peer.outbox:
+                if peer.link is not None or peer.pending:
+                    # A session is being set up on some link: give it its time.
+                    waiter: asyncio.Future[None] = loop.create_future()
+                    peer.change_waiters.append(waiter)
+                    try:
+                        await asyncio.wait_for(waiter, self._handshake_timeout)
+                    except TimeoutError:
+                        for conn in [peer.link, *peer.pending]:
+                            if conn is not None and not peer.up:
+                                conn.close("no SESSION in time", ErrorCode.HANDSHAKE_FAILED)
+                    continue
+                if attempt:
+                    await asyncio.sleep(self._backoff(attempt))
+                    if peer.up or peer.link is not None or peer.pending:
+                        continue
+                attempt += 1
+                try:
+                    await self._connect(peer)
+                except (TetherError, OSError) as exc:
+                    peer.counters["connect_errors"] += 1
+                    first = peer.last_error != str(exc)
+                    peer.last_error = str(exc)
+                    if peer.down_since is None:
+                        peer.down_since = time.time()
+                    log.log(logging.WARNING if first else logging.DEBUG,
+                            "mesh %s: cannot reach %s at %s: %s", self.name, peer.name,
+                            peer.address, exc)
+        finally:
+            if peer.dialer is asyncio.current_task():
+                peer.dialer = None
+
+    async def _connect(self, peer: _Peer) -> None:
+        """Dial `peer` and complete the HELLO exchange (what `aio.open_link` does, but
+        the mesh holds the connection from the start, so that a dial abandoned half-way
+        is closed, not leaked)."""
+        loop = asyncio.get_running_loop()
+        config = self._link_config(server=False)
+        handler = _Dialled(self, peer)
+        made: list[LinkConnection] = []
+
+        def factory() -> LinkConnection:
+            conn = LinkConnection(Role.CLIENT, config, handler, self.sockopts)
+            made.append(conn)
+            self._conns.add(conn)
+            return conn
+
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(factory, peer.host, peer.port, ssl=self.tls,
+                                       server_hostname=self.server_hostname if self.tls
+                                       else None),
+                self._handshake_timeout)
+        except BaseException as exc:
+            for conn in made:
+                self._conns.discard(conn)
+            if isinstance(exc, ssl.SSLError):
+                raise HandshakeError(f"TLS handshake with {peer.address} failed: "
+                                     f"{exc}") from exc
+            if isinstance(exc, OSError | TimeoutError):
+                raise PeerUnreachable(f"cannot connect to {peer.address}: "
+                                      f"{exc or 'timed out'}") from exc
+            raise
+        conn = made[0]
+        try:
+            await conn.ready
+        except BaseException:
+            conn.close("dial abandoned", ErrorCode.SHUTDOWN)
+            raise
+
+    def _stall(self, peer: _Peer) -> None:
+        """Messages wait for a peer with no session: start the establish_timeout clock."""
+        if peer.timer is None and not peer.up and peer.outbox and self._loop is not None:
+            peer.stalled_since = self._loop.time()
+            peer.timer = self._loop.call_at(peer.stalled_since + self.establish_timeout,
+                                            self._establish_expired, peer)
+
+    def _cancel_timer(self, peer: _Peer) -> None:
+        if peer.timer is not None:
+            peer.timer.cancel()
+            peer.timer = None
+        peer.stalled_since = None
+
+    def _establish_expired(self, peer: _Peer) -> None:
+        assert self._loop is not None
+        due = (peer.stalled_since or 0.0) + self.establish_timeout
+        if self._loop.time() < due:  # loop timers may fire a hair early (uvloop: ms)
+            peer.timer = self._loop.call_at(due, self._establish_expired, peer)
+            return
+        peer.timer = None
+        peer.stalled_since = None
+        if peer.up or not peer.outbox or peer.removed:
+            return
+        if peer.down_since is None:
+            peer.down_since = time.time()
+        why = f": {peer.last_error}" if peer.last_error else ""
+        self._fail_all(peer, f"{peer.name} unreachable for "
+                             f"{self.establish_timeout:g}s{why}")
+
+    # failures -------------------------------------------------------------------------
+
+    def _fail_all(self, peer: _Peer, reason: str) -> None:
+        if peer.dialer is not None and not peer.up:  # nothing left to dial for
+            peer.dialer.cancel()
+            peer.dialer = None
+        entries, unconfirmed = peer.outbox.take_all()
+        self._report(peer, [Message(peer.name, e.kind, e.body) for e in entries], reason,
+                     unconfirmed)
+
+    def _report(self, peer: _Peer, messages: list[Message], reason: str,
+                unconfirmed: int) -> None:
+        if not messages:
+            return
+        self._failures.append(Failure(peer.name, reason, messages, unconfirmed))
+        peer.counters["failures"] += len(messages)
+        peer.counters["failure_reports"] += 1
+        log.warning("mesh %s: %d message(s) to %s failed (%d unconfirmed): %s", self.name,
+                    len(messages), peer.name, unconfirmed, reason)
+        _wake(self._failure_waiters)
+        peer.wake_space()
+
+
+_new = object.__new__
+_set_remote = Message.__dict__["remote"].__set__
+_set_kind = Message.__dict__["kind"].__set__
+_set_body = Message.__dict__["body"].__set__
+
+
+def _message(remote: str, kind: int, body: bytes) -> Message:
+    """`Message(remote, kind, body)` for the receive path: a frozen dataclass's
+    `__init__` goes through `object.__setattr__` three times; the slots' own setters
+    take a third of the time (the instance is the same, and as frozen)."""
+    m: Message = _new(Message)
+    _set_remote(m, remote)
+    _set_kind(m, kind)
+    _set_body(m, body)
+    return m
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    pending = waiters[:]
+    waiters.clear()
+    for w in pending:
+        if not w.done():
+            w.set_result(None)
+
+
+class _MessageStream:
+    """`Mesh.messages()`: an async iterator over the shared inbox."""
+
+    __slots__ = ("_mesh",)
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+
+    def __aiter__(self) -> _MessageStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        mesh = self._mesh
+        if mesh._taken_from is not None:
+            mesh._commit()  # the application is done with what it took before
+        while True:
+            if mesh._closing:
+                raise StopAsyncIteration
+            if mesh._inbox:
+                peer, incarnation, seq, message = mesh._inbox.popleft()
+                if peer.inbox.take(incarnation, seq):
+                    mesh._taken_from = peer
+                return message
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            mesh._msg_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    mesh._msg_waiters.remove(waiter)
+
+
+class _FailureStream:
+    """`Mesh.failures()`: an async iterator over failure reports."""
+
+    __slots__ = ("_mesh",)
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+
+    def __aiter__(self) -> _FailureStream:
+        return self
+
+    async def __anext__(self) -> Failure:
+        mesh = self._mesh
+        while True:
+            if mesh._failures:
+                return mesh._failures.popleft()
+            if mesh._closed:
+                raise StopAsyncIteration
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            mesh._failure_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    mesh._failure_waiters.remove(waiter)
