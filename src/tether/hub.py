@@ -36,13 +36,27 @@ import ssl
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Generic,
+    Literal,
+    Protocol,
+    TypeAlias,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from .aio import SocketOptions
 from .errors import FlowClosed, TetherError
 from .framing import Decoder, Framing, Lines, MessageTooLarge
 from .ids import FlowId
 from .liveness import TimingWheel
+
+if TYPE_CHECKING:
+    from .workers import Handler, WorkerPool
 
 __all__ = [
     "Closed",
@@ -275,6 +289,19 @@ class _Conn(asyncio.Protocol):
         self.wblocked = False
 
 
+class _Router(Protocol):
+    """Where a worker of ``Hub(workers=N)`` (or its supervisor) sends what concerns ids
+    held by another worker (:mod:`tether.workers`); each method raises
+    :class:`~tether.FlowClosed` for an id it cannot route."""
+
+    def send(self, id: FlowId, frame: bytes, count: int) -> None: ...
+    def send_many(self, ids: list[FlowId], frame: bytes) -> list[FlowId]: ...
+    def close(self, id: FlowId) -> bool: ...
+    def set_idle_timeout(self, id: FlowId, seconds: float | None) -> None: ...
+    def opened(self, serial: int) -> None: ...
+    def ended(self, serial: int, reason: str) -> None: ...
+
+
 # --- the hub -----------------------------------------------------------------------------
 
 
@@ -341,9 +368,11 @@ class Hub:
         "_opened",
         "_opens",
         "_paused",
+        "_pool",
         "_port",
         "_qbytes",
         "_reuse_port",
+        "_router",
         "_seal",
         "_server",
         "_shutdown_done",
@@ -385,8 +414,16 @@ class Hub:
         slow_consumer: Literal["disconnect", "drop"] = "disconnect",
         linger: float = 5.0,
         close_timeout: float = 5.0,
+        workers: int = 1,
+        handler: Handler | None = None,
     ) -> None:
-        """Configure a hub; nothing listens until :meth:`start`."""
+        """Configure a hub; nothing listens until :meth:`start`.
+
+        With ``handler`` (``"module:function"`` or a module-level async function taking
+        the hub), :meth:`start` runs ``workers`` processes instead, each with its own
+        hub on the same port and the handler consuming its events; this object is
+        then their supervisor (:mod:`tether.workers`, docs/workers.md).
+        """
         framing = framing if framing is not None else Lines()
         if max_message is not None:
             if max_message < 1:
@@ -469,6 +506,13 @@ class Hub:
         self._msgs_out = 0
         self._dropped = 0
         self._incomplete = 0
+        # Hub(workers=N): the ids of other workers are routed (tether.workers)
+        self._router: _Router | None = None
+        self._pool: WorkerPool | None = None
+        if handler is not None or workers != 1:
+            from .workers import WorkerPool  # workers imports this module
+
+            self._pool = WorkerPool(self, workers, handler)
 
     def __repr__(self) -> str:
         where = f"{self._host}:{self._port}"
@@ -479,7 +523,7 @@ class Hub:
     @property
     def port(self) -> int:
         """The port the hub listens on (known after :meth:`start`, also for port 0)."""
-        if self._server is None:
+        if self._server is None and (self._pool is None or self._state == "new"):
             raise RuntimeError("the hub is not started")
         return self._port
 
@@ -489,12 +533,21 @@ class Hub:
         return self._name
 
     @property
+    def worker(self) -> int:
+        """The worker index in every id of this hub: 0 for a hub of its own, 1..N in
+        the workers of ``Hub(workers=N)``."""
+        return self._worker
+
+    @property
     def framing(self) -> Framing:
         """The framing of every connection."""
         return self._framing
 
     async def start(self) -> Hub:
         """Start listening; returns the hub."""
+        if self._pool is not None:
+            await self._pool.start()
+            return self
         if self._state != "new":
             raise RuntimeError(f"the hub is {self._state}: a hub starts only once")
         loop = asyncio.get_running_loop()
@@ -533,8 +586,11 @@ class Hub:
         ``close_timeout``) for the sockets to flush before aborting them.
 
         Queued events stay available: ``async for`` and the ``recv_*`` methods deliver
-        them, then end (``HubClosed``).
+        them, then end (``HubClosed``). With ``workers``, every worker drains this way.
         """
+        if self._pool is not None:
+            await self._pool.aclose(timeout)
+            return
         if self._state in ("new", "starting"):
             self._state = "closed"
             self._ended = True
@@ -608,7 +664,10 @@ class Hub:
         except AttributeError:
             raise TypeError(f"expected a FlowId, got {type(id).__name__}") from None
         if conn is None or (conn.fid is not id and conn.fid != id):
-            raise FlowClosed(f"connection {id} is closed or unknown")
+            if self._router is None or id.worker == self._worker:
+                raise FlowClosed(f"connection {id} is closed or unknown")
+            self._router.send(id, self._encode(data), 1)  # held by another worker
+            return
         frame = self._encode(data)
         self._msgs_out += 1
         if conn.wblocked:
@@ -642,7 +701,12 @@ class Hub:
         except AttributeError:
             raise TypeError(f"expected a FlowId, got {type(id).__name__}") from None
         if conn is None or (conn.fid is not id and conn.fid != id):
-            raise FlowClosed(f"connection {id} is closed or unknown")
+            if self._router is None or id.worker == self._worker:
+                raise FlowClosed(f"connection {id} is closed or unknown")
+            frame = self._encode_many(messages)
+            if frame:
+                self._router.send(id, frame, len(messages))
+            return
         frame = self._encode_many(messages)
         self._msgs_out += len(messages)
         if not frame:
@@ -715,12 +779,25 @@ class Hub:
         if dirty and not self._flushing:
             self._flushing = True
             self._call_soon(self._flush)
+        if missing and self._router is not None:  # one message per other worker
+            missing = self._router.send_many(missing, frame)
         if missing:
             raise FlowsClosed(missing)
 
     def _send_encoded(self, id: FlowId, frame: bytes, count: int) -> None:
         """Queue an already framed ``frame`` (``count`` messages) for ``id``."""
-        conn = self._conn_of(id)
+        self._queue(self._conn_of(id), frame, count)
+
+    def _deliver(self, serial: int, frame: bytes, count: int) -> bool:
+        """Queue ``frame`` (``count`` messages, framed by another worker) for the
+        connection ``serial`` of this hub; False if it is closed or unknown."""
+        conn = self._conns.get(serial)
+        if conn is None:
+            return False
+        self._queue(conn, frame, count)
+        return True
+
+    def _queue(self, conn: _Conn, frame: bytes, count: int) -> None:
         self._msgs_out += count
         if not frame:
             return
@@ -791,7 +868,9 @@ class Hub:
         try:
             conn = self._conn_of(id)
         except FlowClosed:
-            return False
+            if self._router is None:
+                return False
+            return self._router.close(id)  # held by another worker
         if conn.state == _LINGER:
             self._finalize(conn)
         else:
@@ -802,9 +881,18 @@ class Hub:
         """Set the inactivity timeout of connection ``id`` (None: none), measured from
         the last data received from it. Raises :class:`~tether.FlowClosed` if ``id`` is
         closed or unknown."""
-        conn = self._conn_of(id)
+        try:
+            conn = self._conn_of(id)
+        except FlowClosed:
+            if self._router is None:
+                raise
+            conn = None
         if seconds is not None and not seconds >= 0.01:
             raise ValueError(f"idle timeout must be at least 0.01 s or None, got {seconds!r}")
+        if conn is None:
+            assert self._router is not None
+            self._router.set_idle_timeout(id, seconds)  # held by another worker
+            return
         if conn.state != _OPEN:
             return
         serial = id.serial
@@ -988,6 +1076,9 @@ class Hub:
             await self._wait(self._w_close)
 
     async def _wait(self, waiters: list[asyncio.Future[None]]) -> None:
+        if self._pool is not None:
+            raise RuntimeError("this hub supervises workers: its events go to the handler "
+                               "in each worker process (see docs/workers.md)")
         fut: asyncio.Future[None] = self._loop.create_future()  # type: ignore[union-attr]
         waiters.append(fut)
         try:
@@ -1085,6 +1176,8 @@ class Hub:
             self._schedule(serial, now + timeout)
         self._opened += 1
         self._push_open(Opened(fid, _format_peer(transport.get_extra_info("peername"))))
+        if self._router is not None:
+            self._router.opened(serial)
 
     def _peer_eof(self, conn: _Conn) -> bool:
         """The peer closed its side: its data, then Closed("peer"); stay writable for
@@ -1107,6 +1200,8 @@ class Hub:
         if conn.decoder.buffered:
             self._incomplete += 1
         self._push_close(Closed(conn.fid, reason))
+        if self._router is not None:
+            self._router.ended(conn.fid.serial, reason)
 
     def _end(self, conn: _Conn, reason: str, *, abort: bool = False) -> None:
         """End an open connection now: queue its Closed, stop reading, write what is
@@ -1135,8 +1230,10 @@ class Hub:
         connections close when it comes back for more."""
         lingering = self._lingering
         for event in closes:
-            conn = lingering.pop(event.id.serial, None)
-            if conn is not None:
+            serial = event.id.serial
+            conn = lingering.get(serial)
+            if conn is not None and conn.fid is event.id:  # not another worker's id
+                del lingering[serial]
                 self._finishing.append(conn)
 
     def _linger_done(self, id: FlowId) -> None:
@@ -1255,7 +1352,13 @@ class Hub:
     # --- stats -------------------------------------------------------------------------
 
     def stats(self) -> HubStats:
-        """Counters: connections, bytes and messages in and out, queue depth, pauses."""
+        """Counters: connections, bytes and messages in and out, queue depth, pauses.
+
+        With ``workers``: the sum over every worker, dead ones included (their open
+        connections counted as closed ``"down"``); connection counts are live, the
+        other counters as of each worker's last report (see docs/workers.md)."""
+        if self._pool is not None:
+            return self._pool.hub_stats()
         return HubStats(
             open=len(self._conns),
             opened=self._opened,
