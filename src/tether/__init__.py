@@ -28,6 +28,7 @@ from .hub import Closed, Data, FlowsClosed, Hub, HubClosed, HubStats, Messages, 
 from .ids import FlowId
 from .mesh import Failure, Mesh, Message, PeerInfo, PeerState, QueueFull
 from .node import Node
+from .workers import WorkerPool, WorkersFailed, serve
 
 __version__ = "0.1.0"
 
@@ -68,6 +69,9 @@ __all__ = [
     "RemoteProtocolError",
     "SocketOptions",
     "TetherError",
+    "WorkerPool",
+    "WorkersFailed",
     "run",
+    "serve",
     "sync",
 ]

@@ -22,6 +22,7 @@ from .aio import parse_address, run
 from .errors import TetherError
 from .gateway import Gateway
 from .relay import Agent, Connector, parse_forward, parse_service
+from .workers import add_hub_subcommand
 
 __all__ = ["main"]
 
@@ -183,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log verbosity (default INFO); logs go to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    add_hub_subcommand(sub)
 
     gw = sub.add_parser(
         "gateway", help="accept links from nodes and relay flows between them",

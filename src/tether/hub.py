@@ -664,7 +664,7 @@ class Hub:
         except AttributeError:
             raise TypeError(f"expected a FlowId, got {type(id).__name__}") from None
         if conn is None or (conn.fid is not id and conn.fid != id):
-            if self._router is None or id.worker == self._worker:
+            if self._router is None or (id.worker == self._worker and id.node == self._name):
                 raise FlowClosed(f"connection {id} is closed or unknown")
             self._router.send(id, self._encode(data), 1)  # held by another worker
             return
@@ -701,7 +701,7 @@ class Hub:
         except AttributeError:
             raise TypeError(f"expected a FlowId, got {type(id).__name__}") from None
         if conn is None or (conn.fid is not id and conn.fid != id):
-            if self._router is None or id.worker == self._worker:
+            if self._router is None or (id.worker == self._worker and id.node == self._name):
                 raise FlowClosed(f"connection {id} is closed or unknown")
             frame = self._encode_many(messages)
             if frame:
