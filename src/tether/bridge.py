@@ -54,10 +54,27 @@ class SocketBridge(asyncio.Protocol):
     `on_done` is called once when both the socket and the flow have ended.
     """
 
-    __slots__ = ("_fin_pending", "_flow", "_flow_done", "_pending", "_read_paused",
-                 "_socket_done", "_unconsumed", "_write_paused", "bytes_down", "bytes_up",
-                 "half_closed_at", "label", "on_connect", "on_done", "opened_at", "peer",
-                 "transport")
+    __slots__ = (
+        "_fin_pending",
+        "_flow",
+        "_flow_done",
+        "_lost_exc",
+        "_pending",
+        "_read_paused",
+        "_socket_done",
+        "_unconsumed",
+        "_write_paused",
+        "bytes_at_reap",
+        "bytes_down",
+        "bytes_up",
+        "half_closed_at",
+        "label",
+        "on_connect",
+        "on_done",
+        "opened_at",
+        "peer",
+        "transport",
+    )
 
     def __init__(self, flow: Flow | None, *, label: str = "socket",
                  on_done: Callable[[SocketBridge], None] | None = None,
@@ -79,6 +96,8 @@ class SocketBridge(asyncio.Protocol):
         self.bytes_down = 0  # flow -> socket
         self.opened_at = asyncio.get_running_loop().time()
         self.half_closed_at: float | None = None  # for the fin timeout
+        self._lost_exc: Exception | None = None
+        self.bytes_at_reap = 0
 
     @property
     def flow(self) -> Flow:
@@ -96,8 +115,12 @@ class SocketBridge(asyncio.Protocol):
         """Join the socket to `flow` and start reading it."""
         self._flow = flow
         if self._socket_done:  # the application left while the flow was being set up
-            flow.dealloc_nowait()
+            if self._lost_exc is not None:
+                flow.reset_nowait(f"connection reset: {self._lost_exc}")
+            else:
+                flow.dealloc_nowait()
             self._flow_done = True
+            self._maybe_done()
             return
         flow.attach(self)
         if self._flow_done:
@@ -131,9 +154,12 @@ class SocketBridge(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_up += len(data)
-        if self._flow is None:  # held until set_flow (reading is paused meanwhile)
-            held = b"" if self._pending is None else bytes(self._pending)
-            self._pending = memoryview(held + data)
+        if self._flow is None:  # held until set_flow; uvloop ignores a pause_reading()
+            held = b"" if self._pending is None else bytes(self._pending)  # made in
+            self._pending = memoryview(held + data)  # connection_made, so pause again here
+            if self.transport is not None and not self._read_paused:
+                self._read_paused = True
+                self.transport.pause_reading()
             return
         if self._pending is not None:  # reading is paused; this was already in flight
             self._pending = memoryview(bytes(self._pending) + data)
@@ -167,6 +193,7 @@ class SocketBridge(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._socket_done = True
+        self._lost_exc = exc
         if not self._flow_done and self._flow is not None:
             if exc is not None:
                 self._flow.reset_nowait(f"connection reset: {exc}")

@@ -96,7 +96,7 @@ async def _gateway(args: argparse.Namespace) -> int:
     gw = Gateway(args.listen, name=args.name, token=args.token, peers=peers,
                  retry_interval=args.retry_interval, peer_tls=peer_tls,
                  tls=_tls_server_context(args), heartbeat=args.heartbeat,
-                 link_timeout=args.link_timeout,
+                 link_timeout=args.link_timeout, window=args.window,
                  tokens={k: str(v).encode() for k, v in tokens.items()} if tokens else None,
                  policy={k: set(v) for k, v in policy.items()} if policy is not None else None)
     await gw.start()
@@ -116,7 +116,7 @@ async def _agent(args: argparse.Namespace) -> int:
     forwards = [parse_forward(f) for f in args.forward]
     agent = Agent(args.gateway, forwards, name=args.name, token=args.token or b"",
                   tls=_tls_client_context(args), liveness=args.liveness,
-                  fin_timeout=args.fin_timeout, cascade=args.cascade)
+                  fin_timeout=args.fin_timeout, cascade=args.cascade, window=args.window)
     await agent.start()
     for (host, _, service), port in zip(forwards, agent.ports(), strict=True):
         print(f"agent {args.name} forwarding {host}:{port} to {service}", file=sys.stderr,
@@ -135,7 +135,7 @@ async def _connector(args: argparse.Namespace) -> int:
     services = [parse_service(s) for s in args.service]
     connector = Connector(args.gateway, services, name=args.name, token=args.token or b"",
                           tls=_tls_client_context(args), liveness=args.liveness,
-                          fin_timeout=args.fin_timeout)
+                          fin_timeout=args.fin_timeout, window=args.window)
     await connector.start()
     print(f"connector {args.name} serving {', '.join(s for s, _, _ in services)}",
           file=sys.stderr, flush=True)
@@ -170,6 +170,9 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
                    help="liveness timeout of each flow (default 30)")
     p.add_argument("--fin-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="reset a connection half-closed for longer than this (default 60)")
+    p.add_argument("--window", type=int, default=256 * 1024, metavar="BYTES",
+                   help="receive window per flow: more is faster in bulk, costs memory "
+                        "per flow (default 262144)")
     p.add_argument("--admin", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="admin endpoint for `tether status` and /metrics "
                         "(default 127.0.0.1:0, 'none' to disable)")
@@ -213,6 +216,8 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--peer-tls-ca", metavar="PEM",
                     help="dial peer gateways over TLS, trusting this CA (presenting "
                          "--tls-cert as client certificate)")
+    gw.add_argument("--window", type=int, default=256 * 1024, metavar="BYTES",
+                    help="receive window per relayed flow and side (default 262144)")
     gw.add_argument("--tokens", metavar="JSON",
                     help='file {"node name": "token", ...}: a token per node')
     gw.add_argument("--policy", metavar="JSON",

@@ -445,6 +445,9 @@ class Gateway:
                           ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
                           ErrorCode.HANDSHAKE_FAILED):
             self.counters["protocol_errors"] += 1
+            if event.code in (ErrorCode.BAD_TOKEN, ErrorCode.HANDSHAKE_FAILED,
+                              ErrorCode.VERSION_MISMATCH):
+                self.counters["links_refused"] += 1
             log.warning("gateway %s: link from %s (%s) closed: %s", self.name,
                         conn.link.peer_name or "?", conn.peer_address, event.reason)
         else:

@@ -278,8 +278,8 @@ class Node:
         elif isinstance(event, FinReceived):
             flow = self._flows.get((conn, event.stream))
             if flow is not None:
+                flow._on_fin()  # pass the end on first; the log line can wait
                 log.info("partial deallocation of flow %s by %s", flow.id, flow.peer)
-                flow._on_fin()
         elif isinstance(event, FlowEnded):
             self._on_flow_ended(conn, event)
         elif isinstance(event, FlowAccepted):

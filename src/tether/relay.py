@@ -8,7 +8,7 @@ end travels end to end: EOF as FIN (half-close, the default) or as a full close
 (`cascade="full"`), a reset as a reset, a dead process or link as DOWN (the far
 socket is reset). A half-closed connection may stay so for at most `fin_timeout`
 seconds; then it is reset, so a peer that never closes its side cannot hold
-resources for ever.
+resources for ever (counted from the last byte moved, as a TCP proxy's fin timeouts).
 """
 
 from __future__ import annotations
@@ -53,11 +53,13 @@ class _Edge:
     """What the agent and the connector share: a node, bridges, the fin timeout."""
 
     def __init__(self, name: str, gateway: str, *, token: bytes | str, tls: ssl.SSLContext | None,
-                 liveness: float | None, fin_timeout: float, cascade: str) -> None:
+                 liveness: float | None, fin_timeout: float, cascade: str,
+                 window: int = 256 * 1024) -> None:
         if cascade not in _CASCADE:
             raise ValueError(f"cascade must be 'half' or 'full', not {cascade!r}")
         self.name = name
-        self.node = Node(name, gateway=gateway, token=token, tls=tls, liveness=liveness)
+        self.node = Node(name, gateway=gateway, token=token, tls=tls, liveness=liveness,
+                         window=window)
         self.fin_timeout = fin_timeout
         self.mode = _CASCADE[cascade]
         self.bridges: set[SocketBridge] = set()
@@ -91,7 +93,13 @@ class _Edge:
         now = asyncio.get_running_loop().time()
         for bridge in list(self.bridges):
             since = bridge.half_closed_at
-            if since is not None and now - since >= self.fin_timeout \
+            if since is None:
+                continue
+            moved = bridge.bytes_up + bridge.bytes_down
+            if moved != bridge.bytes_at_reap:  # still transferring: the timeout restarts
+                bridge.bytes_at_reap = moved
+                bridge.half_closed_at = since = now
+            if now - since >= self.fin_timeout and bridge.has_flow \
                     and bridge.flow.state is not FlowState.CLOSED:
                 self.counters["fin_timeouts"] += 1
                 log.warning("flow %s half-closed for %.1fs (fin timeout): resetting",
@@ -133,9 +141,10 @@ class Agent(_Edge):
     def __init__(self, gateway: str, forwards: list[tuple[str, int, str]], *,
                  name: str = "agent", token: bytes | str = b"",
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
-                 fin_timeout: float = 60.0, cascade: str = "half") -> None:
+                 fin_timeout: float = 60.0, cascade: str = "half",
+                 window: int = 256 * 1024) -> None:
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
-                         fin_timeout=fin_timeout, cascade=cascade)
+                         fin_timeout=fin_timeout, cascade=cascade, window=window)
         self.forwards = forwards
         self.servers: list[asyncio.Server] = []
 
@@ -205,9 +214,10 @@ class Connector(_Edge):
     def __init__(self, gateway: str, services: list[tuple[str, str, int]], *,
                  name: str = "connector", token: bytes | str = b"",
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
-                 fin_timeout: float = 60.0, connect_timeout: float = 5.0) -> None:
+                 fin_timeout: float = 60.0, connect_timeout: float = 5.0,
+                 window: int = 256 * 1024) -> None:
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
-                         fin_timeout=fin_timeout, cascade="half")
+                         fin_timeout=fin_timeout, cascade="half", window=window)
         self.services = {svc: (host, port) for svc, host, port in services}
         self.connect_timeout = connect_timeout
 
@@ -251,5 +261,8 @@ class Connector(_Edge):
             log.warning("connector %s: %s", self.name, why)
             flow.reset_nowait(why, ErrorCode.UNREACHABLE)
             return
-        self._adopt(bridge)
         log.info("flow %s connected service=%s to %s:%d", flow.id, flow.service, host, port)
+        if bridge.on_done is None:  # the whole flow already ended while connecting
+            self.counters["connections"] += 1
+            return
+        self._adopt(bridge)
