@@ -33,7 +33,6 @@ from procs import tether_argv
 from relayrig import (
     HOST,
     LINGER_ZERO,
-    BridgesLeaked,
     Daemon,
     EchoServer,
     Rig,
