@@ -919,7 +919,7 @@ class Mesh:
                                      f"{exc}") from exc
             if isinstance(exc, OSError | TimeoutError):
                 raise PeerUnreachable(f"cannot connect to {peer.address}: "
-                                      f"{exc or 'timed out'}") from exc
+                                      f"{str(exc) or 'timed out'}") from exc
             raise
         conn = made[0]
         try:

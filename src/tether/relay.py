@@ -257,7 +257,7 @@ class Connector(_Edge):
         except (OSError, TimeoutError) as exc:
             self.counters["refused"] += 1
             why = f"cannot connect to service {flow.service} at {host}:{port}: " \
-                  f"{exc or 'timed out'}"
+                  f"{str(exc) or 'timed out'}"
             log.warning("connector %s: %s", self.name, why)
             flow.reset_nowait(why, ErrorCode.UNREACHABLE)
             return
