@@ -386,7 +386,8 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
     except ssl.SSLError as exc:
         raise HandshakeError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
     except (OSError, TimeoutError) as exc:
-        raise PeerUnreachable(f"cannot connect to {host}:{port}: {str(exc) or 'timed out'}") from exc
+        why = str(exc) or "timed out"
+        raise PeerUnreachable(f"cannot connect to {host}:{port}: {why}") from exc
     await conn.ready
     return conn
 
