@@ -1003,23 +1003,10 @@ def add_hub_subcommand(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tether.workers hub ...``: the ``tether hub`` command on its own."""
-    parser = argparse.ArgumentParser(prog="tether")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    add_hub_subcommand(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        code: int = run(args.func(args))
-    except (TetherError, OSError, ValueError) as exc:
-        print(f"tether {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code
+    """``python -m tether.workers hub ...``: the same as the ``tether`` command."""
+    from .cli import main as cli_main  # here: cli imports this module
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
