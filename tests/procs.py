@@ -20,6 +20,7 @@ threads and closes the pipes (no ResourceWarning, no zombie).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 __all__ = ["OECHO", "ROOT", "GatewayProc", "Line", "Proc", "ProcGroup", "tether_argv"]
 
@@ -62,12 +63,13 @@ class Line:
 class Proc:
     """One running process, its output lines timestamped as they arrive."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, cwd: Path = ROOT) -> None:
+    def __init__(self, name: str, argv: Sequence[str], *, cwd: Path = ROOT,
+                 stdin: bool = False, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = list(argv)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
-            self.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            self.argv, cwd=cwd, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True)
         self.pid = self.popen.pid
         self.stopped = False
@@ -110,9 +112,24 @@ class Proc:
         with self._cond:
             return [ln for ln in self._lines if stream is None or ln.stream == stream]
 
-    def output(self) -> str:
-        """Everything received so far, for failure messages."""
-        return "\n".join(f"  [{ln.stream}] {ln.text}" for ln in self.lines()) or "  (nothing)"
+    def output(self, last: int = 200) -> str:
+        """The last `last` lines received, for failure messages."""
+        lines = self.lines()[-last:]
+        return "\n".join(f"  [{ln.stream}] {ln.text}" for ln in lines) or "  (nothing)"
+
+    def find(self, pattern: str, stream: str = "stdout") -> list[re.Match[str]]:
+        """Every line so far matching `pattern`, without moving `expect`'s cursor."""
+        regex = re.compile(pattern)
+        return [m for ln in self.lines(stream) if (m := regex.search(ln.text)) is not None]
+
+    def json_lines(self, stream: str = "stdout") -> list[dict[str, Any]]:
+        """Every line so far that is a JSON object."""
+        found = []
+        for ln in self.lines(stream):
+            if ln.text.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    found.append(json.loads(ln.text))
+        return found
 
     def expect(self, pattern: str, *, stream: str = "stdout",
                timeout: float = READY_TIMEOUT) -> tuple[re.Match[str], Line]:
@@ -141,7 +158,15 @@ class Proc:
                              f"{pattern!r}: {why}; rc={self.popen.poll()}; output:\n"
                              f"{self.output()}")
 
-    # signals --------------------------------------------------------------------------
+    # input and signals ----------------------------------------------------------------
+
+    def send(self, line: str) -> float:
+        """Write one command line to the process's stdin (started with stdin=True);
+        returns the `time.monotonic()` just after."""
+        assert self.popen.stdin is not None, f"{self.name} was started without stdin"
+        self.popen.stdin.write(line.encode() + b"\n")
+        self.popen.stdin.flush()
+        return time.monotonic()
 
     def kill(self) -> float:
         """SIGKILL; returns the `time.monotonic()` just after the signal was sent."""
@@ -157,10 +182,26 @@ class Proc:
         self.stopped = True
         return t
 
-    def cont(self) -> None:
-        """SIGCONT (thaw)."""
+    def cont(self) -> float:
+        """SIGCONT (thaw); returns the `time.monotonic()` just after."""
         self.popen.send_signal(signal.SIGCONT)
         self.stopped = False
+        return time.monotonic()
+
+    def terminate(self, timeout: float = REAP_TIMEOUT) -> int | None:
+        """SIGTERM and wait (a daemon's clean shutdown); None if it did not exit."""
+        if self.popen.poll() is None:
+            if self.stopped:
+                self.cont()
+            self.popen.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self.popen.wait(timeout)
+        return None
+
+    @property
+    def running(self) -> bool:
+        """The process has not exited."""
+        return self.popen.poll() is None
 
     def wait(self, timeout: float = READY_TIMEOUT) -> int:
         """Wait for the process to exit on its own; fails with its output if it does not."""

@@ -78,7 +78,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (run as a script too)
+from procs import Line, Proc
 
 __all__ = [
     "PREFIX",
@@ -233,164 +236,17 @@ def rss_bytes(pid: int) -> int:
 
 # ------------------------------------------------------------------------------ processes
 
-@dataclass(frozen=True)
-class Line:
-    """One line a process printed: which stream, when it arrived here, its text."""
-
-    stream: str
-    t: float
-    text: str
-
-
-class HostProc:
-    """One process running in a host; its output lines timestamped as they arrive."""
+class HostProc(Proc):
+    """One process running in a host (`ip netns exec`); see `procs.Proc`."""
 
     def __init__(self, name: str, ns: str, argv: Sequence[str], *, stdin: bool = False,
                  env: dict[str, str] | None = None) -> None:
-        self.name = name
         self.ns = ns
-        self.argv = ["ip", "netns", "exec", ns, *argv]
-        self.popen = subprocess.Popen(
-            self.argv, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True)
-        self.pid = self.popen.pid
-        self.stopped = False
-        self._lines: list[Line] = []
-        self._cursor = {"stdout": 0, "stderr": 0}
-        self._eof = {"stdout": False, "stderr": False}
-        self._cond = threading.Condition()
-        assert self.popen.stdout is not None and self.popen.stderr is not None
-        self._threads = [
-            threading.Thread(target=self._pump, args=("stdout", self.popen.stdout),
-                             name=f"{name}-stdout", daemon=True),
-            threading.Thread(target=self._pump, args=("stderr", self.popen.stderr),
-                             name=f"{name}-stderr", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        super().__init__(name, ["ip", "netns", "exec", ns, *argv], cwd=ROOT, stdin=stdin,
+                         env=env)
 
     def __repr__(self) -> str:
         return f"<HostProc {self.name} in {self.ns} pid={self.pid} rc={self.popen.returncode}>"
-
-    def _pump(self, stream: str, pipe: IO[bytes]) -> None:
-        try:
-            for raw in iter(pipe.readline, b""):
-                line = Line(stream, time.monotonic(),
-                            raw.decode(errors="replace").rstrip("\r\n"))
-                with self._cond:
-                    self._lines.append(line)
-                    self._cond.notify_all()
-        except (OSError, ValueError):  # the pipe was closed under us at teardown
-            pass
-        finally:
-            with self._cond:
-                self._eof[stream] = True
-                self._cond.notify_all()
-
-    # output ---------------------------------------------------------------------------
-
-    def lines(self, stream: str | None = None) -> list[Line]:
-        """Every line received so far (of one stream, or both)."""
-        with self._cond:
-            return [ln for ln in self._lines if stream is None or ln.stream == stream]
-
-    def output(self, last: int = 60) -> str:
-        """The last `last` lines received, for failure messages."""
-        lines = self.lines()[-last:]
-        return "\n".join(f"  [{ln.stream}] {ln.text}" for ln in lines) or "  (nothing)"
-
-    def expect(self, pattern: str, *, stream: str = "stdout",
-               timeout: float = READY_TIMEOUT) -> tuple[re.Match[str], Line]:
-        """Wait for the next line of `stream` (after the last one `expect` matched there)
-        matching `pattern` (`re.search`); fails with the output if it does not come
-        within `timeout` or the stream ends first."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                mine = [ln for ln in self._lines if ln.stream == stream]
-                for i in range(self._cursor[stream], len(mine)):
-                    match = regex.search(mine[i].text)
-                    if match is not None:
-                        self._cursor[stream] = i + 1
-                        return match, mine[i]
-                self._cursor[stream] = len(mine)
-                if self._eof[stream]:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-        why = "its output ended" if self._eof[stream] else f"not within {timeout:g}s"
-        raise AssertionError(f"{self.name} (pid {self.pid}, {self.ns}): no {stream} line "
-                             f"matching {pattern!r}: {why}; rc={self.popen.poll()}; "
-                             f"output:\n{self.output()}")
-
-    def find(self, pattern: str, stream: str = "stdout") -> list[re.Match[str]]:
-        """Every line so far matching `pattern`, without moving `expect`'s cursor."""
-        regex = re.compile(pattern)
-        return [m for ln in self.lines(stream) if (m := regex.search(ln.text)) is not None]
-
-    def json_lines(self, stream: str = "stdout") -> list[dict[str, Any]]:
-        """Every line so far that is a JSON object."""
-        found = []
-        for ln in self.lines(stream):
-            if ln.text.startswith("{"):
-                with contextlib.suppress(ValueError):
-                    found.append(json.loads(ln.text))
-        return found
-
-    # input and signals ----------------------------------------------------------------
-
-    def send(self, line: str) -> float:
-        """Write one command line to the process's stdin (started with stdin=True);
-        returns the `time.monotonic()` just after."""
-        assert self.popen.stdin is not None, f"{self.name} was started without stdin"
-        self.popen.stdin.write(line.encode() + b"\n")
-        self.popen.stdin.flush()
-        return time.monotonic()
-
-    def kill(self) -> float:
-        """SIGKILL; returns the `time.monotonic()` just after the signal was sent."""
-        if self.stopped:
-            self.cont()
-        self.popen.send_signal(signal.SIGKILL)
-        return time.monotonic()
-
-    def stop(self) -> float:
-        """SIGSTOP (freeze); returns the `time.monotonic()` just after."""
-        self.popen.send_signal(signal.SIGSTOP)
-        self.stopped = True
-        return time.monotonic()
-
-    def cont(self) -> float:
-        """SIGCONT (thaw)."""
-        self.popen.send_signal(signal.SIGCONT)
-        self.stopped = False
-        return time.monotonic()
-
-    def terminate(self, timeout: float = REAP_TIMEOUT) -> int | None:
-        """SIGTERM and wait (a daemon's clean shutdown); None if it did not exit."""
-        if self.popen.poll() is None:
-            if self.stopped:
-                self.cont()
-            self.popen.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return self.popen.wait(timeout)
-        return None
-
-    def wait(self, timeout: float = READY_TIMEOUT) -> int:
-        """Wait for the process to exit on its own; fails with its output if it does not."""
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} (pid {self.pid}) still running after "
-                                 f"{timeout:g}s; output:\n{self.output()}") from None
-
-    @property
-    def running(self) -> bool:
-        return self.popen.poll() is None
 
     def rss(self) -> int:
         """The process's VmRSS in bytes."""
