@@ -668,6 +668,7 @@ class Hub:
                 raise FlowClosed(f"connection {id} is closed or unknown")
             self._router.send(id, self._encode(data), 1)  # held by another worker
             return
+        # _queue(conn, frame, 1), inlined: this is the per-message hot path
         frame = self._encode(data)
         self._msgs_out += 1
         if conn.wblocked:
@@ -707,31 +708,7 @@ class Hub:
             if frame:
                 self._router.send(id, frame, len(messages))
             return
-        frame = self._encode_many(messages)
-        self._msgs_out += len(messages)
-        if not frame:
-            return
-        if conn.wblocked:
-            self._blocked(conn, len(messages))
-            return
-        pending = conn.pending
-        if pending is None:
-            conn.pending = frame
-            conn.npending = len(frame)
-            self._dirty.append(conn)
-            if not self._flushing:
-                self._flushing = True
-                self._call_soon(self._flush)
-            return
-        n = conn.npending + len(frame)
-        if n > self._wlimit:
-            self._overflow(conn, len(messages))
-            return
-        conn.npending = n
-        if type(pending) is list:
-            pending.append(frame)
-        else:
-            conn.pending = [pending, frame]  # type: ignore[list-item]
+        self._queue(conn, self._encode_many(messages), len(messages))
 
     def send_many(self, ids: Iterable[FlowId], data: bytes) -> None:
         """Send ``data`` to every connection of ``ids``, framing it once.
