@@ -311,19 +311,25 @@ class Rig:
                                stream="stderr")
         return int(match.group(1))
 
+    # Each daemon is started by a `_start_ROLE` method, which returns a function that
+    # waits until that daemon is ready: starting several before waiting for any of them
+    # overlaps their start-up (a fraction of a second each).
+
     def gateway(self, *args: str, name: str = "gw1", port: int = 0) -> Daemon:
         """`tether gateway --listen 127.0.0.1:PORT --name NAME ARGS...`, listening."""
-        return self._gateway_ready(self._start_gateway(name, port, args), name)
+        return self._start_gateway(name, port, args)()
 
-    def _start_gateway(self, name: str, port: int, args: Sequence[str]) -> Proc:
-        return self.start(f"gateway {name}", tether_argv(
+    def _start_gateway(self, name: str, port: int, args: Sequence[str]
+                       ) -> Callable[[], Daemon]:
+        proc = self.start(f"gateway {name}", tether_argv(
             "gateway", "--listen", f"{HOST}:{port}", "--name", name, *args))
 
-    def _gateway_ready(self, proc: Proc, name: str) -> Daemon:
-        match, _ = proc.expect(rf"^gateway {re.escape(name)} listening on port (\d+)$",
-                               stream="stderr")
-        port = int(match.group(1))
-        return Daemon(proc, "gateway", name, self._admin_port(proc, "gateway", name), port)
+        def ready() -> Daemon:
+            match, _ = proc.expect(rf"^gateway {re.escape(name)} listening on port (\d+)$",
+                                   stream="stderr")
+            return Daemon(proc, "gateway", name, self._admin_port(proc, "gateway", name),
+                          int(match.group(1)))
+        return ready
 
     def cluster(self, *args: str, size: int = 2) -> list[Daemon]:
         """`size` gateways gw1..gwN in a chain, as the issue's example runs them: each
@@ -332,12 +338,12 @@ class Rig:
         Returns when every gateway's status shows its peers up."""
         names = [f"gw{i}" for i in range(1, size + 1)]
         ports = free_ports(size)
-        procs = []
+        started = []
         for i, name in enumerate(names):
             peers = [arg for j in (i - 1, i + 1) if 0 <= j < size
                      for arg in ("--peer", f"{names[j]}={HOST}:{ports[j]}")]
-            procs.append(self._start_gateway(name, ports[i], [*peers, *args]))
-        gws = [self._gateway_ready(proc, name) for proc, name in zip(procs, names, strict=True)]
+            started.append(self._start_gateway(name, ports[i], [*peers, *args]))
+        gws = [ready() for ready in started]
 
         def down() -> dict[str, list[str]]:
             return {gw.name: down for gw in gws
@@ -349,36 +355,56 @@ class Rig:
                   name: str = "connector") -> Daemon:
         """`tether connector --gateway GW --service NAME=127.0.0.1:PORT ...`, once the
         gateway logged the REGISTER of every service."""
+        return self._start_connector(gw, services, args, name)()
+
+    def _start_connector(self, gw: Daemon, services: dict[str, int], args: Sequence[str],
+                         name: str) -> Callable[[], Daemon]:
         argv = ["connector", "--gateway", gw.address, "--name", name]
         for service, port in services.items():
             argv += ["--service", f"{service}={HOST}:{port}"]
         proc = self.start(f"connector {name}", tether_argv(*argv, *args))
-        proc.expect(rf"^connector {re.escape(name)} serving ", stream="stderr")
-        admin = self._admin_port(proc, "connector", name)
-        for service in services:
-            gw.wait_log(rf"\b{re.escape(name)} registered service {re.escape(service)}$",
-                        timeout=READY_TIMEOUT)
-        return Daemon(proc, "connector", name, admin)
+
+        def ready() -> Daemon:
+            proc.expect(rf"^connector {re.escape(name)} serving ", stream="stderr")
+            admin = self._admin_port(proc, "connector", name)
+            for service in services:
+                gw.wait_log(rf"\b{re.escape(name)} registered service {re.escape(service)}$",
+                            timeout=READY_TIMEOUT)
+            return Daemon(proc, "connector", name, admin)
+        return ready
 
     def agent(self, gw: Daemon, services: Iterable[str], *args: str,
               name: str = "agent", expect_ready: bool = True) -> Daemon:
         """`tether agent --gateway GW --forward 127.0.0.1:0=SERVICE ...`; `ports` maps each
         service to the port the agent listens on for it."""
         services = list(services)
+        if not expect_ready:
+            proc = self.start(f"agent {name}", self._agent_argv(gw, services, args, name))
+            return Daemon(proc, "agent", name, 0)
+        return self._start_agent(gw, services, args, name)()
+
+    @staticmethod
+    def _agent_argv(gw: Daemon, services: list[str], args: Sequence[str],
+                    name: str) -> list[str]:
         argv = ["agent", "--gateway", gw.address, "--name", name]
         for service in services:
             argv += ["--forward", f"{HOST}:0={service}"]
-        proc = self.start(f"agent {name}", tether_argv(*argv, *args))
-        if not expect_ready:
-            return Daemon(proc, "agent", name, 0)
-        ports = {}
-        for service in services:
-            match, _ = proc.expect(
-                rf"^agent {re.escape(name)} forwarding 127\.0\.0\.1:(\d+) to "
-                rf"{re.escape(service)}$", stream="stderr")
-            ports[service] = int(match.group(1))
-        return Daemon(proc, "agent", name, self._admin_port(proc, "agent", name),
-                      ports=ports)
+        return tether_argv(*argv, *args)
+
+    def _start_agent(self, gw: Daemon, services: list[str], args: Sequence[str],
+                     name: str) -> Callable[[], Daemon]:
+        proc = self.start(f"agent {name}", self._agent_argv(gw, services, args, name))
+
+        def ready() -> Daemon:
+            ports = {}
+            for service in services:
+                match, _ = proc.expect(
+                    rf"^agent {re.escape(name)} forwarding 127\.0\.0\.1:(\d+) to "
+                    rf"{re.escape(service)}$", stream="stderr")
+                ports[service] = int(match.group(1))
+            return Daemon(proc, "agent", name, self._admin_port(proc, "agent", name),
+                          ports=ports)
+        return ready
 
     def relay(self, services: dict[str, int], *, gateway_args: Sequence[str] = (),
               connector_args: Sequence[str] = (),
@@ -396,10 +422,11 @@ class Rig:
         first gateway knows every service."""
         gws = ([self.gateway(*gateway_args)] if gateways == 1
                else self.cluster(*gateway_args, size=gateways))
-        co = self.connector(gws[-1], services, *connector_args)
+        connector = self._start_connector(gws[-1], services, connector_args, "connector")
+        agent = self._start_agent(gws[0], list(services), agent_args, "agent")
+        co = connector()
         self.wait_services(gws[0], services)
-        ag = self.agent(gws[0], services, *agent_args)
-        return Relay(ag, gws, co)
+        return Relay(agent(), gws, co)
 
     def wait_services(self, gw: Daemon, services: Iterable[str],
                       timeout: float = READY_TIMEOUT) -> None:
