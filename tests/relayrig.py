@@ -249,13 +249,17 @@ class Daemon:
         rx = re.compile(pattern)
         return any(rx.search(line.text) for line in self.proc.lines())
 
-    def wait_log(self, pattern: str, timeout: float = IDLE_TIMEOUT) -> str:
+    def mark(self) -> int:
+        """How many lines it printed on stderr so far (for `wait_log(after=...)`)."""
+        return len(self.proc.lines("stderr"))
+
+    def wait_log(self, pattern: str, timeout: float = IDLE_TIMEOUT, after: int = 0) -> str:
         """Wait for a line matching `pattern` anywhere in its stderr (not only after the
-        last match); returns it."""
+        last match; only after the first `after` lines, see `mark`); returns it."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
-            for line in self.proc.lines("stderr"):
+            for line in self.proc.lines("stderr")[after:]:
                 if rx.search(line.text):
                     return line.text
             if time.monotonic() >= deadline:
