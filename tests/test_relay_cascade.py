@@ -8,7 +8,9 @@ In the cluster the agent is attached to gw1 and the connector to gw2, each gatew
 started with `--peer` naming the other (tests/relayrig.py, `Rig.cluster`); every row
 of the matrix acting on "the gateway" becomes two rows, one per gateway (gw1 killed,
 gw2 killed, ...): a gateway between the other gateway and an edge must relay the end
-of its peer link as it relays the end of an edge's link.
+of its peer link as it relays the end of an edge's link. A killed gateway must also be
+forgotten by the cluster: the survivor logs its peer down, and the agent's gateway
+stops listing the service of a dead connector's gateway within a second.
 
 A connection is set up end to end (a round trip proves it), then one part ends it in
 one way, and the other end(s) must observe the expected end -- EOF (a FIN: the peer
@@ -356,6 +358,12 @@ def _run_case(w: World, case: Case) -> None:
         case.finish(w)
 
     survivors = [d for d in w.relay.daemons if d not in w.killed]
+    for dead in [d for d in w.killed if d.role == "gateway"]:  # the cluster forgets it
+        for gw in [g for g in survivors if g.role == "gateway"]:
+            gw.wait_log(rf"gateway {gw.name}: peer gateway {dead.name} down", timeout=1.0)
+        if dead is w.relay.gateways[-1] and dead is not w.relay.gateways[0]:
+            wait_until(lambda: "svc" in w.relay.gateways[0].status()["services"], 1.0,
+                       "the service of a dead gateway still listed", w.rig.describe)
     for role, pattern in case.logs:  # how the surviving edges saw the flow end
         w.daemon(role).wait_log(rf"flow \S+ {pattern}")
     w.rig.wait_idle(*survivors, bridges=False)
