@@ -8,8 +8,9 @@
   is still pending at teardown, in the spirit of uvloop's ``tests/_testbase.py``.
   Unclosed transports and sockets raise ``ResourceWarning``, which
   ``filterwarnings = error`` turns into a failure.
-* ``tls`` is a session fixture with a throwaway CA, server and client certificates
-  (and a second, unrelated CA), generated into a temporary directory: never committed.
+* ``tls`` is a session fixture with a throwaway CA, server, client and gateway
+  certificates (and a second, unrelated CA with a client certificate of its own),
+  generated into a temporary directory: never committed.
 """
 
 from __future__ import annotations
@@ -119,8 +120,11 @@ def _describe(context: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class TLSMaterial:
-    """Paths of a throwaway PKI: `ca` signs the server and client certificates;
-    `other_ca` is an unrelated CA that trusts nobody here."""
+    """Paths of a throwaway PKI: `ca` signs the server and client certificates, and the
+    gateway certificate (for localhost/127.0.0.1, good for both TLS server and client
+    authentication: a gateway of a cluster serves links and dials its peers with one
+    certificate); `other_ca` is an unrelated CA that trusts nobody here and signs
+    `other_client_cert`, a client certificate no one here accepts."""
 
     ca: Path
     other_ca: Path
@@ -129,6 +133,10 @@ class TLSMaterial:
     client_cert: Path
     client_key: Path
     generator: str
+    gateway_cert: Path
+    gateway_key: Path
+    other_client_cert: Path
+    other_client_key: Path
 
     def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
         """A server-side context with the server certificate (mutual TLS on request)."""
@@ -151,8 +159,9 @@ class TLSMaterial:
 
 @pytest.fixture(scope="session")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> TLSMaterial:
-    """A CA, a server certificate for localhost/127.0.0.1, a client certificate and an
-    unrelated CA, made with `cryptography` if installed, else with the openssl CLI."""
+    """A CA, a server certificate for localhost/127.0.0.1, a client certificate, a
+    gateway certificate and an unrelated CA with a client certificate, made with
+    `cryptography` if installed, else with the openssl CLI."""
     directory = tmp_path_factory.mktemp("tls")
     try:
         import cryptography  # noqa: F401
@@ -170,7 +179,11 @@ def _paths(directory: Path, generator: str) -> TLSMaterial:
                        server_cert=directory / "server.pem",
                        server_key=directory / "server.key",
                        client_cert=directory / "client.pem",
-                       client_key=directory / "client.key", generator=generator)
+                       client_key=directory / "client.key", generator=generator,
+                       gateway_cert=directory / "gateway.pem",
+                       gateway_key=directory / "gateway.key",
+                       other_client_cert=directory / "other-client.pem",
+                       other_client_key=directory / "other-client.key")
 
 
 def _make_with_openssl(openssl: str, directory: Path) -> TLSMaterial:
@@ -186,20 +199,24 @@ def _make_with_openssl(openssl: str, directory: Path) -> TLSMaterial:
             "-days", "2", "-subj", f"/CN=tether test {name}",
             "-addext", "basicConstraints=critical,CA:TRUE",
             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    leaves = (("server", m.server_cert, m.server_key, "serverAuth",
-               "subjectAltName=DNS:localhost,IP:127.0.0.1\n"),
-              ("client", m.client_cert, m.client_key, "clientAuth", ""))
-    for serial, (name, cert, keyfile, usage, san) in enumerate(leaves, start=2):
+    san = "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+    leaves = (("server", m.server_cert, m.server_key, "ca", "serverAuth", san),
+              ("client", m.client_cert, m.client_key, "ca", "clientAuth", ""),
+              ("gateway", m.gateway_cert, m.gateway_key, "ca", "serverAuth,clientAuth", san),
+              ("other-client", m.other_client_cert, m.other_client_key, "other-ca",
+               "clientAuth", ""))
+    for serial, (name, cert, keyfile, issuer, usage, alt) in enumerate(leaves, start=2):
         ext = directory / f"{name}.ext"
         ext.write_text("basicConstraints=critical,CA:FALSE\n"
                        "keyUsage=critical,digitalSignature\n"
                        f"extendedKeyUsage={usage}\n"
                        "subjectKeyIdentifier=hash\n"
-                       "authorityKeyIdentifier=keyid\n" + san)
+                       "authorityKeyIdentifier=keyid\n" + alt)
         csr = directory / f"{name}.csr"
         run("req", "-new", *key, "-keyout", keyfile, "-out", csr,
             "-subj", f"/CN=tether test {name}")
-        run("x509", "-req", "-in", csr, "-CA", m.ca, "-CAkey", directory / "ca.key",
+        run("x509", "-req", "-in", csr, "-CA", directory / f"{issuer}.pem",
+            "-CAkey", directory / f"{issuer}.key",
             "-set_serial", str(serial), "-days", "2", "-extfile", ext, "-out", cert)
     return m
 
@@ -239,11 +256,16 @@ def _make_with_cryptography(directory: Path) -> TLSMaterial:
         path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return key, cert
 
-    ca_key, ca_cert = make_ca("tether test ca", m.ca)
-    make_ca("tether test other-ca", m.other_ca)
-    leaves = (("server", m.server_cert, m.server_key, ExtendedKeyUsageOID.SERVER_AUTH, True),
-              ("client", m.client_cert, m.client_key, ExtendedKeyUsageOID.CLIENT_AUTH, False))
-    for cn, cert_path, key_path, usage, with_san in leaves:
+    cas = {"ca": make_ca("tether test ca", m.ca),
+           "other-ca": make_ca("tether test other-ca", m.other_ca)}
+    server, client = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+    leaves = (("server", m.server_cert, m.server_key, "ca", [server], True),
+              ("client", m.client_cert, m.client_key, "ca", [client], False),
+              ("gateway", m.gateway_cert, m.gateway_key, "ca", [server, client], True),
+              ("other-client", m.other_client_cert, m.other_client_key, "other-ca", [client],
+               False))
+    for cn, cert_path, key_path, issuer, usages, with_san in leaves:
+        ca_key, ca_cert = cas[issuer]
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (x509.CertificateBuilder()
                    .subject_name(name(f"tether test {cn}")).issuer_name(ca_cert.subject)
@@ -252,7 +274,7 @@ def _make_with_cryptography(directory: Path) -> TLSMaterial:
                    .not_valid_after(now + datetime.timedelta(days=2))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None),
                                   critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                   .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                                   critical=False)
                    .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(

@@ -9,6 +9,10 @@ clients they carry (an HTTP server, redis-server, socat, a small echo server).
         ...
         rig.wait_idle(gw, co, ag)                          # open flows back to zero
 
+    A two-gateway cluster, the agent on gw1 and the connector on gw2:
+
+        relay = rig.tunnel({"web": web.port}, gateways=2)  # relay.agent, relay.gateways, ...
+
 Every daemon is started with `sys.executable -m tether.cli` and is ready when it printed
 its readiness lines on stderr (never after a sleep); its admin port is read from the line
 "ROLE NAME admin endpoint on port N". `Daemon.status()` is the JSON of its `/status`,
@@ -49,10 +53,12 @@ __all__ = [
     "BridgesLeaked",
     "Daemon",
     "EchoServer",
+    "Relay",
     "Rig",
     "Server",
     "fd_count",
     "free_port",
+    "free_ports",
     "get_status",
     "need",
     "open_counts",
@@ -108,10 +114,16 @@ def need(*programs: str) -> None:
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for programs that cannot be told port 0)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct TCP ports free on 127.0.0.1 now (all held bound while choosing)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((HOST, 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def reset_close(sock: socket.socket) -> None:
@@ -237,19 +249,37 @@ class Daemon:
         rx = re.compile(pattern)
         return any(rx.search(line.text) for line in self.proc.lines())
 
-    def wait_log(self, pattern: str, timeout: float = IDLE_TIMEOUT) -> str:
+    def mark(self) -> int:
+        """How many lines it printed on stderr so far (for `wait_log(after=...)`)."""
+        return len(self.proc.lines("stderr"))
+
+    def wait_log(self, pattern: str, timeout: float = IDLE_TIMEOUT, after: int = 0) -> str:
         """Wait for a line matching `pattern` anywhere in its stderr (not only after the
-        last match); returns it."""
+        last match; only after the first `after` lines, see `mark`); returns it."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
         while True:
-            for line in self.proc.lines("stderr"):
+            for line in self.proc.lines("stderr")[after:]:
                 if rx.search(line.text):
                     return line.text
             if time.monotonic() >= deadline:
                 raise AssertionError(f"{self.proc.name}: no line matching {pattern!r} "
                                      f"within {timeout:g}s; output:\n{self.log()}")
             time.sleep(0.02)
+
+
+@dataclass(eq=False)
+class Relay:
+    """The daemons of one tunnel: agent -> gateways[0] -> ... -> gateways[-1] -> connector."""
+
+    agent: Daemon
+    gateways: list[Daemon]
+    connector: Daemon
+
+    @property
+    def daemons(self) -> list[Daemon]:
+        """Every daemon, in the order a flow crosses them."""
+        return [self.agent, *self.gateways, self.connector]
 
 
 class Rig:
@@ -285,58 +315,133 @@ class Rig:
                                stream="stderr")
         return int(match.group(1))
 
-    def gateway(self, *args: str, name: str = "gw1") -> Daemon:
-        """`tether gateway --listen 127.0.0.1:0 --name NAME ARGS...`, listening."""
+    # Each daemon is started by a `_start_ROLE` method, which returns a function that
+    # waits until that daemon is ready: starting several before waiting for any of them
+    # overlaps their start-up (a fraction of a second each).
+
+    def gateway(self, *args: str, name: str = "gw1", port: int = 0) -> Daemon:
+        """`tether gateway --listen 127.0.0.1:PORT --name NAME ARGS...`, listening."""
+        return self._start_gateway(name, port, args)()
+
+    def _start_gateway(self, name: str, port: int, args: Sequence[str]
+                       ) -> Callable[[], Daemon]:
         proc = self.start(f"gateway {name}", tether_argv(
-            "gateway", "--listen", f"{HOST}:0", "--name", name, *args))
-        match, _ = proc.expect(rf"^gateway {re.escape(name)} listening on port (\d+)$",
-                               stream="stderr")
-        port = int(match.group(1))
-        return Daemon(proc, "gateway", name, self._admin_port(proc, "gateway", name), port)
+            "gateway", "--listen", f"{HOST}:{port}", "--name", name, *args))
+
+        def ready() -> Daemon:
+            match, _ = proc.expect(rf"^gateway {re.escape(name)} listening on port (\d+)$",
+                                   stream="stderr")
+            return Daemon(proc, "gateway", name, self._admin_port(proc, "gateway", name),
+                          int(match.group(1)))
+        return ready
+
+    def cluster(self, *args: str, size: int = 2) -> list[Daemon]:
+        """`size` gateways gw1..gwN in a chain, as the issue's example runs them: each
+        listens on a port chosen beforehand and names its neighbours with `--peer` (gw1
+        `--peer gw2=...` and the mirror on gw2), so both ends dial and all start at once.
+        Returns when every gateway's status shows its peers up."""
+        names = [f"gw{i}" for i in range(1, size + 1)]
+        ports = free_ports(size)
+        started = []
+        for i, name in enumerate(names):
+            peers = [arg for j in (i - 1, i + 1) if 0 <= j < size
+                     for arg in ("--peer", f"{names[j]}={HOST}:{ports[j]}")]
+            started.append(self._start_gateway(name, ports[i], [*peers, *args]))
+        gws = [ready() for ready in started]
+
+        def down() -> dict[str, list[str]]:
+            return {gw.name: down for gw in gws
+                    if (down := [p for p, v in gw.status()["peers"].items() if not v["up"]])}
+        wait_until(down, READY_TIMEOUT, "peer gateways not up", self.describe)
+        return gws
 
     def connector(self, gw: Daemon, services: dict[str, int], *args: str,
                   name: str = "connector") -> Daemon:
         """`tether connector --gateway GW --service NAME=127.0.0.1:PORT ...`, once the
         gateway logged the REGISTER of every service."""
+        return self._start_connector(gw, services, args, name)()
+
+    def _start_connector(self, gw: Daemon, services: dict[str, int], args: Sequence[str],
+                         name: str) -> Callable[[], Daemon]:
         argv = ["connector", "--gateway", gw.address, "--name", name]
         for service, port in services.items():
             argv += ["--service", f"{service}={HOST}:{port}"]
         proc = self.start(f"connector {name}", tether_argv(*argv, *args))
-        proc.expect(rf"^connector {re.escape(name)} serving ", stream="stderr")
-        admin = self._admin_port(proc, "connector", name)
-        for service in services:
-            gw.wait_log(rf"\b{re.escape(name)} registered service {re.escape(service)}$",
-                        timeout=READY_TIMEOUT)
-        return Daemon(proc, "connector", name, admin)
+
+        def ready() -> Daemon:
+            proc.expect(rf"^connector {re.escape(name)} serving ", stream="stderr")
+            admin = self._admin_port(proc, "connector", name)
+            for service in services:
+                gw.wait_log(rf"\b{re.escape(name)} registered service {re.escape(service)}$",
+                            timeout=READY_TIMEOUT)
+            return Daemon(proc, "connector", name, admin)
+        return ready
 
     def agent(self, gw: Daemon, services: Iterable[str], *args: str,
               name: str = "agent", expect_ready: bool = True) -> Daemon:
         """`tether agent --gateway GW --forward 127.0.0.1:0=SERVICE ...`; `ports` maps each
         service to the port the agent listens on for it."""
         services = list(services)
+        if not expect_ready:
+            proc = self.start(f"agent {name}", self._agent_argv(gw, services, args, name))
+            return Daemon(proc, "agent", name, 0)
+        return self._start_agent(gw, services, args, name)()
+
+    @staticmethod
+    def _agent_argv(gw: Daemon, services: list[str], args: Sequence[str],
+                    name: str) -> list[str]:
         argv = ["agent", "--gateway", gw.address, "--name", name]
         for service in services:
             argv += ["--forward", f"{HOST}:0={service}"]
-        proc = self.start(f"agent {name}", tether_argv(*argv, *args))
-        if not expect_ready:
-            return Daemon(proc, "agent", name, 0)
-        ports = {}
-        for service in services:
-            match, _ = proc.expect(
-                rf"^agent {re.escape(name)} forwarding 127\.0\.0\.1:(\d+) to "
-                rf"{re.escape(service)}$", stream="stderr")
-            ports[service] = int(match.group(1))
-        return Daemon(proc, "agent", name, self._admin_port(proc, "agent", name),
-                      ports=ports)
+        return tether_argv(*argv, *args)
+
+    def _start_agent(self, gw: Daemon, services: list[str], args: Sequence[str],
+                     name: str) -> Callable[[], Daemon]:
+        proc = self.start(f"agent {name}", self._agent_argv(gw, services, args, name))
+
+        def ready() -> Daemon:
+            ports = {}
+            for service in services:
+                match, _ = proc.expect(
+                    rf"^agent {re.escape(name)} forwarding 127\.0\.0\.1:(\d+) to "
+                    rf"{re.escape(service)}$", stream="stderr")
+                ports[service] = int(match.group(1))
+            return Daemon(proc, "agent", name, self._admin_port(proc, "agent", name),
+                          ports=ports)
+        return ready
 
     def relay(self, services: dict[str, int], *, gateway_args: Sequence[str] = (),
               connector_args: Sequence[str] = (),
               agent_args: Sequence[str] = ()) -> tuple[Daemon, Daemon, Daemon]:
         """A gateway, a connector serving `services` and an agent forwarding to all of them."""
-        gw = self.gateway(*gateway_args)
-        co = self.connector(gw, services, *connector_args)
-        ag = self.agent(gw, services, *agent_args)
-        return gw, co, ag
+        relay = self.tunnel(services, gateway_args=gateway_args,
+                            connector_args=connector_args, agent_args=agent_args)
+        return relay.gateways[0], relay.connector, relay.agent
+
+    def tunnel(self, services: dict[str, int], *, gateways: int = 1,
+               gateway_args: Sequence[str] = (), connector_args: Sequence[str] = (),
+               agent_args: Sequence[str] = ()) -> Relay:
+        """A connector serving `services` on the last of `gateways` gateways (a `cluster`
+        when more than one) and an agent forwarding to all of them on the first, once the
+        first gateway knows every service."""
+        gws = ([self.gateway(*gateway_args)] if gateways == 1
+               else self.cluster(*gateway_args, size=gateways))
+        connector = self._start_connector(gws[-1], services, connector_args, "connector")
+        agent = self._start_agent(gws[0], list(services), agent_args, "agent")
+        co = connector()
+        self.wait_services(gws[0], services)
+        return Relay(agent(), gws, co)
+
+    def wait_services(self, gw: Daemon, services: Iterable[str],
+                      timeout: float = READY_TIMEOUT) -> None:
+        """Wait until the gateway's status lists every one of `services` (served there or
+        through a peer gateway)."""
+        wanted = list(services)
+
+        def unknown() -> list[str]:
+            known = gw.status()["services"]
+            return [s for s in wanted if not known.get(s)]
+        wait_until(unknown, timeout, f"services unknown to {gw.name}", self.describe)
 
     # the servers the relay carries ---------------------------------------------------------
 

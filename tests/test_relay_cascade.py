@@ -1,6 +1,16 @@
-"""The close cascade through one gateway, as a matrix of real processes and real sockets:
+"""The close cascade through one gateway and through a two-gateway cluster, as a matrix
+of real processes and real sockets:
 
-    application --TCP--> agent ==link==> gateway ==link==> connector --TCP--> server
+    1gw:  application --TCP--> agent ==> gateway ==> connector --TCP--> server
+    2gw:  application --TCP--> agent ==> gw1 ==> gw2 ==> connector --TCP--> server
+
+In the cluster the agent is attached to gw1 and the connector to gw2, each gateway
+started with `--peer` naming the other (tests/relayrig.py, `Rig.cluster`); every row
+of the matrix acting on "the gateway" becomes two rows, one per gateway (gw1 killed,
+gw2 killed, ...): a gateway between the other gateway and an edge must relay the end
+of its peer link as it relays the end of an edge's link. A killed gateway must also be
+forgotten by the cluster: the survivor logs its peer down, and the agent's gateway
+stops listing the service of a dead connector's gateway within a second.
 
 A connection is set up end to end (a round trip proves it), then one part ends it in
 one way, and the other end(s) must observe the expected end -- EOF (a FIN: the peer
@@ -26,11 +36,11 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
-from relayrig import HOST, Daemon, Rig, Server, reset_close, wait_until
+from relayrig import HOST, Daemon, Relay, Rig, Server, reset_close, wait_until
 
 QUICK = (0.0, 0.5)
 LIVENESS = 1.0
@@ -51,9 +61,7 @@ class World:
     """The running relay and the two ends of one established connection."""
 
     rig: Rig
-    gw: Daemon
-    co: Daemon
-    ag: Daemon
+    relay: Relay
     app: socket.socket
     conn: socket.socket | None  # the server's end, when the server is this test
     server: Server | None  # the server process, when it is one
@@ -61,19 +69,27 @@ class World:
     killed: list[Daemon] = field(default_factory=list)
 
     def daemon(self, role: str) -> Daemon:
-        return {"agent": self.ag, "gateway": self.gw, "connector": self.co}[role]
+        """"agent", "connector", "gateway" (the only one) or a gateway's name ("gw2")."""
+        if role == "gateway":
+            (gw,) = self.relay.gateways
+            return gw
+        (daemon,) = [d for d in self.relay.daemons if role in (d.role, d.name)]
+        return daemon
 
 
 @dataclass(frozen=True)
 class Case:
-    """One row of the matrix. `app` / `server`: what that end must observe (None: that
-    end is the one acting, nothing to observe). `thaw`: the same, observed after the
-    stopped process was resumed (SIGCONT). `logs`: (role, pattern) of the line with which
-    a surviving edge logs the flow's end: what a socket cannot tell (a reset or a DOWN,
-    and why) its log must. `finish`: what ends a flow that is still half open."""
+    """One row of the matrix. `act` is done to `target` (an end: "app", "server"; or a
+    process: "server", a daemon's role, a gateway's name). `app` / `server`: what that
+    end must observe (None: that end is the one acting, nothing to observe). `thaw`:
+    the same, observed after the stopped process was resumed (SIGCONT). `logs`: (role,
+    pattern) of the line with which a surviving edge logs the flow's end: what a socket
+    cannot tell (a reset or a DOWN, and why) its log must. `finish`: what ends a flow
+    that is still half open."""
 
     name: str
-    act: Callable[[World], float]
+    act: Callable[[World, str], float]
+    target: str
     app: str | None
     server: str | None
     within: tuple[float, float] = QUICK
@@ -85,43 +101,35 @@ class Case:
     why: str = ""
 
 
-def _close(end: str) -> Callable[[World], float]:
-    def act(w: World) -> float:
-        sock = w.app if end == "app" else w.conn
-        assert sock is not None
-        sock.close()
-        return time.monotonic()
-    return act
+def _close(w: World, end: str) -> float:
+    sock = w.app if end == "app" else w.conn
+    assert sock is not None
+    sock.close()
+    return time.monotonic()
 
 
-def _reset(end: str) -> Callable[[World], float]:
-    def act(w: World) -> float:
-        sock = w.app if end == "app" else w.conn
-        assert sock is not None
-        reset_close(sock)
-        return time.monotonic()
-    return act
+def _reset(w: World, end: str) -> float:
+    sock = w.app if end == "app" else w.conn
+    assert sock is not None
+    reset_close(sock)
+    return time.monotonic()
 
 
-def _kill(role: str) -> Callable[[World], float]:
-    def act(w: World) -> float:
-        d = w.daemon(role)
-        w.killed.append(d)
-        return d.proc.kill()
-    return act
+def _kill(w: World, role: str) -> float:
+    d = w.daemon(role)
+    w.killed.append(d)
+    return d.proc.kill()
 
 
-def _stop(role: str) -> Callable[[World], float]:
-    def act(w: World) -> float:
-        target: Daemon | Server
-        if role == "server":
-            assert w.server is not None
-            target = w.server
-        else:
-            target = w.daemon(role)
-        w.stopped.append(target)
-        return target.proc.stop()
-    return act
+def _stop(w: World, role: str) -> float:
+    target: Daemon | Server
+    if role == "server":
+        assert w.server is not None
+        target = w.server
+    else:
+        target = w.daemon(role)
+    w.stopped.append(target)
+    return target.proc.stop()
 
 
 def _server_closes_too(w: World) -> None:
@@ -144,53 +152,53 @@ def _still_carries_data(w: World) -> None:
 
 
 CASES = [
-    Case("application closes", _close("app"), None, EOF, finish=_server_closes_too,
+    Case("application closes", _close, "app", None, EOF, finish=_server_closes_too,
          logs=(("agent", "ended: CLOSED"), ("connector", "ended: CLOSED")),
          why="the application's FIN becomes a FIN on the flow (half-close, the default): "
              "the server reads EOF and may still answer"),
-    Case("server closes", _close("server"), EOF, None, finish=_app_closes_too,
+    Case("server closes", _close, "server", EOF, None, finish=_app_closes_too,
          logs=(("agent", "ended: CLOSED"), ("connector", "ended: CLOSED")),
          why="the server's FIN travels back the same way: the application reads EOF"),
-    Case("application resets", _reset("app"), None, RESET,
+    Case("application resets", _reset, "app", None, RESET,
          logs=(("connector", "reset: reset: connection reset"),),
          why="an RST from the application resets the flow, and the connector resets the "
              "server's socket (SO_LINGER 0): a reset stays a reset end to end"),
-    Case("server resets", _reset("server"), RESET, None,
+    Case("server resets", _reset, "server", RESET, None,
          logs=(("agent", "reset: reset: connection reset"),),
          why="the same the other way"),
-    Case("agent killed", _kill("agent"), KERNEL, RESET,
+    Case("agent killed", _kill, "agent", KERNEL, RESET,
          logs=(("connector", "down: link lost"),),
          why="the agent's kernel closes its sockets: the application sees that close; "
              "the gateway sees the agent's link end and relays a DOWN, so the connector "
              "resets the server's socket"),
-    Case("gateway killed", _kill("gateway"), RESET, RESET,
+    Case("gateway killed", _kill, "gateway", RESET, RESET,
          logs=(("agent", "down: link lost"), ("connector", "down: link lost")),
          why="both edges see their link end: every flow on it goes DOWN, and each edge "
              "resets its socket"),
-    Case("connector killed", _kill("connector"), RESET, KERNEL,
+    Case("connector killed", _kill, "connector", RESET, KERNEL,
          logs=(("agent", "down: link lost"),),
          why="the connector's kernel closes the server's socket; the gateway relays the "
              "DOWN of its link, so the agent resets the application's socket"),
-    Case("server stopped", _stop("server"), OPEN, None, liveness=True, process_server=True,
+    Case("server stopped", _stop, "server", OPEN, None, liveness=True, process_server=True,
          finish=_still_carries_data,
          logs=(("agent", "ended: CLOSED"), ("connector", "ended: CLOSED")),
          why="a frozen server's kernel still ACKs and buffers, so no TCP-level part (and "
              "no proxy) can tell it from an idle one; the connector is alive and keeps "
              "the flow alive with its keepalives, so nothing may end it: the liveness "
              "timeout must not fire. After SIGCONT the connection carries data again"),
-    Case("connector stopped", _stop("connector"), RESET, None, within=LIVENESS_WINDOW,
+    Case("connector stopped", _stop, "connector", RESET, None, within=LIVENESS_WINDOW,
          liveness=True, thaw={"server": RESET},
          logs=(("agent", "down: unresponsive peer"),),
          why="a frozen connector sends no keepalive: the agent's side of the flow goes "
              "DOWN (unresponsive peer) after the liveness timeout and the application's "
              "socket is reset; once thawed, the connector gets the reset (or finds its "
              "own liveness expired) and resets the server's socket"),
-    Case("agent stopped", _stop("agent"), None, RESET, within=LIVENESS_WINDOW,
+    Case("agent stopped", _stop, "agent", None, RESET, within=LIVENESS_WINDOW,
          liveness=True, thaw={"app": RESET},
          logs=(("connector", "down: unresponsive peer"),),
          why="the mirror image: the connector's side goes DOWN and resets the server; "
              "the thawed agent resets the application"),
-    Case("gateway stopped", _stop("gateway"), RESET, RESET, within=LIVENESS_WINDOW,
+    Case("gateway stopped", _stop, "gateway", RESET, RESET, within=LIVENESS_WINDOW,
          liveness=True,
          logs=(("agent", "down: unresponsive peer"), ("connector", "down: unresponsive peer")),
          why="the gateway keeps no liveness of its own on relayed flows; the edges' "
@@ -198,6 +206,23 @@ CASES = [
              "liveness timeout and both sockets are reset; the thawed gateway then "
              "drops its splice (both sides sent RESET)"),
 ]
+
+# The topologies: how many gateways between the agent and the connector.
+TOPOLOGIES = {"1gw": 1, "2gw": 2}
+
+
+def _matrix() -> list[pytest.ParameterSet]:
+    """CASES x TOPOLOGIES; in a cluster, a row acting on "the gateway" is one row per
+    gateway ("gw1 killed", "gw2 killed")."""
+    rows = []
+    for topology, gateways in TOPOLOGIES.items():
+        for case in CASES:
+            variants = [case] if case.target != "gateway" or gateways == 1 else [
+                replace(case, name=case.name.replace("gateway", gw), target=gw)
+                for gw in (f"gw{i}" for i in range(1, gateways + 1))]
+            rows += [pytest.param(gateways, c, id=f"{topology}-{c.name.replace(' ', '-')}")
+                     for c in variants]
+    return rows
 
 
 @pytest.fixture
@@ -216,8 +241,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 @contextlib.contextmanager
-def _establish(rig: Rig, case: Case) -> Iterator[World]:
-    """Start the relay for `case` and set up one connection end to end."""
+def _establish(rig: Rig, case: Case, gateways: int) -> Iterator[World]:
+    """Start the relay for `case` through `gateways` gateways and set up one connection
+    end to end."""
     args = ["--liveness", str(LIVENESS)] if case.liveness else []
     with contextlib.ExitStack() as stack:
         server: Server | None = None
@@ -229,7 +255,9 @@ def _establish(rig: Rig, case: Case) -> Iterator[World]:
             srv = stack.enter_context(socket.create_server((HOST, 0)))
             srv.settimeout(10)
             port = srv.getsockname()[1]
-        gw, co, ag = rig.relay({"svc": port}, connector_args=args, agent_args=args)
+        relay = rig.tunnel({"svc": port}, gateways=gateways, connector_args=args,
+                           agent_args=args)
+        ag, co = relay.agent, relay.connector
         app = stack.enter_context(socket.create_connection((HOST, ag.ports["svc"]),
                                                            timeout=10))
         app.sendall(b"ping")
@@ -244,10 +272,11 @@ def _establish(rig: Rig, case: Case) -> Iterator[World]:
             assert _recv_exact(app, 4) == b"ping"
         # Established also in the daemons' books: both edges list the connection (the
         # connector adopts it only when its connecting task resumes, which may come
-        # after the round trip above).
-        wait_until(lambda: [d.name for d in (ag, co) if d.status()["open"] != 1], 5.0,
+        # after the round trip above), and it crosses every gateway of the path.
+        wait_until(lambda: [d.name for d in (ag, co) if d.status()["open"] != 1]
+                   + [g.name for g in relay.gateways if g.status()["flows"] != 1], 5.0,
                    "connection not listed by", rig.describe)
-        yield World(rig, gw, co, ag, app, conn, server)
+        yield World(rig, relay, app, conn, server)
 
 
 def _watch(ends: dict[str, socket.socket], expect: dict[str, str], t0: float,
@@ -295,9 +324,9 @@ def _check(seen: dict[str, tuple[str, float]], expect: dict[str, str],
                 f"{describe()}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "-") for c in CASES])
-def test_close_cascade(rig: Rig, case: Case) -> None:
-    with _establish(rig, case) as world:
+@pytest.mark.parametrize(("gateways", "case"), _matrix())
+def test_close_cascade(rig: Rig, gateways: int, case: Case) -> None:
+    with _establish(rig, case, gateways) as world:
         _run_case(world, case)
 
 
@@ -307,7 +336,7 @@ def _run_case(w: World, case: Case) -> None:
         ends["server"] = w.conn
     expect = {name: wanted for name, wanted in (("app", case.app), ("server", case.server))
               if wanted is not None and name in ends}
-    t0 = case.act(w)
+    t0 = case.act(w, case.target)
     timeout = HOLD if OPEN in expect.values() else case.within[1] + 0.5
     seen = _watch(ends, expect, t0, timeout)
     print(f"{case.name}: " + ", ".join(f"{n} {what} after {after * 1000:.1f} ms"
@@ -328,7 +357,13 @@ def _run_case(w: World, case: Case) -> None:
     if case.finish is not None:
         case.finish(w)
 
-    survivors = [d for d in (w.ag, w.gw, w.co) if d not in w.killed]
+    survivors = [d for d in w.relay.daemons if d not in w.killed]
+    for dead in [d for d in w.killed if d.role == "gateway"]:  # the cluster forgets it
+        for gw in [g for g in survivors if g.role == "gateway"]:
+            gw.wait_log(rf"gateway {gw.name}: peer gateway {dead.name} down", timeout=1.0)
+        if dead is w.relay.gateways[-1] and dead is not w.relay.gateways[0]:
+            wait_until(lambda: "svc" in w.relay.gateways[0].status()["services"], 1.0,
+                       "the service of a dead gateway still listed", w.rig.describe)
     for role, pattern in case.logs:  # how the surviving edges saw the flow end
         w.daemon(role).wait_log(rf"flow \S+ {pattern}")
     w.rig.wait_idle(*survivors, bridges=False)

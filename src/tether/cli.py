@@ -215,7 +215,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="longest wait between attempts to reach a peer gateway (default 2)")
     gw.add_argument("--peer-tls-ca", metavar="PEM",
                     help="dial peer gateways over TLS, trusting this CA (presenting "
-                         "--tls-cert as client certificate)")
+                         "--tls-cert as client certificate: where peers require one, "
+                         "that certificate must allow TLS client authentication too, "
+                         "extendedKeyUsage serverAuth,clientAuth)")
     gw.add_argument("--window", type=int, default=256 * 1024, metavar="BYTES",
                     help="receive window per relayed flow and side (default 262144)")
     gw.add_argument("--tokens", metavar="JSON",

@@ -26,7 +26,7 @@ from .aio import (
     serve_links,
     spawn_owned,
 )
-from .errors import ErrorCode, LocalProtocolError, TetherError
+from .errors import ErrorCode, HandshakeError, LocalProtocolError, TetherError
 from .events import (
     DataReceived,
     Event,
@@ -147,18 +147,27 @@ class Gateway:
         """Dial a peer gateway and keep the link up: re-dial while it is down."""
         host, port = parse_address(address)
         delay = min(0.1, self.retry_interval)
+        refused = ""
         while True:
             try:
                 conn = await open_link(host, port, self._config(dial=True), self,
                                        ssl_context=self.peer_tls, sockopts=self.sockopts,
                                        connect_timeout=self.retry_interval * 2)
             except TetherError as exc:
-                log.debug("gateway %s: peer %s at %s unreachable: %s", self.name, peer,
-                          address, exc)
+                # A peer that answers and refuses the link (TLS, token, version) is not a
+                # peer still starting but a misconfiguration: said once per reason.
+                if isinstance(exc, HandshakeError) and str(exc) != refused:
+                    refused = str(exc)
+                    log.warning("gateway %s: peer %s at %s refused the link: %s", self.name,
+                                peer, address, exc)
+                else:
+                    log.debug("gateway %s: peer %s at %s unreachable: %s", self.name, peer,
+                              address, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_interval)
                 continue
             delay = min(0.1, self.retry_interval)
+            refused = ""
             if conn.link.peer_name != peer:
                 log.warning("gateway %s: %s answered as %r, not %r", self.name, address,
                             conn.link.peer_name, peer)
@@ -450,6 +459,10 @@ class Gateway:
                 self.counters["links_refused"] += 1
             log.warning("gateway %s: link from %s (%s) closed: %s", self.name,
                         conn.link.peer_name or "?", conn.peer_address, event.reason)
+        elif not conn.ready.done():  # no HELLO completed: it never was a node's link
+            log.info("gateway %s: link %s %s ended before its handshake: %s", self.name,
+                     "to" if conn.link.role is Role.CLIENT else "from", conn.peer_address,
+                     event.reason)
         else:
             log.info("gateway %s: node %s disconnected: %s", self.name,
                      conn.link.peer_name or conn.peer_address, event.reason)
