@@ -216,7 +216,7 @@ def test_open_with_wrong_parity_ends_link() -> None:
 
 
 def test_credit_limits_the_writer_and_consumption_restores_it() -> None:
-    cfg = LinkConfig(name="s", initial_window=4096)
+    cfg = LinkConfig(name="s", initial_window=4096, max_window=4096)  # no auto-tuning
     p = Pair(server=cfg)
     p.handshake()
     sid, _ = p.open()
@@ -455,3 +455,63 @@ def exchange_many(seed: int, n_flows: int, sizes: tuple[int, ...]) -> None:
     assert {sid: bytes(b) for sid, b in got.items()} == payload
     assert all(e.state is FlowState.CLOSED for e in finished.values())
     assert len(p.client) == len(p.server) == 0
+
+
+# --- receive-window auto-tuning -----------------------------------------------------------
+
+
+def _bulk_round(p: Pair, sid: int, n: int = 1 << 30) -> int:
+    """The client sends all the credit it has; the server's application takes it all.
+    Returns the credit the client has afterwards (the window the server now grants)."""
+    sent = p.client.send_data(sid, b"x" * p.client.send_credit(sid), p.now)
+    p.transfer()
+    got = len(data_of(p.take("server"), sid))
+    assert got == sent
+    p.server.consumed(sid, got, p.now)
+    p.transfer()
+    p.take("client")
+    return p.client.send_credit(sid)
+
+
+def test_a_sender_that_runs_out_of_credit_gets_a_doubled_window_up_to_max_window() -> None:
+    p = Pair(server=LinkConfig(name="s", initial_window=4096, max_window=32768))
+    p.handshake()
+    sid, _ = p.open()
+    credits = [_bulk_round(p, sid) for _ in range(6)]
+    assert credits == [8192, 16384, 32768, 32768, 32768, 32768]
+    assert p.server.stats.windows_grown == 3
+
+
+def test_a_sender_that_never_runs_short_keeps_the_initial_window() -> None:
+    p = Pair(server=LinkConfig(name="s", initial_window=4096, max_window=32768))
+    p.handshake()
+    sid, _ = p.open()
+    for _ in range(20):  # interactive: a little at a time, consumed at once
+        p.client.send_data(sid, b"y" * 1000, p.now)
+        p.transfer()
+        p.server.consumed(sid, len(data_of(p.take("server"), sid)), p.now)
+        p.transfer()
+        p.take("client")
+    assert p.client.send_credit(sid) <= 4096
+    assert p.server.stats.windows_grown == 0
+
+
+def test_window_growth_stays_within_the_link_budget_and_is_returned_when_flows_end() -> None:
+    p = Pair(server=LinkConfig(name="s", initial_window=4096, max_window=65536,
+                               window_budget=16384))
+    p.handshake()
+    a, _ = p.open()
+    b, _ = p.open()
+    for _ in range(4):
+        _bulk_round(p, a)
+    assert p.client.send_credit(a) == 4096 + 16384  # the whole budget went to `a`
+    assert _bulk_round(p, b) == 4096  # none left for `b`
+    p.client.reset(a, ErrorCode.RESET, "done", p.now)
+    p.transfer()
+    p.take("server")
+    assert _bulk_round(p, b) == 8192  # `a` ended: its growth is back in the budget
+
+
+def test_max_window_below_initial_window_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_window"):
+        LinkConfig(name="x", initial_window=8192, max_window=4096)

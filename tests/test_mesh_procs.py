@@ -201,7 +201,8 @@ def test_first_contact_failure_is_reported(procs: ProcGroup) -> None:
                                    "3", "--establish-timeout", "0.5"))
     _, ready = a.expect(r"^ready port=\d+")
     _, line = a.expect(r"^failure ghost ", timeout=10)
-    assert 0.5 <= line.t - ready.t < 0.5 + 1.0, line.t - ready.t
+    # both times are when this test read the lines: a few ms of jitter either way
+    assert 0.5 - 0.05 <= line.t - ready.t < 0.5 + 1.0, line.t - ready.t
     assert failures(a) == [([0, 1, 2], 0, failures(a)[0][2])]
     assert "ghost unreachable for 0.5s: cannot connect" in line.text, line.text
     a.expect(r"^settled ")

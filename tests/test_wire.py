@@ -598,3 +598,67 @@ def test_fuzz_mutated_valid_frames(frames: list[Frame], flips: list[tuple[int, i
     for pos, value in flips:
         data[pos % len(data)] = value
     fuzz_feed(FrameDecoder(), bytes(data), cuts)
+
+
+# ---------------------------------------------------------------------------------------
+# Cut-through DATA (split_data=True, what a Link uses)
+
+
+def _merged(frames: list[Frame]) -> list[Frame]:
+    """Adjacent Data frames of one stream joined: what a stream's reader sees."""
+    out: list[Frame] = []
+    for f in frames:
+        if isinstance(f, Data) and out and isinstance(out[-1], Data) \
+                and out[-1].stream == f.stream:
+            out[-1] = Data(f.stream, bytes(out[-1].data) + bytes(f.data))
+        else:
+            out.append(Data(f.stream, bytes(f.data)) if isinstance(f, Data) else f)
+    return out
+
+
+@FAST
+@given(st.lists(FRAMES, max_size=8), st.lists(st.integers(0, 6000), max_size=12),
+       st.booleans())
+def test_split_data_gives_the_same_streams_whatever_the_cuts(
+        frames: list[Frame], cuts: list[int], as_bytes: bool) -> None:
+    """However the bytes are cut, the frames are those encoded, except that a DATA
+    payload may come in pieces (each a piece of one chunk, none empty unless the frame
+    is), and nothing but a header or a control frame is ever held."""
+    data = b"".join(encode(f) for f in frames)
+    dec = FrameDecoder(split_data=True)
+    got: list[Frame] = []
+    for chunk in split_at(data, cuts):
+        piece = chunk if as_bytes else bytearray(chunk)  # views of bytes; copies otherwise
+        new = dec.feed(piece)
+        for f in new:
+            if isinstance(f, Data):
+                assert isinstance(f.data, memoryview if as_bytes else bytes)
+        got += new
+        assert dec.buffered <= 10 + CONTROL_PAYLOAD_MAX + 10 + 600 + 10
+    assert _merged(got) == _merged(frames)
+    assert dec.buffered == 0
+
+
+def test_split_data_passes_a_payload_on_as_it_arrives() -> None:
+    dec = FrameDecoder(split_data=True)
+    raw = frame(0x05, 7, b"abcdef") + frame(0x05, 9, b"xyz")
+    assert dec.feed(raw[:3]) == []  # not even a header: held
+    assert dec.buffered == 3
+    assert dec.feed(raw[3:12]) == [Data(7, b"ab")]  # the header, then what there is
+    assert dec.buffered == 0  # a payload is never held
+    assert dec.feed(raw[12:15]) == [Data(7, b"cde")]
+    assert dec.feed(raw[15:]) == [Data(7, b"f"), Data(9, b"xyz")]
+
+
+def test_split_data_checks_a_header_before_passing_anything_on() -> None:
+    dec = FrameDecoder(split_data=True, max_payload=1024)
+    expect_error(hdr(0x05, 1, 1025) + b"x", "exceeds the maximum", dec=dec,
+                 code=ErrorCode.FRAME_TOO_LARGE)
+    dec = FrameDecoder(split_data=True, max_payload=1024)  # a header cut in two
+    assert dec.feed(hdr(0x05, 1, 1025)[:4]) == []
+    expect_error(hdr(0x05, 1, 1025)[4:] + b"x", "exceeds the maximum", dec=dec,
+                 code=ErrorCode.FRAME_TOO_LARGE)
+    dec = FrameDecoder(split_data=True)  # garbage after a payload's last piece
+    assert dec.feed(hdr(0x05, 1, 4) + b"ab") == [Data(1, b"ab")]
+    with pytest.raises(ProtocolError, match="unknown frame type"):
+        dec.feed(b"cd" + hdr(0x7F, 0, 0))

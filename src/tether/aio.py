@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from . import coalesce
 from .errors import ErrorCode, HandshakeError, PeerUnreachable
 from .events import Event, HandshakeCompleted, LinkTerminated
 from .link import Link, LinkConfig, Role
@@ -125,6 +126,8 @@ class LinkConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._flushing = False
+        self._held = False
+        self._coalescer = coalesce.current()
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._tls = _ServerTLS(server_tls) if server_tls is not None else None
@@ -154,6 +157,14 @@ class LinkConnection(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        coalescer = self._coalescer
+        coalescer.begin()
+        try:
+            self._received(data)
+        finally:
+            coalescer.end()
+
+    def _received(self, data: bytes) -> None:
         if self._tls is not None:
             try:
                 data = self._tls.receive(data)
@@ -206,24 +217,26 @@ class LinkConnection(asyncio.Protocol):
 
     def flush(self) -> None:
         """Write what the link has to send, hand its events to the handler, re-arm the
-        timer. Re-entrant: a handler that acts on this link inside an event is fine."""
+        timer. Re-entrant: a handler that acts on this link inside an event is fine.
+
+        While a read is being handled (this link's or another's: a gateway splicing),
+        the bytes are held and written once when that read is done (`coalesce`)."""
         if self._flushing:
             return
         self._flushing = True
         terminated: LinkTerminated | None = None
+        coalescer = self._coalescer
         try:
             link = self.link
-            transport = self.transport
             while True:
-                pieces = link.buffers_to_send()
                 events = link.next_events()
-                if not pieces and not events:
+                if not coalescer.depth:
+                    self._write(link.buffers_to_send())
+                elif not self._held and link.has_output:
+                    self._held = True
+                    coalescer.defer(self)
+                if not events:
                     break
-                if pieces and transport is not None and not transport.is_closing():
-                    if self._tls is not None:
-                        transport.write(self._tls.send(b"".join(pieces)))
-                    else:
-                        transport.writelines(pieces)  # one writev, no join
                 for event in events:
                     if isinstance(event, HandshakeCompleted) and not self.ready.done():
                         self.ready.set_result(event)
@@ -237,7 +250,21 @@ class LinkConnection(asyncio.Protocol):
         else:
             self._arm()
 
+    def write_deferred(self) -> None:
+        """Write the bytes held while a read was handled (see `coalesce`)."""
+        self._held = False
+        self._write(self.link.buffers_to_send())
+
+    def _write(self, pieces: list[bytes | memoryview]) -> None:
+        transport = self.transport
+        if pieces and transport is not None and not transport.is_closing():
+            if self._tls is not None:
+                transport.write(self._tls.send(b"".join(pieces)))
+            else:
+                transport.writelines(pieces)  # one writev, no join
+
     def _finish(self, event: LinkTerminated) -> None:
+        self._write(self.link.buffers_to_send())  # the last frames (GOAWAY) go first
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

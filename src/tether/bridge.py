@@ -26,6 +26,7 @@ import socket
 import struct
 from collections.abc import Callable
 
+from . import coalesce
 from .errors import ErrorCode, FlowError
 from .flow import Flow
 from .flowstate import FlowState
@@ -55,10 +56,14 @@ class SocketBridge(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_coalescer",
         "_fin_pending",
         "_flow",
         "_flow_done",
+        "_held",
         "_lost_exc",
+        "_out",
+        "_out_bytes",
         "_pending",
         "_read_paused",
         "_socket_done",
@@ -98,6 +103,10 @@ class SocketBridge(asyncio.Protocol):
         self.half_closed_at: float | None = None  # for the fin timeout
         self._lost_exc: Exception | None = None
         self.bytes_at_reap = 0
+        self._coalescer = coalesce.current()
+        self._held = False  # registered with the coalescer
+        self._out: list[bytes | memoryview] = []  # flow -> socket, held until written
+        self._out_bytes = 0
 
     @property
     def flow(self) -> Flow:
@@ -212,17 +221,41 @@ class SocketBridge(asyncio.Protocol):
 
     # the flow side (FlowSink) --------------------------------------------------------------
 
-    def flow_data(self, data: bytes) -> None:
+    def flow_data(self, data: bytes | memoryview) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             self.flow.consumed(len(data))
             return
         self.bytes_down += len(data)
+        if self._coalescer.depth:  # the link's read is being handled: one write at its end
+            self._out.append(data)
+            self._out_bytes += len(data)
+            if not self._held:
+                self._held = True
+                self._coalescer.defer(self)
+            return
         transport.write(data)
+        self._written(len(data))
+
+    def write_deferred(self) -> None:
+        """Write the flow's bytes held while the link's read was handled (`coalesce`)."""
+        self._held = False
+        if not self._out:
+            return
+        out, self._out = self._out, []
+        n, self._out_bytes = self._out_bytes, 0
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(out)
+        if not self._flow_done:
+            self._written(n)
+
+    def _written(self, n: int) -> None:
+        """`n` bytes went to the socket: credit back now, or once it drains."""
         if self._write_paused:
-            self._unconsumed += len(data)
+            self._unconsumed += n
         else:
-            self.flow.consumed(len(data))
+            self.flow.consumed(n)
 
     def _half_closed(self) -> None:
         if self.half_closed_at is None:
@@ -230,6 +263,7 @@ class SocketBridge(asyncio.Protocol):
 
     def flow_fin(self) -> None:
         self._half_closed()
+        self.write_deferred()  # the bytes before the FIN
         transport = self.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
             transport.write_eof()
@@ -246,6 +280,7 @@ class SocketBridge(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if state is FlowState.CLOSED:
+                self.write_deferred()
                 transport.close()  # after the data already written
             else:
                 log.info("flow %s %s: resetting %s socket (%s)", self.flow.id,

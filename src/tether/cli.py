@@ -21,6 +21,7 @@ from .admin import AdminServer, fetch_status
 from .aio import parse_address, run
 from .errors import TetherError
 from .gateway import Gateway
+from .heap import keep_heap_pages
 from .relay import Agent, Connector, parse_forward, parse_service
 from .workers import add_hub_subcommand
 
@@ -263,6 +264,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tether` command."""
     args = _parser().parse_args(argv)
+    keep_heap_pages()
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -43,6 +43,8 @@ def describe(item: wire.Frame | Event) -> str:
             value = getattr(item, field.name)
             if value != field.default:
                 value = ErrorCode(value) if field.name == "code" else value
+                if isinstance(value, memoryview):  # a payload as the link decoded it
+                    value = value.tobytes()
                 shown = value.name if isinstance(value, Enum) else repr(value)
                 parts.append(f"{field.name}={shown}")
     return " ".join(parts)

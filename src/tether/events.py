@@ -69,10 +69,13 @@ class FlowAccepted(Event):
 
 @dataclass(frozen=True, slots=True)
 class DataReceived(Event):
-    """Bytes arrived on a stream. Call `Link.consumed` once the application took them."""
+    """Bytes arrived on a stream. Call `Link.consumed` once the application took them.
+
+    `data` is usually a read-only `memoryview` of the bytes the link read (no copy);
+    take `bytes(data)` to keep it beyond the handling of the event cheaply."""
 
     stream: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -159,6 +159,10 @@ class Flow:
 
     def _check_writable(self) -> None:
         if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN):
+            if self._conn.link.flow_state(self.stream) is None:
+                # The link ended the stream in the batch of events being handed out
+                # right now; this flow hears of it (`_on_end`, the reason) further on.
+                raise FlowClosed(f"flow {self.id} has ended")
             return
         if self._state is FlowState.LOCAL_FIN:
             raise FlowClosed(f"flow {self.id}: write after close_write()")
@@ -225,7 +229,8 @@ class Flow:
 
     def fin_nowait(self) -> None:
         """`close_write()` without awaiting."""
-        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN):
+        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN) \
+                and self._conn.link.flow_state(self.stream) is not None:
             self._conn.link.send_fin(self.stream, self._conn.now)
             self._set_state()
             self._conn.flush()
@@ -259,11 +264,11 @@ class Flow:
         self._state = FlowState.OPEN
         self._set_state()
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
         if self._sink is not None:
             self._sink.flow_data(data)
             return
-        self._buffer.append(data)
+        self._buffer.append(data if type(data) is bytes else bytes(data))
         self._buffered += len(data)
         self._wake_reader()
 
@@ -306,8 +311,9 @@ class Flow:
 class FlowSink(Protocol):
     """Receives a flow's events when attached with `Flow.attach` (a socket bridge)."""
 
-    def flow_data(self, data: bytes) -> None:
-        """Bytes arrived; call `Flow.consumed(len)` once they are passed on."""
+    def flow_data(self, data: bytes | memoryview) -> None:
+        """Bytes arrived (a read-only view: copy it to keep it); call
+        `Flow.consumed(len)` once they are passed on."""
 
     def flow_fin(self) -> None:
         """The peer half-closed: no more data will come."""

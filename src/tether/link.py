@@ -77,7 +77,12 @@ class LinkConfig:
 
     `token` is sent in HELLO; `expected_token`, when set, is what the peer's HELLO
     must carry (a server refuses anything else). `initial_window` is the credit given
-    to the peer on every stream. The link is lost when nothing at all arrived for
+    to the peer on every stream; a stream whose sender keeps running out of credit
+    (bulk) has its window doubled at each WINDOW update, up to `max_window`, as long as
+    the link's windows together stay within `window_budget` extra bytes (receive-window
+    auto-tuning, as TCP's: a fast flow gets a window that covers its round trip, idle
+    and interactive flows keep the initial one; memory held for the peer stays below
+    `initial_window` x flows + `window_budget`). The link is lost when nothing at all arrived for
     `link_timeout`; it sends a PING after `heartbeat_interval` with nothing sent.
     `relay_streams` is for gateways: streams carry no liveness of their own and
     KEEPALIVEs surface as `KeepAliveReceived`, to be forwarded end to end.
@@ -88,9 +93,12 @@ class LinkConfig:
     name: str
     token: bytes = b""
     expected_token: bytes | None = None
-    max_payload: int = wire.DEFAULT_MAX_PAYLOAD
+    # 256 KiB: one frame per read of a busy socket (uvloop reads up to 256 KiB)
+    max_payload: int = 256 * 1024
     hard_max_payload: int = wire.HARD_MAX_PAYLOAD
     initial_window: int = 256 * 1024
+    max_window: int = 4 * 1024 * 1024
+    window_budget: int = 32 * 1024 * 1024
     heartbeat_interval: float = 5.0
     link_timeout: float = 15.0
     handshake_timeout: float = 10.0
@@ -102,6 +110,9 @@ class LinkConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.initial_window <= _MAX_WINDOW:
             raise ValueError(f"initial_window {self.initial_window} out of [1, {_MAX_WINDOW}]")
+        if not self.initial_window <= self.max_window <= _MAX_WINDOW:
+            raise ValueError(f"max_window {self.max_window} out of [initial_window "
+                             f"{self.initial_window}, {_MAX_WINDOW}]")
         if self.link_timeout <= self.heartbeat_interval:
             raise ValueError(f"link_timeout {self.link_timeout} must exceed "
                              f"heartbeat_interval {self.heartbeat_interval}")
@@ -112,7 +123,7 @@ class LinkStats:
 
     __slots__ = ("bytes_in", "bytes_out", "flows_ended", "flows_opened", "frames_in",
                  "frames_out", "keepalives_sent", "late_frames", "protocol_errors",
-                 "streams_reset_by_error")
+                 "streams_reset_by_error", "windows_grown")
 
     def __init__(self) -> None:
         self.bytes_in = 0
@@ -125,6 +136,7 @@ class LinkStats:
         self.late_frames = 0
         self.protocol_errors = 0
         self.streams_reset_by_error = 0
+        self.windows_grown = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
@@ -181,6 +193,7 @@ class Link:
         self._last_send = now
         self._handshake_deadline: float | None = now + config.handshake_timeout
         self._ping_seq = 0
+        self._window_growth = 0  # bytes of auto-tuned window beyond initial_window, all streams
         if role is Role.CLIENT:
             self._send_hello()
 
@@ -200,6 +213,11 @@ class Link:
     def max_payload(self) -> int:
         """The largest DATA payload either side sends (the smaller of the two HELLOs)."""
         return self._max_payload
+
+    @property
+    def has_output(self) -> bool:
+        """There are bytes for `data_to_send` / `buffers_to_send`."""
+        return bool(self._out)
 
     def flow_state(self, stream: int) -> FlowState | None:
         """The state of a live stream, or None if the link does not know it."""
@@ -440,10 +458,25 @@ class Link:
             return
         s.unacked += n
         if s.unacked >= s.local_window // 2 and s.fsm.can_receive:
-            self._emit(wire.Window(stream=stream, increment=s.unacked), now)
-            s.recv_allowed += s.unacked
+            increment = s.unacked
+            if s.recv_allowed <= s.local_window // 4:  # the sender waits for credit: grow
+                increment += self._grow_window(s)
+            self._emit(wire.Window(stream=stream, increment=increment), now)
+            s.recv_allowed += increment
             s.unacked = 0
             self._sent(s, now)
+
+    def _grow_window(self, s: _Stream) -> int:
+        """Double `s`'s window within `max_window` and the link's budget; the growth."""
+        cfg = self.config
+        grow = min(s.local_window, cfg.max_window - s.local_window,
+                   cfg.window_budget - self._window_growth)
+        if grow <= 0:
+            return 0
+        s.local_window += grow
+        self._window_growth += grow
+        self.stats.windows_grown += 1
+        return grow
 
     def send_keepalive(self, stream: int, now: float) -> None:
         """Forward a KEEPALIVE on a relay stream."""
@@ -541,6 +574,7 @@ class Link:
 
     def _ended(self, s: _Stream, code: int, reason: str, initiator: Initiator) -> None:
         del self._streams[s.id]
+        self._window_growth -= s.local_window - self.config.initial_window
         self._liveness.remove(s.id)
         self.stats.flows_ended += 1
         self._events.append(FlowEnded(stream=s.id, state=s.fsm.state, code=code,

@@ -45,7 +45,7 @@ class SpliceEnd:
     def __init__(self, conn: LinkConnection, stream: int) -> None:
         self.conn = conn
         self.stream = stream
-        self.pending: deque[bytes] = deque()
+        self.pending: deque[bytes | memoryview] = deque()
         self.pending_bytes = 0
         self.pending_end: str | None = None
         self.ended = False
@@ -79,7 +79,7 @@ class Splice:
 
     # what arrives on one side is passed to the other ------------------------------------
 
-    def on_data(self, src: SpliceEnd, data: bytes) -> None:
+    def on_data(self, src: SpliceEnd, data: bytes | memoryview) -> None:
         """Bytes arrived on `src`: pass them on as credit allows, hold the rest."""
         dst = self.other(src)
         if dst.ended:

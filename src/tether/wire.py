@@ -162,7 +162,7 @@ class Data(Frame):
 
     TYPE: ClassVar[int] = FrameType.DATA
     stream: int
-    data: bytes
+    data: bytes | memoryview  # decoded: a read-only view of the bytes read, see FrameDecoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,13 +506,18 @@ class FrameDecoder:
     after garbage.
     """
 
-    __slots__ = ("_buf", "_error", "_max_payload", "hard_max")
+    __slots__ = ("_data_left", "_data_stream", "_error", "_held", "_max_payload", "_parts",
+                 "hard_max", "split_data")
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD,
-                 hard_max: int = HARD_MAX_PAYLOAD) -> None:
+                 hard_max: int = HARD_MAX_PAYLOAD, *, split_data: bool = False) -> None:
         if not 1024 <= max_payload <= hard_max:
             raise ValueError(f"max_payload {max_payload} must lie in [1024, {hard_max}]")
-        self._buf = bytearray()
+        self._parts: list[bytes | memoryview] = []  # the pending frame's pieces
+        self._held = 0  # their total length
+        self.split_data = split_data
+        self._data_stream = 0  # split_data: the DATA frame whose payload is arriving
+        self._data_left = 0  # and how much of it is still to come
         self._error: ProtocolError | None = None
         self._max_payload = max_payload
         self.hard_max = hard_max
@@ -531,48 +536,84 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes held for a frame not yet complete (at most one header plus one payload)."""
-        return len(self._buf)
+        return self._held
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Add bytes; return every frame they complete, in order."""
+        """Add bytes; return every frame they complete, in order.
+
+        A DATA frame's payload is a `memoryview` slice of `data` when `data` is
+        `bytes` (immutable: nothing is copied, the slice keeps the read alive), and
+        `bytes` otherwise; a frame that straddles reads is joined once, when complete.
+
+        With `split_data` (cut-through, what a `Link` uses), a DATA frame's payload is
+        returned as it arrives instead: a frame that straddles reads becomes several
+        `Data` frames of the same stream, each a slice of one read, so no payload byte
+        is ever held or copied here. A payload is only bytes of a stream, so nothing
+        above the decoder can tell the difference but the frame count.
+        """
         if self._error is not None:
             raise self._error
         frames: list[Frame] = []
         mv = memoryview(data).cast("B")
-        buf = self._buf
+        keep = isinstance(data, bytes)
         try:
-            if buf:
-                # Complete the one pending frame from the head of `data`, then parse the
-                # rest of `data` in place: a read is never copied into the buffer whole.
-                hsize = HEADER.size
-                if len(buf) < hsize:
-                    take = hsize - len(buf)
-                    buf += mv[:take]
-                    mv = mv[take:]
-                    if len(buf) < hsize:
-                        return frames
-                    with memoryview(buf) as head:
-                        used = self._parse(head, frames)  # checks the header first
-                    del buf[:used]
-                if buf:  # a checked header, its payload incomplete
-                    need = hsize + HEADER.unpack_from(buf)[3] - len(buf)
-                    buf += mv[:need]
-                    mv = mv[need:]
-                    if len(buf) < hsize + HEADER.unpack_from(buf)[3]:
-                        return frames
-                    with memoryview(buf) as whole:
-                        self._parse(whole, frames)
-                    buf.clear()
-            used = self._parse(mv, frames)
+            if self._parts:
+                rest = self._complete(mv, keep, frames)
+                if rest is None:
+                    return frames
+                mv = rest
+            if self._data_left:
+                take = min(self._data_left, len(mv))
+                payload = mv[:take]
+                frames.append(Data(self._data_stream, payload if keep else payload.tobytes()))
+                self._data_left -= take
+                mv = mv[take:]
+            used = self._parse(mv, frames, keep)
         except ProtocolError as exc:
             self._error = exc
-            self._buf = bytearray()
+            self._parts = []
+            self._held = 0
             raise
         if used < len(mv):
-            buf += mv[used:]
+            rest = mv[used:]
+            self._parts.append(rest if keep else rest.tobytes())
+            self._held = len(rest)
         return frames
 
-    def _parse(self, mv: memoryview, out: list[Frame]) -> int:
+    def _complete(self, mv: memoryview, keep: bool, frames: list[Frame]) -> memoryview | None:
+        """Complete the pending frame from the head of `mv`; return the rest of `mv`, or
+        None if `mv` did not complete it."""
+        hsize = HEADER.size
+        parts = self._parts
+        held = self._held
+        if held < hsize:
+            take = min(hsize - held, len(mv))
+            parts.append(mv[:take] if keep else mv[:take].tobytes())
+            held += take
+            mv = mv[take:]
+            if held < hsize:
+                self._held = held
+                return None
+            head = b"".join(parts)
+            parts[:] = [head]
+            if self._parse(memoryview(head), frames, True) == hsize:  # checks the header
+                parts.clear()  # no payload (complete already) or a split DATA's to come
+                self._held = 0
+                return mv
+        need = hsize + HEADER.unpack_from(parts[0])[3] - held
+        take = min(need, len(mv))
+        parts.append(mv[:take] if keep else mv[:take].tobytes())
+        mv = mv[take:]
+        if take < need:
+            self._held = held + take
+            return None
+        whole = b"".join(parts)
+        parts.clear()
+        self._held = 0
+        self._parse(memoryview(whole), frames, True)
+        return mv
+
+    def _parse(self, mv: memoryview, out: list[Frame], keep: bool) -> int:
         off = 0
         end = len(mv)
         unpack = HEADER.unpack_from
@@ -587,10 +628,18 @@ class FrameDecoder:
                         ErrorCode.FRAME_TOO_LARGE)
                 if stream == 0:
                     raise RemoteProtocolError("DATA frame on stream 0")
-                if end - off - hsize < length:
-                    break
                 start = off + hsize
-                out.append(Data(stream, bytes(mv[start:start + length])))
+                if end - start < length:
+                    if not self.split_data:
+                        break
+                    if end > start:
+                        payload = mv[start:end]
+                        out.append(Data(stream, payload if keep else payload.tobytes()))
+                    self._data_stream = stream
+                    self._data_left = length - (end - start)
+                    return end
+                payload = mv[start:start + length]
+                out.append(Data(stream, payload if keep else payload.tobytes()))
                 off = start + length
                 continue
             parse = _PARSERS.get(ftype)

@@ -1,0 +1,156 @@
+"""The data path: writes coalesced per read, the heap thresholds, a flow pumped from callbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+
+import pytest
+
+import tether
+from test_gateway import address, gateway, registered
+from tether import wire
+from tether.coalesce import WriteCoalescer, current
+from tether.errors import ErrorCode, FlowError
+from tether.heap import keep_heap_pages
+
+
+class Holder:
+    def __init__(self, co: WriteCoalescer, log: list[str], name: str,
+                 then: Holder | None = None, fail: bool = False) -> None:
+        self.co, self.log, self.name, self.then, self.fail = co, log, name, then, fail
+
+    def write_deferred(self) -> None:
+        self.log.append(self.name)
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("write failed")
+        if self.then is not None:  # a write that gives credit back: more to write
+            self.co.defer(self.then)
+
+
+def test_held_writes_happen_once_when_the_outermost_read_ends() -> None:
+    co, log = WriteCoalescer(), []
+    a, b = Holder(co, log, "a"), Holder(co, log, "b")
+    co.begin()
+    co.defer(a)
+    co.begin()  # a nested read (a protocol callback run synchronously)
+    co.defer(b)
+    co.end()
+    assert log == []  # not yet: the outer read is still being handled
+    co.end()
+    assert log == ["a", "b"]
+    assert co.depth == 0 and not co.queued
+
+
+def test_writes_that_cause_writes_are_drained_in_the_same_end() -> None:
+    co, log = WriteCoalescer(), []
+    last = Holder(co, log, "window")
+    co.begin()
+    co.defer(Holder(co, log, "data", then=last))
+    co.end()
+    assert log == ["data", "window"]
+
+
+def test_a_failing_write_keeps_the_others_held_for_the_next_end() -> None:
+    co, log = WriteCoalescer(), []
+    co.begin()
+    co.defer(Holder(co, log, "a", fail=True))
+    co.defer(Holder(co, log, "b"))
+    with pytest.raises(RuntimeError):
+        co.end()
+    assert co.depth == 0 and log == ["a"]
+    co.begin()
+    co.end()
+    assert log == ["a", "b"]
+
+
+def test_one_coalescer_per_thread() -> None:
+    assert current() is current()
+
+
+async def test_a_gateway_read_of_many_frames_reaches_the_far_end_intact() -> None:
+    """Many small writes arriving at the gateway in few reads are coalesced into one
+    write per link: the far end still gets every byte, in order."""
+    async with gateway() as gw, \
+            tether.Node("server", gateway=address(gw)) as server, \
+            tether.Node("client", gateway=address(gw)) as client:
+        server.register("svc")
+        await registered(gw, "svc")
+        flow, peer = await asyncio.gather(client.alloc("svc"), server.accept())
+        expected = b"".join(b"%06d," % i for i in range(20_000))
+        for i in range(0, len(expected), 7):  # 7-byte DATA frames, back to back
+            await flow.write(expected[i:i + 7])
+        await flow.close_write()
+        got = bytearray()
+        while chunk := await asyncio.wait_for(peer.read(), 10):
+            got += chunk
+        assert bytes(got) == expected
+
+
+def test_keep_heap_pages_applies_on_glibc() -> None:
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not a glibc system: the thresholds are glibc's")
+    assert keep_heap_pages() is True
+
+
+class CreditSink:
+    """An application pumping a flow from callbacks (as the relay's bridges do): it
+    writes whenever credit comes."""
+
+    def __init__(self, flow: tether.Flow) -> None:
+        self.flow = flow
+        self.errors: list[Exception] = []
+        self.ended: list[str] = []
+
+    def flow_data(self, data: bytes | memoryview) -> None:
+        self.flow.consumed(len(data))
+
+    def flow_fin(self) -> None:
+        pass
+
+    def flow_credit(self) -> None:
+        try:
+            self.flow.try_write(b"more")
+        except FlowError as exc:  # the documented way a write fails
+            self.errors.append(exc)
+
+    def flow_ended(self, state: object, error: Exception) -> None:
+        self.ended.append(str(error))
+
+
+async def test_credit_and_reset_in_one_read_end_the_flow_not_the_link() -> None:
+    """A WINDOW and a RESET of one stream in the same read: the sink, handed the credit
+    first, writes into a stream the link has already ended. That write must fail as a
+    `FlowError` of that flow, not as an exception that takes the whole link down."""
+    got_open: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def fake_gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = wire.FrameDecoder()
+        writer.write(wire.encode(wire.Hello(name="fake", max_payload=65536, heartbeat_ms=5000)))
+        while not got_open.done():
+            for frame in decoder.feed(await reader.read(65536)):
+                if isinstance(frame, wire.Open):
+                    got_open.set_result(frame.stream)
+        sid = got_open.result()
+        writer.write(wire.encode(wire.OpenOk(stream=sid, window=0)))
+        await asyncio.sleep(0.05)
+        writer.write(wire.encode(wire.Window(stream=sid, increment=100))
+                     + wire.encode(wire.Reset(stream=sid, code=ErrorCode.RESET, reason="bye")))
+        await reader.read()  # until the node closes
+        writer.close()
+
+    server = await asyncio.start_server(fake_gateway, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, tether.Node("client", gateway=f"127.0.0.1:{port}") as node:
+        flow = await node.alloc("svc")
+        sink = CreditSink(flow)
+        flow.attach(sink)
+        for _ in range(100):
+            if sink.ended:
+                break
+            await asyncio.sleep(0.01)
+        assert sink.ended and "bye" in sink.ended[0], sink.ended
+        assert all(isinstance(e, FlowError) for e in sink.errors), sink.errors
+        assert node._conn is not None and node._conn.link.is_open, \
+            "the link must survive one flow's reset"
