@@ -861,6 +861,11 @@ def main() -> int:
     args.redis_n = args.redis_n or (1000 if q else 10000)
     t0 = time.perf_counter()
     from tether.aio import run
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(f"stopped by signal {signum}")  # unwinds: every process is ended
+
+    signal.signal(signal.SIGTERM, stop)
     run(bench_main(args))
     emit("meta", "elapsed", time.perf_counter() - t0, "s", quick=q,
          python=sys.version.split()[0], cpus=os.cpu_count(),
