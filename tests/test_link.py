@@ -515,3 +515,62 @@ def test_window_growth_stays_within_the_link_budget_and_is_returned_when_flows_e
 def test_max_window_below_initial_window_is_refused() -> None:
     with pytest.raises(ValueError, match="max_window"):
         LinkConfig(name="x", initial_window=8192, max_window=4096)
+
+
+# --- urgent control frames ahead of queued data (take_output) -------------------------------
+
+
+def _frames(pieces: list[bytes | memoryview]) -> list[wire.Frame]:
+    return wire.FrameDecoder(max_payload=1 << 20).feed(b"".join(bytes(p) for p in pieces))
+
+
+def test_take_output_lets_control_frames_overtake_queued_data_and_cuts_data_to_fit() -> None:
+    p = Pair(LinkConfig(name="c", initial_window=1 << 20),
+             LinkConfig(name="s", initial_window=1 << 20))
+    p.handshake()
+    bulk, _ = p.open()
+    idle, _ = p.open()
+    p.client.send_data(bulk, b"a" * 100_000, p.now)  # a whole window of another flow
+    p.client.send_fin(bulk, p.now)
+    p.client.send_keepalive(idle, p.now)  # (a relay's forwarded keepalive)
+    p.client.reset(idle, ErrorCode.RESET, "bye", p.now)
+    first = _frames(p.client.take_output(20_000))
+    assert [type(f) for f in first[:2]] == [wire.KeepAlive, wire.Reset]  # ahead of the data
+    assert all(isinstance(f, wire.Data) and f.stream == bulk for f in first[2:])
+    sent = sum(len(f.data) for f in first[2:])  # type: ignore[attr-defined]
+    assert 16_000 <= sent <= 20_000  # the limit, give or take a header
+    assert _frames(p.client.take_output(0)) == []  # nothing urgent left, nothing else taken
+    rest = _frames(p.client.take_output(1 << 30))
+    assert isinstance(rest[-1], wire.Fin) and rest[-1].stream == bulk  # FIN stays last
+    assert sent + sum(len(f.data) for f in rest[:-1]) == 100_000  # type: ignore[attr-defined]
+
+
+def test_take_output_keeps_a_message_body_with_its_header() -> None:
+    p = Pair()
+    p.handshake()
+    for seq in range(1, 4):
+        p.client.send_message(0x10, seq, bytes([seq]) * 5000, p.now)
+    got: list[wire.Frame] = []
+    while p.client.has_output:
+        got += _frames(p.client.take_output(1))  # one frame per call at least
+    assert [(f.seq, bytes(f.body)) for f in got] == \
+        [(s, bytes([s]) * 5000) for s in range(1, 4)]  # type: ignore[attr-defined]
+
+
+def test_window_updates_are_not_signs_of_life_end_to_end() -> None:
+    """A relay answers credit itself, so WINDOW tells nothing of the far end: a receiver
+    that only gives credit back still sends keepalives, and a flow that only gets
+    credit still goes DOWN."""
+    p = Pair(LinkConfig(name="c", initial_window=4096),
+             LinkConfig(name="s", initial_window=4096))
+    p.handshake()
+    sid, _ = p.open(liveness=1.0)
+    for _ in range(9):  # 0.9 s: the client sends a window's worth every 0.1 s
+        p.now += 0.1
+        p.client.send_data(sid, b"z" * p.client.send_credit(sid), p.now)
+        p.transfer()
+        p.server.consumed(sid, len(data_of(p.take("server"), sid)), p.now)  # WINDOWs only
+        p.server.handle_timer(p.now)
+        p.client.handle_timer(p.now)
+    assert p.server.stats.keepalives_sent >= 2  # WINDOWs did not stand in for them
+    p.client.reset(sid, ErrorCode.RESET, "x", p.now)  # (ends the test's flow)

@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("tether.link")
+# How much of a link's queued frames is handed to the transport at a time: the most
+# while the kernel takes everything (fast link: few, large writes), the least once it
+# left some behind (slow link: an urgent frame waits behind at most this much).
+_CHUNK_MIN = 16 * 1024
+_CHUNK_MAX = 256 * 1024
 _HANDSHAKE_CODES = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.HANDSHAKE_FAILED,
                               ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
                               ErrorCode.FRAME_TOO_LARGE})
@@ -75,6 +80,10 @@ class SocketOptions:
 
     TCP keepalive and TCP_USER_TIMEOUT let the kernel notice a dead peer on its own;
     tether's heartbeat does not depend on them, they only make it faster.
+
+    `notsent_lowat` (TCP_NOTSENT_LOWAT) keeps the kernel from accepting more than that
+    many bytes not yet sent: what a slow link cannot send yet stays in the link's own
+    queue, where a flow's keepalive or credit can overtake another flow's data.
     """
 
     nodelay: bool = True
@@ -83,6 +92,7 @@ class SocketOptions:
     keepintvl: int = 10
     keepcnt: int = 3
     user_timeout: float | None = None
+    notsent_lowat: int | None = 16 * 1024
 
     def apply(self, sock: socket.socket) -> None:
         """Set the options on `sock` (a TCP socket; others are left alone)."""
@@ -97,6 +107,11 @@ class SocketOptions:
         if self.user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                             int(self.user_timeout * 1000))
+        if self.notsent_lowat is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, self.notsent_lowat)
+
+
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux's value
 
 
 class LinkHandler(Protocol):
@@ -127,6 +142,8 @@ class LinkConnection(asyncio.Protocol):
         self._timer_at = 0.0
         self._flushing = False
         self._held = False
+        self._chunk = _CHUNK_MIN  # grows while the kernel takes everything
+        self._prioritized = False  # urgent frames overtake queued ones (plain TCP only)
         self._coalescer = coalesce.current()
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -154,6 +171,12 @@ class LinkConnection(asyncio.Protocol):
                 self.sockopts.apply(sock)
             except OSError as exc:  # pragma: no cover - depends on the platform
                 log.warning("link %s: cannot set socket options: %s", self.peer_address, exc)
+        if self._tls is None and transport.get_extra_info("ssl_object") is None:
+            # Paused as soon as the transport holds anything the kernel refused: the
+            # rest waits in the link, behind the urgent frames (see `_write_out`). TLS
+            # transports keep their own buffer and pace: there, frames go in order.
+            transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
+            self._prioritized = True
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -211,6 +234,7 @@ class LinkConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._write_out()
         self._wake_drainers()
 
     # driving the link ---------------------------------------------------------------
@@ -231,7 +255,7 @@ class LinkConnection(asyncio.Protocol):
             while True:
                 events = link.next_events()
                 if not coalescer.depth:
-                    self._write(link.buffers_to_send())
+                    self._write_out()
                 elif not self._held and link.has_output:
                     self._held = True
                     coalescer.defer(self)
@@ -253,7 +277,25 @@ class LinkConnection(asyncio.Protocol):
     def write_deferred(self) -> None:
         """Write the bytes held while a read was handled (see `coalesce`)."""
         self._held = False
-        self._write(self.link.buffers_to_send())
+        self._write_out()
+
+    def _write_out(self) -> None:
+        """Hand the link's frames to the transport: all of them while the kernel takes
+        them; once it leaves some behind (the transport pauses), only the urgent control
+        frames, until it has sent what it holds (`resume_writing`)."""
+        link = self.link
+        transport = self.transport
+        if not self._prioritized or transport is None or transport.is_closing():
+            self._write(link.buffers_to_send())
+            return
+        while link.has_output:
+            pieces = link.take_output(0 if self._paused else self._chunk)
+            if pieces:
+                transport.writelines(pieces)  # one writev, no join
+            if self._paused:  # the kernel did not take it all: a slow link
+                self._chunk = _CHUNK_MIN
+                return
+            self._chunk = min(2 * self._chunk, _CHUNK_MAX)
 
     def _write(self, pieces: list[bytes | memoryview]) -> None:
         transport = self.transport

@@ -53,6 +53,11 @@ MODE_HALF_CLOSE: Final = 0
 MODE_CASCADE: Final = 1
 _MAX_WINDOW: Final = 0x7FFFFFFF
 _DOWN_CODES: Final = frozenset({ErrorCode.FLOW_DOWN, ErrorCode.FLOW_PEER})
+# Frames that may overtake DATA already queued (see `take_output`): none of them is
+# ordered with respect to another stream's bytes, nor to its own stream's DATA.
+_URGENT: Final = frozenset({wire.Open, wire.OpenOk, wire.OpenErr, wire.Window, wire.KeepAlive,
+                            wire.Ping, wire.Pong, wire.Ack, wire.Reset})
+_MIN_SPLIT: Final = 4096  # a DATA frame is cut to fit `take_output`'s limit, not smaller
 
 
 class Role(Enum):
@@ -180,7 +185,8 @@ class Link:
         self.peer_name: str | None = None
         self.stats = LinkStats()
         self._decoder = wire.FrameDecoder(config.max_payload, config.hard_max_payload)
-        self._out: list[bytes | memoryview] = []
+        self._out: list[bytes | memoryview] = []  # frames in order: DATA, FIN, CLOSE, MSG...
+        self._urgent: list[bytes | memoryview] = []  # control frames that go ahead of `_out`
         self._events: list[Event] = []
         self._streams: dict[int, _Stream] = {}
         self._liveness: LivenessMonitor[int] = LivenessMonitor(config.tick, now)
@@ -217,7 +223,7 @@ class Link:
     @property
     def has_output(self) -> bool:
         """There are bytes for `data_to_send` / `buffers_to_send`."""
-        return bool(self._out)
+        return bool(self._out or self._urgent)
 
     def flow_state(self, stream: int) -> FlowState | None:
         """The state of a live stream, or None if the link does not know it."""
@@ -245,17 +251,57 @@ class Link:
 
     def data_to_send(self) -> bytes:
         """The bytes to write to the socket now (empty if none)."""
-        if not self._out:
-            return b""
-        out = bytes(self._out[0]) if len(self._out) == 1 else b"".join(self._out)
-        self._out.clear()
-        return out
+        pieces = self.buffers_to_send()
+        return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
 
     def buffers_to_send(self) -> list[bytes | memoryview]:
         """Like `data_to_send`, as the list of pieces, for `transport.writelines`
         (a writev, no copy): header and payload of a DATA frame stay apart."""
         out = self._out
         self._out = []
+        if self._urgent:
+            out[:0] = self._urgent
+            self._urgent = []
+        return out
+
+    def take_output(self, limit: int) -> list[bytes | memoryview]:
+        """What to write now when the socket should take at most about `limit` more
+        bytes (a slow link): every urgent control frame -- WINDOW, KEEPALIVE, PING,
+        PONG, OPEN, OPEN_OK, OPEN_ERR, RESET, ACK --, then the other frames in order up
+        to `limit` bytes, a DATA frame cut in two where it straddles the limit. The
+        rest waits for the next call. So a flow's keepalive or credit waits behind at
+        most `limit` bytes of another flow's data, not behind its whole window."""
+        out: list[bytes | memoryview] = self._urgent
+        self._urgent = []
+        src = self._out
+        if limit <= 0 or not src:
+            return out
+        unpack = wire.HEADER.unpack_from
+        i, n, budget = 0, len(src), limit
+        while i < n and budget > 0:
+            head = src[i]
+            ftype, _, stream, length = unpack(head)
+            if ftype == wire.FrameType.DATA:
+                room = max(budget - wire.HEADER.size, _MIN_SPLIT)
+                if length > room:  # cut: the first part now, the rest stays first in line
+                    payload = memoryview(src[i + 1])
+                    out.append(wire.encode_data_header(stream, room))
+                    out.append(payload[:room])
+                    src[i] = wire.encode_data_header(stream, length - room)
+                    src[i + 1] = payload[room:]
+                    break
+                out.append(head)
+                out.append(src[i + 1])
+                i += 2
+            elif ftype == wire.FrameType.MSG and len(head) < wire.HEADER.size + length:
+                out.append(head)  # a MSG's header, then its body
+                out.append(src[i + 1])
+                i += 2
+            else:
+                out.append(head)
+                i += 1
+            budget -= wire.HEADER.size + length
+        del src[:i]
         return out
 
     def next_events(self) -> list[Event]:
@@ -298,7 +344,7 @@ class Link:
             s = self._streams.get(sid)
             if s is not None:
                 self.stats.keepalives_sent += 1
-                self._emit_raw(wire.encode(wire.KeepAlive(stream=sid)), now)
+                self._emit_raw(wire.encode(wire.KeepAlive(stream=sid)), now, urgent=True)
         for sid in expired:
             s = self._streams.get(sid)
             if s is not None and s.fsm.process(FlowInput.LIVENESS_EXPIRED):
@@ -464,7 +510,8 @@ class Link:
             self._emit(wire.Window(stream=stream, increment=increment), now)
             s.recv_allowed += increment
             s.unacked = 0
-            self._sent(s, now)
+            # no `_sent`: a relay answers a WINDOW itself, so it tells the far end nothing
+            # of this side's life; a keepalive still goes when nothing else does
 
     def _grow_window(self, s: _Stream) -> int:
         """Double `s`'s window within `max_window` and the link's budget; the growth."""
@@ -557,10 +604,13 @@ class Link:
         self._liveness.sent(s.id, now)
 
     def _emit(self, frame: wire.Frame, now: float) -> None:
-        self._emit_raw(wire.encode(frame), now)
+        self._emit_raw(wire.encode(frame), now, urgent=type(frame) in _URGENT)
 
-    def _emit_raw(self, raw: bytes, now: float) -> None:
-        self._out.append(raw)
+    def _emit_raw(self, raw: bytes, now: float, *, urgent: bool = False) -> None:
+        if urgent and self.state is not LinkState.HANDSHAKE:
+            self._urgent.append(raw)
+        else:
+            self._out.append(raw)
         self.stats.frames_out += 1
         self.stats.bytes_out += len(raw)
         self._last_send = now
@@ -706,7 +756,8 @@ class Link:
         if s is None:
             self._unknown_stream(sid, type(frame).__name__.upper(), now)
             return
-        self._liveness.received(sid, now)
+        if not isinstance(frame, wire.Window):  # a relay's own, not the far end's (above)
+            self._liveness.received(sid, now)
         try:
             self._on_stream_frame(s, frame, now)
         except RemoteProtocolError as exc:
