@@ -574,3 +574,28 @@ def test_window_updates_are_not_signs_of_life_end_to_end() -> None:
         p.client.handle_timer(p.now)
     assert p.server.stats.keepalives_sent >= 2  # WINDOWs did not stand in for them
     p.client.reset(sid, ErrorCode.RESET, "x", p.now)  # (ends the test's flow)
+
+
+def test_a_full_link_queue_holds_senders_back_and_wakes_them_when_half_drained() -> None:
+    """Credit says how much the far end can take; the link's queue says how much this
+    side can send now. DATA beyond QUEUE_LIMIT waits with its sender (no credit used),
+    which is woken by a WindowUpdated once `take_output` drained the queue to half."""
+    from tether.link import QUEUE_LIMIT
+    big = 8 * QUEUE_LIMIT
+    p = Pair(LinkConfig(name="c", initial_window=big, max_window=big),
+             LinkConfig(name="s", initial_window=big, max_window=big))
+    p.handshake()
+    a, _ = p.open()
+    b, _ = p.open()
+    p.take("client")
+    sent = p.client.send_data(a, b"a" * big, p.now)
+    assert sent == big  # one call may overshoot; the next is held back
+    assert p.client.send_credit(b) == 0 and p.client.send_data(b, b"b" * 10, p.now) == 0
+    assert p.client.queued >= QUEUE_LIMIT
+    p.client.take_output(QUEUE_LIMIT)  # not yet half empty: nobody woken
+    assert not [e for e in p.take("client") if isinstance(e, WindowUpdated)]
+    while p.client.queued > QUEUE_LIMIT // 2:
+        p.client.take_output(QUEUE_LIMIT)
+    woken = [e for e in p.take("client") if isinstance(e, WindowUpdated)]
+    assert [e.stream for e in woken] == [b]  # b asked and was refused; a did not ask
+    assert p.client.send_data(b, b"b" * 10, p.now) == 10

@@ -39,11 +39,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("tether.link")
-# How much of a link's queued frames is handed to the transport at a time: the most
-# while the kernel takes everything (fast link: few, large writes), the least once it
-# left some behind (slow link: an urgent frame waits behind at most this much).
+# How much of a link's queued frames is handed to the transport at a time: what the
+# link drains in about _DRAIN_TARGET, as measured the last time the kernel left bytes
+# behind (an urgent frame waits behind at most that), doubling while the kernel takes
+# everything; so a fast link gets few, large writes and a slow one small writes.
 _CHUNK_MIN = 16 * 1024
 _CHUNK_MAX = 256 * 1024
+_DRAIN_TARGET = 0.05
+_LOWAT_MAX = 1024 * 1024  # the kernel's unsent bytes, likewise sized to the link's speed
 _HANDSHAKE_CODES = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.HANDSHAKE_FAILED,
                               ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
                               ErrorCode.FRAME_TOO_LARGE})
@@ -143,6 +146,10 @@ class LinkConnection(asyncio.Protocol):
         self._flushing = False
         self._held = False
         self._chunk = _CHUNK_MIN  # grows while the kernel takes everything
+        self._paused_at = 0.0  # when the transport last paused, holding _paused_bytes
+        self._paused_bytes = 0
+        self._sock: Any = None  # the TCP socket whose TCP_NOTSENT_LOWAT follows the link
+        self._lowat = self.sockopts.notsent_lowat or 0
         self._prioritized = False  # urgent frames overtake queued ones (plain TCP only)
         self._coalescer = coalesce.current()
         self._paused = False
@@ -177,6 +184,9 @@ class LinkConnection(asyncio.Protocol):
             # transports keep their own buffer and pace: there, frames go in order.
             transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
             self._prioritized = True
+            if self._lowat and sock is not None and sock.family in (socket.AF_INET,
+                                                                    socket.AF_INET6):
+                self._sock = sock
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -234,7 +244,15 @@ class LinkConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        self._write_out()
+        if self._paused_bytes:  # the link drained that much in that long: size writes
+            # at most doubling: a queue filling at the bottleneck drains fast at first
+            rate = self._paused_bytes / max(self.loop.time() - self._paused_at, 1e-4)
+            self._chunk = int(min(max(rate * _DRAIN_TARGET, _CHUNK_MIN), _CHUNK_MAX,
+                                  2 * self._chunk))
+            self._paused_bytes = 0
+            if self._sock is not None:
+                self._follow_lowat(rate)
+        self.flush()  # writes what waited; streams woken by the queue draining send more
         self._wake_drainers()
 
     # driving the link ---------------------------------------------------------------
@@ -253,12 +271,13 @@ class LinkConnection(asyncio.Protocol):
         try:
             link = self.link
             while True:
-                events = link.next_events()
                 if not coalescer.depth:
-                    self._write_out()
-                elif not self._held and link.has_output:
+                    self._write_out()  # (may wake streams: events, taken just below)
+                elif not self._held and link.has_output and (
+                        not self._paused or link.has_urgent):
                     self._held = True
                     coalescer.defer(self)
+                events = link.next_events()
                 if not events:
                     break
                 for event in events:
@@ -278,6 +297,22 @@ class LinkConnection(asyncio.Protocol):
         """Write the bytes held while a read was handled (see `coalesce`)."""
         self._held = False
         self._write_out()
+        if self.link.has_events:  # streams woken by the queue draining (QUEUE_LIMIT)
+            self.flush()
+
+    def _follow_lowat(self, rate: float) -> None:
+        """Let the kernel hold unsent what the link sends in about _DRAIN_TARGET: on a
+        fast link, few writes that the kernel takes whole; on a slow one, little for an
+        urgent frame to wait behind. Never below `SocketOptions.notsent_lowat`."""
+        floor = self.sockopts.notsent_lowat or 0
+        lowat = int(min(max(rate * _DRAIN_TARGET, floor), _LOWAT_MAX, 2 * self._lowat))
+        if lowat > self._lowat or lowat < self._lowat // 2:  # only real changes
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, lowat)
+            except OSError:  # pragma: no cover - the socket is going away
+                self._sock = None
+                return
+            self._lowat = lowat
 
     def _write_out(self) -> None:
         """Hand the link's frames to the transport: all of them while the kernel takes
@@ -292,8 +327,9 @@ class LinkConnection(asyncio.Protocol):
             pieces = link.take_output(0 if self._paused else self._chunk)
             if pieces:
                 transport.writelines(pieces)  # one writev, no join
-            if self._paused:  # the kernel did not take it all: a slow link
-                self._chunk = _CHUNK_MIN
+            if self._paused:  # the kernel did not take it all: see resume_writing
+                self._paused_at = self.loop.time()
+                self._paused_bytes = transport.get_write_buffer_size()
                 return
             self._chunk = min(2 * self._chunk, _CHUNK_MAX)
 

@@ -58,6 +58,9 @@ _DOWN_CODES: Final = frozenset({ErrorCode.FLOW_DOWN, ErrorCode.FLOW_PEER})
 _URGENT: Final = frozenset({wire.Open, wire.OpenOk, wire.OpenErr, wire.Window, wire.KeepAlive,
                             wire.Ping, wire.Pong, wire.Ack, wire.Reset})
 _MIN_SPLIT: Final = 4096  # a DATA frame is cut to fit `take_output`'s limit, not smaller
+# DATA queued in a link and not yet taken by `take_output` (a slow link): beyond this,
+# `send_data` takes no more, whatever the credit, until the queue drained to half.
+QUEUE_LIMIT: Final = 256 * 1024
 
 
 class Role(Enum):
@@ -187,6 +190,8 @@ class Link:
         self._decoder = wire.FrameDecoder(config.max_payload, config.hard_max_payload)
         self._out: list[bytes | memoryview] = []  # frames in order: DATA, FIN, CLOSE, MSG...
         self._urgent: list[bytes | memoryview] = []  # control frames that go ahead of `_out`
+        self._queued = 0  # DATA bytes (headers included) in `_out`
+        self._starved: set[int] = set()  # streams refused by QUEUE_LIMIT, not by credit
         self._events: list[Event] = []
         self._streams: dict[int, _Stream] = {}
         self._liveness: LivenessMonitor[int] = LivenessMonitor(config.tick, now)
@@ -225,6 +230,21 @@ class Link:
         """There are bytes for `data_to_send` / `buffers_to_send`."""
         return bool(self._out or self._urgent)
 
+    @property
+    def has_events(self) -> bool:
+        """There are events for `next_events`."""
+        return bool(self._events)
+
+    @property
+    def has_urgent(self) -> bool:
+        """There are urgent control frames to write (see `take_output`)."""
+        return bool(self._urgent)
+
+    @property
+    def queued(self) -> int:
+        """DATA bytes waiting in this link, not yet handed to the socket."""
+        return self._queued
+
     def flow_state(self, stream: int) -> FlowState | None:
         """The state of a live stream, or None if the link does not know it."""
         s = self._streams.get(stream)
@@ -233,7 +253,12 @@ class Link:
     def send_credit(self, stream: int) -> int:
         """How many bytes `send_data` would accept on `stream` now."""
         s = self._streams.get(stream)
-        return s.send_credit if s is not None and s.fsm.can_send else 0
+        if s is None or not s.fsm.can_send:
+            return 0
+        if self._queued >= QUEUE_LIMIT:
+            self._starved.add(stream)
+            return 0
+        return s.send_credit
 
     def liveness_of(self, stream: int) -> float | None:
         """The liveness timeout of a stream in seconds, None if it has none."""
@@ -262,6 +287,7 @@ class Link:
         if self._urgent:
             out[:0] = self._urgent
             self._urgent = []
+        self._dequeued(self._queued)
         return out
 
     def take_output(self, limit: int) -> list[bytes | memoryview]:
@@ -277,7 +303,7 @@ class Link:
         if limit <= 0 or not src:
             return out
         unpack = wire.HEADER.unpack_from
-        i, n, budget = 0, len(src), limit
+        i, n, budget, taken = 0, len(src), limit, 0
         while i < n and budget > 0:
             head = src[i]
             ftype, _, stream, length = unpack(head)
@@ -289,10 +315,12 @@ class Link:
                     out.append(payload[:room])
                     src[i] = wire.encode_data_header(stream, length - room)
                     src[i + 1] = payload[room:]
+                    taken += room  # (the new header is extra: not counted in `_queued`)
                     break
                 out.append(head)
                 out.append(src[i + 1])
                 i += 2
+                taken += wire.HEADER.size + length
             elif ftype == wire.FrameType.MSG and len(head) < wire.HEADER.size + length:
                 out.append(head)  # a MSG's header, then its body
                 out.append(src[i + 1])
@@ -302,7 +330,19 @@ class Link:
                 i += 1
             budget -= wire.HEADER.size + length
         del src[:i]
+        self._dequeued(taken)
         return out
+
+    def _dequeued(self, n: int) -> None:
+        """`n` DATA bytes left the queue: wake the streams it refused once it is half
+        empty (a `WindowUpdated` each, as credit would)."""
+        self._queued = max(0, self._queued - n)
+        if self._starved and self._queued <= QUEUE_LIMIT // 2:
+            starved, self._starved = self._starved, set()
+            for sid in sorted(starved):
+                s = self._streams.get(sid)
+                if s is not None and s.fsm.can_send and s.send_credit:
+                    self._events.append(WindowUpdated(stream=sid, credit=s.send_credit))
 
     def next_events(self) -> list[Event]:
         """The events that happened since the last call, in order."""
@@ -439,6 +479,9 @@ class Link:
         s = self._stream(stream)
         s.fsm.process(FlowInput.LOCAL_DATA)
         n = min(len(data), s.send_credit)
+        if n and self._queued >= QUEUE_LIMIT:  # the link cannot send what it has: wait
+            self._starved.add(stream)  # (a WindowUpdated when it drained to half)
+            return 0
         if n == 0:
             return 0
         s.send_credit -= n
@@ -459,7 +502,9 @@ class Link:
                 out.append(header(stream, len(chunk)))
                 out.append(chunk if keep else bytes(chunk))
                 self.stats.frames_out += 1
-        self.stats.bytes_out += n + wire.HEADER.size * ((n + step - 1) // step)
+        sent = n + wire.HEADER.size * ((n + step - 1) // step)
+        self.stats.bytes_out += sent
+        self._queued += sent
         self._last_send = now
         self._sent(s, now)
         return n
