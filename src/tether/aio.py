@@ -74,6 +74,22 @@ class SocketOptions:
 
     TCP keepalive and TCP_USER_TIMEOUT let the kernel notice a dead peer on its own;
     tether's heartbeat does not depend on them, they only make it faster.
+
+    `rto_max` caps TCP's retransmission timeout (TCP_RTO_MAX_MS, Linux 6.15 and later;
+    left to the kernel where it is missing, and with None). TCP doubles the timeout
+    after every retransmission lost in a row, up to 120 s, and every frame on the link
+    waits behind the lost one: on a lossy path that is how a live link falls silent
+    for longer than a flow's liveness timeout. Capped at 1 s, a link retransmits at
+    least once a second, and a stall of `k` seconds needs about `k` losses in a row
+    (200 ms ± 50 ms and 20% loss each way, 24 connections for 3 minutes: the longest
+    stall 73 s by default, 6.4 s capped at 1 s; docs/faults.md). The kernel allows 1
+    to 120 s.
+    The cost: more retransmissions while a path is down (one per second per link), and
+    the kernel, which gives up after `tcp_retries2` (15) retransmissions counted in
+    time with the capped timeout, aborts a link whose data goes unacknowledged for
+    15 s (measured) instead of about 15 minutes: no sooner than tether's own default
+    `link_timeout`, but a longer `link_timeout` needs a longer `rto_max` or a
+    `user_timeout` (which, if set, decides instead).
     """
 
     nodelay: bool = True
@@ -82,6 +98,15 @@ class SocketOptions:
     keepintvl: int = 10
     keepcnt: int = 3
     user_timeout: float | None = None
+    rto_max: float | None = 1.0
+
+    # <linux/tcp.h> (not a field: no annotation); not in the socket module yet.
+    _TCP_RTO_MAX_MS = getattr(socket, "TCP_RTO_MAX_MS", 44)
+
+    def __post_init__(self) -> None:
+        if self.rto_max is not None and not 1.0 <= self.rto_max <= 120.0:
+            raise ValueError(f"rto_max must be within [1, 120] seconds or None, "
+                             f"got {self.rto_max!r}")
 
     def apply(self, sock: socket.socket) -> None:
         """Set the options on `sock` (a TCP socket; others are left alone)."""
@@ -96,6 +121,10 @@ class SocketOptions:
         if self.user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                             int(self.user_timeout * 1000))
+        if self.rto_max is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+            with contextlib.suppress(OSError):  # ENOPROTOOPT before Linux 6.15
+                sock.setsockopt(socket.IPPROTO_TCP, self._TCP_RTO_MAX_MS,
+                                round(self.rto_max * 1000))
 
 
 class LinkHandler(Protocol):
