@@ -5,6 +5,10 @@ silent host: no RST, no FIN), nft random loss, tc tbf, and delay and jitter by t
 packet delay line (tests/hosts/delayline.py; the kernel has no netem) or, for one test,
 the delaying relay (tests/hosts/delayer.py). Scenario 6 is in test_faults_flap.py.
 
+Independent scenarios that only wait (for timers, processes, the network) run at the
+same time, each on a rig of its own (`_concurrently`): the time budget of these tests
+is most of `make test`'s.
+
 Timing. Every time is `time.monotonic()`, one clock for all namespaces: a fault returns
 the time just after it took effect; a process's line carries the time it arrived here
 (`Line.t`) and the rig's tools print their own (`t=`). SLACK covers process wake-up,
@@ -25,7 +29,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from hosts.rig import Daemon, HostProc, Rig, require_netns
+from hosts.rig import Daemon, HostProc, Rig, Server, require_netns
 
 pytestmark = pytest.mark.netns
 
@@ -79,40 +83,54 @@ SECOND_READ = re.compile(r"^second read: (?P<type>\w+) reason='(?P<reason>[^']*)
                          r"code=(?P<code>\d+) after=(?P<after>\d+\.\d+)s$")
 
 
-@pytest.mark.parametrize("liveness", [0.2, 1.0, 5.0])
-@pytest.mark.parametrize("silent", ["server", "gw"])
-def test_unresponsive_peer_on_a_silent_host(make_rig: MakeRig, silent: str,
-                                            liveness: float) -> None:
-    """oecho client, gateway and server on three hosts. Right after the server's reply
-    one host goes silent (nft DROP both ways, interface up: no RST, no FIN): the server's
-    host, or the gateway's (then the client hears nothing at all). The client's pending
-    read raises PeerDown "unresponsive peer" after its liveness timeout T, measured
-    from the DROP, within [T - T/4 - TICK - SLACK, T + TICK + SLACK].
+LIVENESS = (0.2, 1.0, 5.0)
 
-    Why T - T/4 and not T: the client times the silence from the last frame it received
-    on the flow. While the server ran, it sent a frame at least every T/4 (the echo,
+
+def test_unresponsive_peer_on_a_silent_host(make_rig: MakeRig) -> None:
+    """oecho clients, a gateway and an oecho server on three hosts: three flows, with
+    liveness timeouts T of 0.2 s, 1 s and 5 s, each of a client of its own. Right after
+    the server's replies one host goes silent (nft DROP both ways, interface up: no RST,
+    no FIN): the server's host, or the gateway's (then the clients hear nothing at all);
+    two rigs at once, one for each. Each client's pending read raises PeerDown
+    "unresponsive peer" after its own T, measured from the DROP, within
+    [T - T/4 - TICK - SLACK, T + TICK + SLACK].
+
+    Why T - T/4 and not T: a client times the silence from the last frame it received
+    on its flow. While the server ran, it sent a frame at least every T/4 (the echo,
     then a KEEPALIVE whenever it had sent nothing for a quarter of the timeout, to a
     tick), relayed by the gateway; so the last one left no earlier than T/4 + TICK
-    before the DROP, and none left after it. The DOWN comes T after that frame."""
+    before the DROP, and none left after it. The DOWN comes T after that frame.
+
+    (One server serves the three flows: an accepted flow takes the liveness its client
+    asked for in its OPEN. The three timeouts share one rig and one DROP; they used to
+    be three tests, each building the same three hosts.)"""
+    _concurrently(lambda: _silent_host(make_rig, "server"), lambda: _silent_host(make_rig, "gw"))
+
+
+def _silent_host(make_rig: MakeRig, silent: str) -> None:
     rig = make_rig(["client", "gw", "server"])
     gw = rig["gw"].gateway()
-    rig["server"].oecho_server(gw, hold=True, liveness=liveness)
-    client = rig["client"].oecho_client(gw, liveness=liveness)
-    client.expect(r"^reply: Client says hi!$")
+    rig["server"].oecho_server(gw, hold=True)
+    clients = {T: rig["client"].oecho_client(gw, name=f"oecho-client-{T:g}", liveness=T)
+               for T in LIVENESS}
+    for client in clients.values():
+        client.expect(r"^reply: Client says hi!$")
     dropped_at = rig[silent].silence()
-    _, line = client.expect(r"^second read: ", timeout=liveness + 15)
-    elapsed = line.t - dropped_at
-    match = SECOND_READ.match(line.text)
-    assert match is not None, f"the second read did not fail: {line.text}"
-    assert (match["type"], match["reason"], int(match["code"])) == \
-        ("PeerDown", "unresponsive peer", 5), line.text
-    low = liveness - liveness / 4 - TICK - SLACK
-    high = liveness + TICK + SLACK
-    assert low <= elapsed <= high, \
-        f"PeerDown {elapsed:.3f}s after the DROP on {silent}, expected [{low:.3f}, {high:.3f}]"
-    assert client.wait() == 0, rig.describe()
-    print(f"\nunresponsive peer: {silent} silent, T={liveness:g}s: PeerDown after "
-          f"{elapsed:.3f}s")
+    results = []
+    for T, client in clients.items():
+        _, line = client.expect(r"^second read: ", timeout=T + 15)
+        elapsed = line.t - dropped_at
+        match = SECOND_READ.match(line.text)
+        assert match is not None, f"T={T:g}s: the second read did not fail: {line.text}"
+        assert (match["type"], match["reason"], int(match["code"])) == \
+            ("PeerDown", "unresponsive peer", 5), line.text
+        low, high = T - T / 4 - TICK - SLACK, T + TICK + SLACK
+        assert low <= elapsed <= high, \
+            (f"T={T:g}s: PeerDown {elapsed:.3f}s after the DROP on {silent}, expected "
+             f"[{low:.3f}, {high:.3f}]")
+        assert client.wait() == 0, rig.describe()
+        results.append(f"T={T:g}s: {elapsed:.3f}s")
+    print(f"\nunresponsive peer, {silent} silent: PeerDown after {', '.join(results)}")
 
 
 # 2. no false positives ------------------------------------------------------------------------
@@ -359,9 +377,8 @@ def test_bulk_flow_with_a_2s_liveness_over_200ms_links(make_rig: MakeRig) -> Non
     """200 ms ± 50 ms each way on every link, no loss: a flow with a 2 s liveness echoes
     128 KiB. Both ends are alive all along: it must not go DOWN."""
     rig = make_rig(LOSSY_HOSTS)
-    for seed, host in enumerate(rig):
-        delay = 0.2 if host.name in ("gw", "server") else 0.0
-        host.delay(delay, delay / 4, seed=seed)
+    for host in ("gw", "server"):
+        rig[host].delay(0.2, 0.05)
     gw = rig["gw"].gateway()
     echo = rig["server"].echo_server()
     rig["connector"].connector(gw, {"bulk": echo.address})
@@ -380,53 +397,79 @@ def test_bulk_flow_with_a_2s_liveness_over_200ms_links(make_rig: MakeRig) -> Non
 CASCADE_LIVENESS = 1.0
 
 
-@pytest.mark.parametrize("end", ["server closes", "app closes", "connector host cut",
-                                 "gateway host cut"])
-def test_cascade_across_hosts(make_rig: MakeRig, end: str) -> None:
-    """Agent, gateway, connector and an echo server on four hosts; the application runs
-    in the agent's host. However the connection ends, both applications learn it --
-    EOF within a fraction of a second for a close, a reset within the liveness
-    timeout for a cut host -- and every daemon's flow count returns to zero."""
+def _cascade_rig(make_rig: MakeRig) -> tuple[Rig, list[Daemon], Server, int]:
+    """Agent, gateway, connector and an echo server on four hosts; the agent forwards
+    "echo" on the port returned."""
     rig = make_rig(["agent", "gw", "connector", "server"])
     gw = rig["gw"].gateway()
     echo = rig["server"].echo_server()
     co = rig["connector"].connector(gw, {"echo": echo.address}, liveness=CASCADE_LIVENESS)
     ag = rig["agent"].agent(gw, ["echo"], liveness=CASCADE_LIVENESS)
-    app = rig["agent"].tool("app", "app", "--connect", f"127.0.0.1:{ag.ports['echo']}",
-                            stdin=True)
+    return rig, [ag, gw, co], echo, ag.ports["echo"]
+
+
+def _cascade_app(rig: Rig, echo: Server, port: int, name: str) -> tuple[HostProc, str]:
+    """An application connected through the agent, one line echoed; its connection's
+    number at the echo server."""
+    app = rig["agent"].tool(name, "app", "--connect", f"127.0.0.1:{port}", stdin=True)
     app.expect(r"^connected ")
     app.send("send hello")
     app.expect(r"^recv b'hello\\n'")
     match, _ = echo.proc.expect(r"^conn (\d+) ")
-    conn = match.group(1)
+    return app, match.group(1)
+
+
+def _cascade_closes(make_rig: MakeRig) -> None:
+    """The server closes one connection: the application reads EOF; the application
+    closes another: the server reads EOF -- each within half a second."""
+    rig, daemons, echo, port = _cascade_rig(make_rig)
+    app, conn = _cascade_app(rig, echo, port, "app1")
+    closed_at = echo.proc.send(f"close {conn}")
+    _, line = app.expect(r"^(eof|reset|closed) ")
+    assert line.text.startswith("eof "), app.output()
+    assert _t(line.text) - closed_at < 0.5, line.text
+    app.send("close")
+    app, conn = _cascade_app(rig, echo, port, "app2")
+    closed_at = app.send("close")
+    _, line = echo.proc.expect(rf"^(eof|reset|closed) {conn} ")
+    assert line.text.startswith("eof "), echo.proc.output()
+    assert _t(line.text) - closed_at < 0.5, line.text
+    _wait_no_flows(daemons)
+
+
+def _cascade_cut(make_rig: MakeRig, host: str) -> None:
+    """The connector's or the gateway's host is cut (DROP): the application's connection
+    is reset within the liveness timeout (and, the gateway cut, the server's too)."""
+    rig, daemons, echo, port = _cascade_rig(make_rig)
+    app, conn = _cascade_app(rig, echo, port, "app")
     T = CASCADE_LIVENESS
-    if end == "server closes":
-        closed_at = echo.proc.send(f"close {conn}")
-        _, line = app.expect(r"^(eof|reset|closed) ")
-        assert line.text.startswith("eof "), app.output()
-        assert _t(line.text) - closed_at < 0.5, line.text
-        app.send("close")
-    elif end == "app closes":
-        closed_at = app.send("close")
-        _, line = echo.proc.expect(rf"^(eof|reset|closed) {conn} ")
-        assert line.text.startswith("eof "), echo.proc.output()
-        assert _t(line.text) - closed_at < 0.5, line.text
-    else:
-        host = "connector" if end == "connector host cut" else "gw"
-        cut_at = rig[host].silence()
-        _, line = app.expect(r"^(eof|reset|closed) ", timeout=T + 10)
-        assert line.text.startswith("reset "), app.output()
+    cut_at = rig[host].silence()
+    _, line = app.expect(r"^(eof|reset|closed) ", timeout=T + 10)
+    assert line.text.startswith("reset "), app.output()
+    elapsed = _t(line.text) - cut_at
+    assert T - T / 4 - TICK - SLACK <= elapsed <= T + TICK + SLACK, \
+        f"application reset {elapsed:.3f}s after the {host} host was cut (T={T:g}s)"
+    if host == "gw":  # the connector hears nothing either: the server is reset too
+        _, line = echo.proc.expect(rf"^(eof|reset|closed) {conn} ", timeout=T + 10)
+        assert line.text.startswith("reset "), echo.proc.output()
         elapsed = _t(line.text) - cut_at
-        assert T - T / 4 - TICK - SLACK <= elapsed <= T + TICK + SLACK, \
-            f"application reset {elapsed:.3f}s after the {host} host was cut (T={T:g}s)"
-        if host == "gw":  # the connector hears nothing either: the server is reset too
-            _, line = echo.proc.expect(rf"^(eof|reset|closed) {conn} ", timeout=T + 10)
-            assert line.text.startswith("reset "), echo.proc.output()
-            elapsed = _t(line.text) - cut_at
-            assert elapsed <= T + TICK + SLACK, \
-                f"server reset {elapsed:.3f}s after the gateway host was cut (T={T:g}s)"
-        rig[host].unsilence()
-    _wait_no_flows([ag, gw, co])
+        assert elapsed <= T + TICK + SLACK, \
+            f"server reset {elapsed:.3f}s after the gateway host was cut (T={T:g}s)"
+    rig[host].unsilence()
+    _wait_no_flows(daemons)
+
+
+def test_cascade_across_hosts(make_rig: MakeRig) -> None:
+    """Agent, gateway, connector and an echo server on four hosts; the application runs
+    in the agent's host. However the connection ends -- the server closes, the
+    application closes, the connector's host is cut, the gateway's host is cut -- both
+    applications learn it (EOF within a fraction of a second for a close, a reset within
+    the liveness timeout for a cut host) and every daemon's flow count returns to zero.
+    Three rigs at once: the two closes share one (two connections), each cut has its
+    own."""
+    _concurrently(lambda: _cascade_closes(make_rig),
+                  lambda: _cascade_cut(make_rig, "connector"),
+                  lambda: _cascade_cut(make_rig, "gw"))
 
 
 # 5. backpressure across a slow link ---------------------------------------------------------------
@@ -453,6 +496,13 @@ def _slow_link_rig(rig: Rig) -> tuple[Daemon, Daemon, Daemon, Any, Any]:
 
 
 def test_backpressure_across_a_slow_link(make_rig: MakeRig) -> None:
+    """A 1 Mbit/s link between gateway and connector, two rigs at once: a bulk sender
+    allocated before it sends (`_slow_link`), and one that sends from its first byte
+    (`_first_byte`)."""
+    _concurrently(lambda: _slow_link(make_rig), lambda: _first_byte(make_rig))
+
+
+def _slow_link(make_rig: MakeRig) -> None:
     """A bulk sender pushes as fast as it can for 5 s through a 1 Mbit/s link between
     gateway and connector. Every hop's memory stays bounded (VmRSS growth < 50 MB),
     the sender is held to the link's pace, everything arrives byte-exact, and an
@@ -468,7 +518,7 @@ def test_backpressure_across_a_slow_link(make_rig: MakeRig) -> None:
     ping = rig["agent"].tool("interactive", "ping", "--connect", f"127.0.0.1:{echo_port}",
                              "--interval", "0.5", "--seconds", "12", "--timeout", "10")
     ping.expect(r"^rtt 1 ")  # the interactive flow is up before the bulk starts
-    # The bulk flow is allocated before it sends (see the test below for why).
+    # The bulk flow is allocated before it sends (see `_first_byte` for why).
     bulk = rig["agent"].tool("bulk", "bulk", "--connect", f"127.0.0.1:{bulk_port}",
                              "--seconds", "5", "--start-after", "0.5", "--timeout", "40")
     bulk.expect(r"^connected ")
@@ -536,7 +586,7 @@ def test_idle_flow_beside_a_bulk_flow_on_a_slow_link(make_rig: MakeRig) -> None:
     assert line.text.startswith("recv b'bye"), idle.output()
 
 
-def test_backpressure_from_the_first_byte(make_rig: MakeRig) -> None:
+def _first_byte(make_rig: MakeRig) -> None:
     """The same slow link, but the bulk sender starts writing the moment it connects,
     while the agent is still allocating its flow (a round trip through the gateway and
     the connector, here made 2 x 200 ms by a delayer). The agent must hold at most one
@@ -589,15 +639,19 @@ def _numbers(text: str) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("cut", [1.0, 6.0], ids=["shorter", "longer"])
-def test_mesh_under_partition(make_rig: MakeRig, cut: float) -> None:
+def test_mesh_under_partition(make_rig: MakeRig) -> None:
     """Five mesh nodes (tests/meshnode.py) on five hosts, each sending numbered messages
     to the next one in a ring (120 a second for 10 s); meanwhile one host goes silent
-    for `cut` seconds, shorter or longer than `establish_timeout` (3 s), and comes back.
-    For every pair, what the receiver got is compared with what the sender was told:
-    every number arrives once and in order, or is returned in a Failure (a number in
-    both only among a Failure's first `unconfirmed`); a cut shorter than the
-    establish timeout loses nothing and fails nothing."""
+    for a while, shorter (1 s) or longer (6 s) than `establish_timeout` (3 s), and comes
+    back (two rigs at once, one per cut). For every pair, what the receiver got is
+    compared with what the sender was told: every number arrives once and in order, or
+    is returned in a Failure (a number in both only among a Failure's first
+    `unconfirmed`); a cut shorter than the establish timeout loses nothing and fails
+    nothing."""
+    _concurrently(lambda: _mesh_partition(make_rig, 1.0), lambda: _mesh_partition(make_rig, 6.0))
+
+
+def _mesh_partition(make_rig: MakeRig, cut: float) -> None:
     names = [f"n{i}" for i in range(5)]
     rig = make_rig(names)
     nodes: dict[str, HostProc] = {}
