@@ -175,7 +175,8 @@ class LossyRun:
 
 
 LOSSY_HOSTS = ["agent", "gw", "connector", "server"]
-DOWN_LINE = re.compile(r"flow \S+ down: unresponsive peer$|refused: allocation of .*$")
+# A flow that went DOWN (the node's line, whatever the reason), or whose allocation did.
+DOWN_LINE = re.compile(r"flow \S+ down: (?!resetting ).*$|refused: allocation of .*$")
 
 
 def _link_gaps(rig: Rig, gw: Daemon, since: float, until: float) -> dict[str, float]:
