@@ -26,8 +26,10 @@ TCP_USER_TIMEOUT = T. A recv that has not returned after `--bound` seconds is
 reported as ">BOUND s".
 
 False positives (`loss`): the same pairs, idle, over a link dropping 20% of the packets
-(nft numgen) for `--idle` seconds: how many tether flows go DOWN, and how many tuned
-TCP connections the kernel aborts, although both ends are alive.
+(nft numgen) and delaying them by 200 ms ± 50 ms each way (a packet delay line: the
+TCP connections see it in their RTT) for `--idle` seconds: how many tether flows go
+DOWN, and how many tuned TCP connections the kernel aborts, although both ends are
+alive.
 
 One JSON object per line on stdout (`bench`, `scenario`, `subject`, `timeout`, and
 `p50`/`p99`/`max` in seconds over the trials, or `undetected`, `bound`, or `down`/`of`
@@ -162,12 +164,17 @@ def detection(rig: Rig, timeouts: Iterable[float], trials: int, bound: float,
     return results
 
 
-def false_positives(rig: Rig, timeout: float, idle: float, n: int,
-                    loss: int) -> list[dict[str, Any]]:
-    """`n` idle tether flows and `n` tuned TCP connections over one link losing `loss`%:
-    how many end although both ends are alive. The gateway and the oecho server share
-    the server's host, so both subjects cross the same single lossy link."""
+def false_positives(rig: Rig, timeout: float, idle: float, n: int, loss: int,
+                    delay: float, jitter: float) -> list[dict[str, Any]]:
+    """`n` idle tether flows and `n` tuned TCP connections over one link losing `loss`%
+    of its packets each way and delaying them by `delay` ± `jitter` each way (a packet
+    delay line on the server's host): how many end although both ends are alive. The
+    gateway and the oecho server share the server's host, so both subjects cross the
+    same single link, and tether's link is the TCP connection that sees the delay and
+    the loss."""
     try:
+        if delay or jitter:
+            rig["server"].delay(delay, jitter, seed=round(timeout * 1000))
         gw = rig["server"].gateway()
         rig["server"].oecho_server(gw, hold=True, liveness=timeout)
         echo = rig["server"].echo_server()
@@ -190,7 +197,9 @@ def false_positives(rig: Rig, timeout: float, idle: float, n: int,
                    if ln.text.startswith("second read: ") and start <= ln.t <= end]
     finally:
         rig.reset()
-    common = {"scenario": f"{loss}% loss", "timeout": timeout, "seconds": idle, "of": n}
+    scenario = f"{loss}% loss" + (f", {delay * 1000:g}±{jitter * 1000:g} ms"
+                                  if delay or jitter else "")
+    common = {"scenario": scenario, "timeout": timeout, "seconds": idle, "of": n}
     return [emit({**common, "subject": "tether", "down": len(down),
                   "after": sorted(round(ln.t - start, 2) for ln in down)}),
             emit({**common, "subject": "tcp keepalive + user timeout", "down": len(aborted),
@@ -290,7 +299,7 @@ def plot(path: Path, results: list[dict[str, Any]]) -> None:
         ax2.invert_yaxis()
         ax2.set_xlim(0, 1)
         ax2.set_xlabel("share ended although alive")
-        ax2.set_title(f"False positives ({fp[0]['scenario']}, {fp[0]['seconds']:g}s idle)",
+        ax2.set_title(f"False positives\n({fp[0]['scenario']}, {fp[0]['seconds']:g}s idle)",
                       fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -309,8 +318,12 @@ def main() -> int:
                         help="give up on a blocked TCP recv() after this long (s)")
     parser.add_argument("--idle", type=float, default=None, help="seconds of loss")
     parser.add_argument("--loss", type=int, default=20, help="percent (false positives)")
+    parser.add_argument("--delay", type=float, default=0.2,
+                        help="seconds each way on the lossy link (false positives)")
+    parser.add_argument("--jitter", type=float, default=0.05,
+                        help="± seconds on that delay (false positives)")
     parser.add_argument("--fp-timeouts", default=None,
-                        help="timeouts for the false-positive runs, e.g. 2,5")
+                        help="timeouts for the false-positive runs, e.g. 2,5,12")
     parser.add_argument("--only", default="detection,loss",
                         help="detection and/or loss")
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
@@ -322,7 +335,7 @@ def main() -> int:
     args = parser.parse_args()
     quick = args.quick
     timeouts = [float(t) for t in (args.timeouts or ("1" if quick else "0.2,1,5")).split(",")]
-    fp_timeouts = [float(t) for t in (args.fp_timeouts or ("2" if quick else "2,5")).split(",")]
+    fp_timeouts = [float(t) for t in (args.fp_timeouts or ("2" if quick else "2,5,12")).split(",")]
     trials = args.trials or (3 if quick else 10)
     tcp_trials = args.tcp_trials or (1 if quick else 3)
     bound = args.bound or (10.0 if quick else 30.0)
@@ -343,7 +356,8 @@ def main() -> int:
                 results += detection(rig, timeouts, trials, bound, tcp_trials)
             if "loss" in args.only:
                 for timeout in fp_timeouts:
-                    results += false_positives(rig, timeout, idle, 8, args.loss)
+                    results += false_positives(rig, timeout, idle, 8, args.loss,
+                                               args.delay, args.jitter)
         if args.out:
             args.out.write_text("".join(json.dumps(r) + "\n" for r in results))
     if args.docs:

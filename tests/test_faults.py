@@ -1,12 +1,13 @@
-"""Liveness under real faults, on real hosts: issue 7's scenarios 1, 2, 3 and 5, with
-`tether` daemons, the oecho example and plain TCP programs as processes inside network
-namespaces (tests/hosts/rig.py), and faults injected by the kernel: nft DROP (a silent
-host: no RST, no FIN), nft random loss, tc tbf, and delay and jitter by the delaying
-relay (tests/hosts/delayer.py; the kernel has no netem).
+"""Liveness under real faults, on real hosts: issue 7's scenarios 1 to 5, with `tether`
+daemons, the oecho example, mesh nodes and plain TCP programs as processes inside
+network namespaces (tests/hosts/rig.py), and faults injected by the kernel: nft DROP (a
+silent host: no RST, no FIN), nft random loss, tc tbf, and delay and jitter by the
+packet delay line (tests/hosts/delayline.py; the kernel has no netem) or, for one test,
+the delaying relay (tests/hosts/delayer.py). Scenario 6 is in test_faults_flap.py.
 
-Scenarios 4 (mesh under partition) and 6 (reconnect) need `tether.Mesh`; they are not
-here: when this was written src/tether/mesh.py existed only as uncommitted work in
-progress of another engineer (`git log -- src/tether/mesh.py` was empty).
+Independent scenarios that only wait (for timers, processes, the network) run at the
+same time, each on a rig of its own (`_concurrently`): the time budget of these tests
+is most of `make test`'s.
 
 Timing. Every time is `time.monotonic()`, one clock for all namespaces: a fault returns
 the time just after it took effect; a process's line carries the time it arrived here
@@ -16,6 +17,7 @@ pipes and a loaded 2-CPU machine; TICK is the link's timing-wheel resolution.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import sys
@@ -23,11 +25,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
-from hosts.rig import Daemon, HostProc, Rig, require_netns
+from hosts.rig import Daemon, HostProc, Rig, Server, require_netns
 
 pytestmark = pytest.mark.netns
 
@@ -81,176 +83,314 @@ SECOND_READ = re.compile(r"^second read: (?P<type>\w+) reason='(?P<reason>[^']*)
                          r"code=(?P<code>\d+) after=(?P<after>\d+\.\d+)s$")
 
 
-@pytest.mark.parametrize("liveness", [0.2, 1.0, 5.0])
-@pytest.mark.parametrize("silent", ["server", "gw"])
-def test_unresponsive_peer_on_a_silent_host(make_rig: MakeRig, silent: str,
-                                            liveness: float) -> None:
-    """oecho client, gateway and server on three hosts. Right after the server's reply
-    one host goes silent (nft DROP both ways, interface up: no RST, no FIN): the server's
-    host, or the gateway's (then the client hears nothing at all). The client's pending
-    read raises PeerDown "unresponsive peer" after its liveness timeout T, measured
-    from the DROP, within [T - T/4 - TICK - SLACK, T + TICK + SLACK].
+LIVENESS = (0.2, 1.0, 5.0)
 
-    Why T - T/4 and not T: the client times the silence from the last frame it received
-    on the flow. While the server ran, it sent a frame at least every T/4 (the echo,
+
+def test_unresponsive_peer_on_a_silent_host(make_rig: MakeRig) -> None:
+    """oecho clients, a gateway and an oecho server on three hosts: three flows, with
+    liveness timeouts T of 0.2 s, 1 s and 5 s, each of a client of its own. Right after
+    the server's replies one host goes silent (nft DROP both ways, interface up: no RST,
+    no FIN): the server's host, or the gateway's (then the clients hear nothing at all);
+    two rigs at once, one for each. Each client's pending read raises PeerDown
+    "unresponsive peer" after its own T, measured from the DROP, within
+    [T - T/4 - TICK - SLACK, T + TICK + SLACK].
+
+    Why T - T/4 and not T: a client times the silence from the last frame it received
+    on its flow. While the server ran, it sent a frame at least every T/4 (the echo,
     then a KEEPALIVE whenever it had sent nothing for a quarter of the timeout, to a
     tick), relayed by the gateway; so the last one left no earlier than T/4 + TICK
-    before the DROP, and none left after it. The DOWN comes T after that frame."""
+    before the DROP, and none left after it. The DOWN comes T after that frame.
+
+    (One server serves the three flows: an accepted flow takes the liveness its client
+    asked for in its OPEN. The three timeouts share one rig and one DROP; they used to
+    be three tests, each building the same three hosts.)"""
+    _concurrently(lambda: _silent_host(make_rig, "server"), lambda: _silent_host(make_rig, "gw"))
+
+
+def _silent_host(make_rig: MakeRig, silent: str) -> None:
     rig = make_rig(["client", "gw", "server"])
     gw = rig["gw"].gateway()
-    rig["server"].oecho_server(gw, hold=True, liveness=liveness)
-    client = rig["client"].oecho_client(gw, liveness=liveness)
-    client.expect(r"^reply: Client says hi!$")
+    rig["server"].oecho_server(gw, hold=True)
+    clients = {T: rig["client"].oecho_client(gw, name=f"oecho-client-{T:g}", liveness=T)
+               for T in LIVENESS}
+    for client in clients.values():
+        client.expect(r"^reply: Client says hi!$")
     dropped_at = rig[silent].silence()
-    _, line = client.expect(r"^second read: ", timeout=liveness + 15)
-    elapsed = line.t - dropped_at
-    match = SECOND_READ.match(line.text)
-    assert match is not None, f"the second read did not fail: {line.text}"
-    assert (match["type"], match["reason"], int(match["code"])) == \
-        ("PeerDown", "unresponsive peer", 5), line.text
-    low = liveness - liveness / 4 - TICK - SLACK
-    high = liveness + TICK + SLACK
-    assert low <= elapsed <= high, \
-        f"PeerDown {elapsed:.3f}s after the DROP on {silent}, expected [{low:.3f}, {high:.3f}]"
-    assert client.wait() == 0, rig.describe()
-    print(f"\nunresponsive peer: {silent} silent, T={liveness:g}s: PeerDown after "
-          f"{elapsed:.3f}s")
+    results = []
+    for T, client in clients.items():
+        _, line = client.expect(r"^second read: ", timeout=T + 15)
+        elapsed = line.t - dropped_at
+        match = SECOND_READ.match(line.text)
+        assert match is not None, f"T={T:g}s: the second read did not fail: {line.text}"
+        assert (match["type"], match["reason"], int(match["code"])) == \
+            ("PeerDown", "unresponsive peer", 5), line.text
+        low, high = T - T / 4 - TICK - SLACK, T + TICK + SLACK
+        assert low <= elapsed <= high, \
+            (f"T={T:g}s: PeerDown {elapsed:.3f}s after the DROP on {silent}, expected "
+             f"[{low:.3f}, {high:.3f}]")
+        assert client.wait() == 0, rig.describe()
+        results.append(f"T={T:g}s: {elapsed:.3f}s")
+    print(f"\nunresponsive peer, {silent} silent: PeerDown after {', '.join(results)}")
 
 
 # 2. no false positives ------------------------------------------------------------------------
 
 @dataclass
+class FlowGroup:
+    """The interactive flows of one agent in `_lossy_run`, all with one liveness."""
+
+    liveness: float
+    downs: list[str]  # the agent's log lines of flows that went DOWN or failed to allocate
+    down_at: list[float]  # when (s after the loss began)
+    idle_replies: list[str]
+    ping: dict[str, Any]
+
+    @property
+    def flows_down(self) -> int:
+        return len(self.downs)
+
+    def describe(self) -> str:
+        return (f"T={self.liveness:g}s: {self.flows_down} of {len(self.idle_replies) + 1} "
+                f"flows DOWN at {[round(t, 1) for t in self.down_at]} s {self.downs[:2]}; "
+                f"idle flows after the wait: {self.idle_replies}; chatty flow: {self.ping}")
+
+
+@dataclass
 class LossyRun:
     """What happened in `_lossy_run`."""
 
-    downs: list[str]
-    idle_replies: list[str]
-    ping: dict[str, Any]
+    groups: dict[str, FlowGroup]
     bulk: dict[str, Any]
-    gaps: dict[str, float] = field(default_factory=dict)  # delayer -> longest gap (s)
+    bulk_downs: list[str]
+    gaps: dict[str, float] = field(default_factory=dict)  # "a->b" -> longest gap (s)
+    kernel: dict[str, list[str]] = field(default_factory=dict)  # tuned TCP: how each ended
 
     def describe(self) -> str:
-        return (f"{len(self.downs)} DOWN log lines {self.downs[:4]}; idle flows after the "
-                f"wait: {self.idle_replies}; chatty flow: {self.ping}; bulk: "
-                f"{ {k: v for k, v in self.bulk.items() if 'sha' not in k} }; longest gap "
-                f"between frames TCP delivered over each lossy link: {self.gaps}")
+        return "; ".join(
+            [g.describe() for g in self.groups.values()]
+            + [f"bulk: { {k: v for k, v in self.bulk.items() if 'sha' not in k} } "
+               f"{self.bulk_downs[:1]}",
+               f"longest gap in what TCP delivered, per link direction: {self.gaps}"]
+            + [f"plain TCP, {label}: {outcomes}" for label, outcomes in self.kernel.items()])
 
 
-def _lossy_run(rig: Rig, *, loss: int, idle: float, liveness: float) -> LossyRun:
-    """Agent, gateway, connector and echo server on four hosts; 200 ms ± 50 ms each way
-    on each of the three links; `loss`% of the packets dropped at random on the input of
-    every host. Then, for `idle` seconds: five flows idle (one line each way, then
-    nothing), one chatty (a request every 0.5 s), one bulk (256 KiB echoed), all with a
-    `liveness` timeout; then a last line on each idle flow.
+LOSSY_HOSTS = ["agent", "gw", "connector", "server"]
+# A flow that went DOWN (the node's line, whatever the reason), or whose allocation did.
+DOWN_LINE = re.compile(r"flow \S+ down: (?!resetting ).*$|refused: allocation of .*$")
 
-    Each tether link (agent-gateway, connector-gateway) runs through two delayers, one
-    at each end, each delaying only what arrives over the lossy link: so each sees,
-    and reports, the gaps in what TCP delivered in its direction."""
+
+def _link_gaps(rig: Rig, gw: Daemon, since: float, until: float) -> dict[str, float]:
+    """The longest gap in what each direction of each tether link delivered between
+    `since` and `until`, from the delay lines' reports: "agent-0->gw" is what the
+    gateway's TCP delivered from node agent-0 (the nodes' addresses are in the
+    gateway's log)."""
+    nodes = {m.group(2): m.group(1) for m in gw.proc.find(
+        r"node (\S+) connected from (\S+)$", stream="stderr")}
+    gaps: dict[str, float] = {}
+    for host in rig:
+        assert host.line is not None
+        for report in host.line.json_lines():
+            if not since <= report["t"] <= until:
+                continue
+            for conn, acks in report["acks"].items():
+                here, there = conn.split("<")
+                label = (f"{nodes[there]}->gw" if there in nodes
+                         else f"gw->{nodes[here]}" if here in nodes else None)
+                if label is not None:
+                    gaps[label] = max(gaps.get(label, 0.0), acks["gap"])
+    return gaps
+
+
+def _lossy_run(rig: Rig, *, loss: int, idle: float, groups: dict[str, float],
+               bulk_liveness: float, kernel: dict[str, float] | None = None,
+               bulk_bytes: int = 128 << 10) -> LossyRun:
+    """Agents, a gateway, connectors and an echo server on four hosts (LOSSY_HOSTS); 200
+    ms ± 50 ms each way on each of the three links (agent-gateway, gateway-connector,
+    connector-server); `loss`% of the packets dropped at random on the input of every
+    host. For each of `groups` (label -> liveness T), an agent with six flows: five idle
+    (one line each way, then nothing for `idle` seconds, then one more line), one chatty
+    (a request every 0.5 s for `idle` seconds). A bulk transfer (`bulk_bytes` echoed,
+    liveness `bulk_liveness`) through an agent and a connector of its own, so that the
+    idle flows' keepalives never wait behind its data (that head-of-line blocking is
+    scenario 5's). With `kernel` (label -> T), five plain TCP connections per label, from
+    the agent's host to the server's (one link), keepalive and TCP_USER_TIMEOUT tuned
+    to T as in bench/faults.py, blocked in a read: which ones the kernel aborts.
+
+    The delay is a packet delay line (tests/hosts/delayline.py) on the links of the
+    gateway's and the server's hosts: every link crosses exactly one, and tether's own
+    TCP connections are the ones that see the delay (in their RTT, so in their
+    retransmission timeout) and lose the packets. The lines of the agent's and the
+    connector's hosts delay nothing; every line reports the gaps in what its host's TCP
+    delivered (`LossyRun.gaps`)."""
+    for seed, host in enumerate(rig):
+        delay = 0.2 if host.name in ("gw", "server") else 0.0
+        host.delay(delay, delay / 4, seed=seed)
     gw = rig["gw"].gateway()
     echo = rig["server"].echo_server()
-    delay = {"delay": 0.2, "jitter": 0.05}
-    relays = {}
-    for seed, edge in enumerate(("agent", "connector")):
-        far = rig["gw"].delayer(gw.address, only="up", public=True, seed=2 * seed,
-                                name=f"{edge}-link", **delay)
-        near = rig[edge].delayer(far.address, only="down", seed=2 * seed + 1,
-                                 name="gw-link", **delay)
-        relays[f"{edge}->gw"] = (far, "up")
-        relays[f"gw->{edge}"] = (near, "down")
-    to_server = rig["connector"].delayer(echo.address, seed=9, name="server-link", **delay)
-    co = rig["connector"].connector(relays["gw->connector"][0].address,
-                                    {"echo": to_server.address}, liveness=liveness,
-                                    registered_at=gw)
-    ag = rig["agent"].agent(relays["gw->agent"][0].address, ["echo"], liveness=liveness)
-    for host in rig:
-        host.loss(loss)
-    address = f"127.0.0.1:{ag.ports['echo']}"
-    apps: list[HostProc] = []
-    for i in range(5):
-        app = rig["agent"].tool(f"idle{i}", "app", "--connect", address, stdin=True)
+    rig["connector"].connector(gw, {"echo": echo.address})
+    cob = rig["connector"].connector(gw, {"bulk": echo.address}, name="connector-bulk")
+    agents = {label: rig["agent"].agent(gw, ["echo"], name=f"agent-{i}", liveness=T)
+              for i, (label, T) in enumerate(groups.items())}
+    agb = rig["agent"].agent(gw, ["bulk"], name="agent-bulk", liveness=bulk_liveness)
+    conns = {label: [rig["agent"].tool(
+        f"tcp-{label}-{i}", "tcpwait", "--connect", echo.address, "--bound", "600",
+        "--keepalive", f"{max(1, int(T / 2))},{max(1, int(T / 4))},2",
+        "--user-timeout", str(round(T * 1000))) for i in range(5)]
+        for label, T in (kernel or {}).items()}
+    for group in conns.values():
+        for conn in group:
+            conn.expect(r"^reply: ")
+    began = max(host.loss(loss) for host in rig)
+    apps = {label: [rig["agent"].tool(f"idle-{label}-{i}", "app", "--connect",
+                                      f"127.0.0.1:{ag.ports['echo']}", stdin=True)
+                    for i in range(5)] for label, ag in agents.items()}
+    for app in (a for group in apps.values() for a in group):
         app.expect(r"^connected ")
         app.send("send hi")
-        apps.append(app)
-    ping = rig["agent"].tool("chatty", "ping", "--connect", address, "--interval", "0.5",
-                             "--seconds", str(idle), "--timeout", "30")
-    bulk = rig["agent"].tool("bulk", "bulk", "--connect", address, "--bytes", str(256 << 10),
-                             "--timeout", "120")  # (at 20% loss it took 2 to 50 s)
-    first = [app.expect(r"^(recv b'hi\\n'|reset|eof|closed)", timeout=30)[1].text
-             for app in apps]
-    steady_from = time.monotonic()
-    match, _ = ping.expect(r'^\{"sent"', timeout=idle + 60)
-    ping_summary = json.loads(match.string)
-    match, _ = bulk.expect(r'^\{"sent"', timeout=150)
-    bulk_summary = json.loads(match.string)
-    replies = []
-    for app, line in zip(apps, first, strict=True):
-        if line.startswith("recv "):
-            app.send("send bye")
-            line = app.expect(r"^(recv b'bye\\n'|reset|eof|closed)", timeout=30)[1].text
-        replies.append(line.split(" t=")[0])
-    steady_to = time.monotonic()
-    downs = [m.group(0) for p in (ag.proc, co.proc)
-             for m in p.find(r"flow \S+ down: .*", stream="stderr")]
-    gaps = {label: max((s[direction]["gap"] for s in relay.proc.json_lines()
-                        if steady_from + 1.0 <= s["t"] <= steady_to), default=0.0)
-            for label, (relay, direction) in relays.items()}
-    return LossyRun(downs, replies, ping_summary, bulk_summary, gaps)
+    pings = {label: rig["agent"].tool(f"chatty-{label}", "ping", "--connect",
+                                      f"127.0.0.1:{ag.ports['echo']}", "--interval", "0.5",
+                                      "--seconds", str(idle), "--timeout", "60")
+             for label, ag in agents.items()}
+    bulk = rig["agent"].tool("bulk", "bulk", "--connect", f"127.0.0.1:{agb.ports['bulk']}",
+                             "--bytes", str(bulk_bytes), "--timeout", "120")
+    answer = r"^(recv b'{}\\n'|reset|eof|closed)"
+    first = {label: [app.expect(answer.format("hi"), timeout=60)[1].text for app in group]
+             for label, group in apps.items()}
+    summaries = {label: json.loads(ping.expect(r'^\{"sent"', timeout=idle + 90)[0].string)
+                 for label, ping in pings.items()}
+    for label, group in apps.items():
+        for app, line in zip(group, first[label], strict=True):
+            if line.startswith("recv "):
+                app.send("send bye")
+    replies = {label: [app.expect(answer.format("bye"), timeout=60)[1].text.split(" t=")[0]
+                       if line.startswith("recv ") else line.split(" t=")[0]
+                       for app, line in zip(group, first[label], strict=True)]
+               for label, group in apps.items()}
+    bulk_summary = json.loads(bulk.expect(r'^\{"sent"', timeout=150)[0].string)
+    until = time.monotonic()
+    kernel_outcomes = {
+        label: [ln.text.split(" t=")[0] for c in group for ln in c.lines("stdout")
+                if ln.text.startswith("second read: ") and ln.t <= until
+                and not ln.text.startswith("second read: bound")]
+        for label, group in conns.items()}
+    result = {}
+    for label, ag in agents.items():
+        lines = [ln for ln in ag.proc.lines("stderr") if DOWN_LINE.search(ln.text)]
+        result[label] = FlowGroup(groups[label], [ln.text.split(": ", 1)[-1] for ln in lines],
+                                  [ln.t - began for ln in lines], replies[label],
+                                  summaries[label])
+    bulk_downs = [ln.text for ln in agb.proc.lines("stderr") if DOWN_LINE.search(ln.text)]
+    bulk_downs += [ln.text for ln in cob.proc.lines("stderr") if DOWN_LINE.search(ln.text)]
+    return LossyRun(result, bulk_summary, bulk_downs, _link_gaps(rig, gw, began, until),
+                    kernel_outcomes)
 
 
-def _check_lossy_run(run: LossyRun) -> None:
-    """Everything but the DOWNs: nothing hung, nothing was corrupted."""
+def _check_group(run: LossyRun, label: str) -> None:
+    """No flow of the group went DOWN, and nothing was lost: every idle flow answered
+    its last line, the chatty flow every request."""
+    group = run.groups[label]
+    assert not group.downs, f"false DOWN: {run.describe()}"
+    assert group.ping["error"] is None and group.ping["received"] == group.ping["sent"], \
+        run.describe()
+    assert group.idle_replies == ["recv b'bye\\n'"] * 5, run.describe()
+
+
+def _check_bulk(run: LossyRun) -> None:
+    assert not run.bulk_downs, run.describe()
     assert run.bulk["error"] is None and run.bulk["received"] == run.bulk["sent"] \
         and run.bulk["received_sha256"] == run.bulk["sent_sha256"], run.describe()
-    assert run.ping["error"] is None and run.ping["received"] == run.ping["sent"], \
-        run.describe()
-    assert run.idle_replies == ["recv b'bye\\n'"] * 5, run.describe()
 
 
 IDLE = 20.0  # the issue says 60 s; 20 s keeps this file within its time budget
+LOSSY_T = 12.0
+"""The liveness that holds at 200 ms ± 50 ms and 20% loss, with margin. Derived from
+the longest stall measured on such a link (7.5 s, TCP_RTO_MAX_MS 1 s, docs/faults.md)
+plus 1.5 s of margin, over the 3/4 of T that an end can wait between the peer's
+keepalives: 3T/4 >= 7.5 + 1.5."""
+R = TypeVar("R")
 
 
-def test_no_false_down_with_delay_and_jitter(make_rig: MakeRig) -> None:
-    """200 ms ± 50 ms on every link (no loss): flows with a 2 s liveness, idle, chatty
-    or bulk, never go DOWN, and the bulk transfer is byte-exact."""
-    rig = make_rig(["agent", "gw", "connector", "server"])
-    run = _lossy_run(rig, loss=0, idle=IDLE, liveness=2.0)
-    print(f"\ndelay 200±50 ms, no loss, T=2s, {IDLE:g}s: {run.describe()}")
-    assert not run.downs, run.describe()
-    _check_lossy_run(run)
+def _concurrently(*jobs: Callable[[], R]) -> list[R]:
+    """Run independent scenarios, each on a rig of its own, at the same time (threads:
+    they spend their time waiting for processes, timers and the network) and return
+    their results; the first failure is raised."""
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        return [future.result() for future in futures]
 
 
-def test_delay_jitter_and_20pct_loss_never_hang_nor_corrupt(make_rig: MakeRig) -> None:
-    """The issue's case: 200 ms ± 50 ms and 20% loss on every link, 2 s liveness.
+def test_no_false_down_with_delay_jitter_and_loss(make_rig: MakeRig) -> None:
+    """Issue 7's scenario 2, on two rigs at once: 200 ms ± 50 ms each way on every link,
+    without loss and with 20% of the packets lost on every host's input.
 
-    What holds, and is asserted: nothing hangs and nothing is lost silently -- every
-    idle flow answers its last line or is reset, the chatty flow completes or is reset,
-    the bulk transfer is byte-exact or reset, never corrupted -- and every DOWN is
-    "unresponsive peer".
+    Asserted, without loss: flows with a 2 s liveness, idle or chatty, never go DOWN,
+    and the bulk transfer is byte-exact.
 
-    What the issue asked and does NOT hold, measured instead of asserted (a real
-    finding, see docs/faults.md): "flows never go DOWN". At 20% loss a TCP hop stalls
-    for 1-2.5 s (retransmission timeouts backing off from 200 ms, the frames behind
-    waiting in order), an end hears nothing for longer than T - T/4 (its margin
-    between the peer's keepalives and its own deadline), and declares the peer down.
-    Most 20-second runs see such false DOWNs; the counts are printed."""
-    rig = make_rig(["agent", "gw", "connector", "server"])
-    run = _lossy_run(rig, loss=20, idle=IDLE, liveness=2.0)
-    flows_down = len({d.split()[1] for d in run.downs if "@agent" in d})
-    print(f"\ndelay 200±50 ms, 20% loss, T=2s, {IDLE:g}s: {flows_down} of 7 flows DOWN "
-          f"while both ends were alive; {run.describe()}")
-    assert run.bulk["error"] is None or "ConnectionResetError" in run.bulk["error"], \
-        run.describe()
-    if run.bulk["error"] is None:
-        assert run.bulk["received"] == run.bulk["sent"] \
-            and run.bulk["received_sha256"] == run.bulk["sent_sha256"], run.describe()
-    assert run.ping["error"] is None or "ConnectionResetError" in run.ping["error"], \
-        run.describe()
-    if run.ping["error"] is None:
-        assert run.ping["received"] == run.ping["sent"], run.describe()
+    Asserted, with 20% loss: flows with a LOSSY_T (12 s) liveness never go DOWN, idle or
+    chatty; the bulk transfer is byte-exact. What the issue asked -- a 2 s liveness --
+    does NOT hold there, and cannot over TCP: a lost segment holds back every frame
+    behind it until it is retransmitted, so a live link falls silent for a second at
+    each loss and for several seconds at a few losses in a row (7.5 s at worst,
+    measured, with the retransmission timeout capped at 1 s; up to 73 s with the
+    kernel's default backoff), longer than the 3T/4 that an end waits between its
+    peer's keepalives. Flows with T = 2 s and plain TCP connections with keepalive and
+    TCP_USER_TIMEOUT tuned to 2 s and to 12 s (the kernel's own answer) run beside
+    them on the same hosts; how many of those end is printed, not asserted, except
+    that nothing hangs nor is corrupted: every DOWN is "unresponsive peer", every
+    idle flow answers or is reset. See docs/faults.md for the rule for choosing T."""
+    clean, lossy = _concurrently(
+        lambda: _lossy_run(make_rig(LOSSY_HOSTS), loss=0, idle=IDLE, groups={"2s": 2.0},
+                           bulk_liveness=LOSSY_T),  # (2 s: see the test below)
+        lambda: _lossy_run(make_rig(LOSSY_HOSTS), loss=20, idle=IDLE,
+                           groups={"safe": LOSSY_T, "2s": 2.0}, bulk_liveness=LOSSY_T,
+                           kernel={"2s": 2.0, "safe": LOSSY_T}))
+    print(f"\ndelay 200±50 ms, no loss, {IDLE:g}s: {clean.describe()}")
+    print(f"delay 200±50 ms, 20% loss, {IDLE:g}s: {lossy.describe()}")
+    fast = lossy.groups["2s"]
+    print(f"20% loss: T={LOSSY_T:g}s: {lossy.groups['safe'].flows_down} of 6 flows DOWN; "
+          f"T=2s: {fast.flows_down} of 6; plain TCP tuned to 2 s: "
+          f"{len(lossy.kernel['2s'])} of 5 aborted, tuned to {LOSSY_T:g} s: "
+          f"{len(lossy.kernel['safe'])} of 5")
+    _check_group(clean, "2s")
+    _check_bulk(clean)
+    _check_group(lossy, "safe")
+    _check_bulk(lossy)
+    assert all(d.endswith("unresponsive peer") for d in fast.downs), lossy.describe()
     assert all(r in ("recv b'bye\\n'", "reset err=ConnectionResetError")
-               for r in run.idle_replies), run.describe()
-    assert all(d.endswith("unresponsive peer") or d.endswith("(unresponsive peer)")
-               for d in run.downs), run.describe()
+               for r in fast.idle_replies), lossy.describe()
+    assert fast.ping["error"] is None or "ConnectionResetError" in fast.ping["error"], \
+        lossy.describe()
+
+
+class BigFrameDown(AssertionError):
+    """A live flow went DOWN while one of its own DATA frames was on the way (see the
+    xfail reason)."""
+
+
+@pytest.mark.xfail(strict=True, raises=BigFrameDown, reason=(
+    "design finding: a frame is a sign of life only once it is whole, and the gateway "
+    "relays whole frames: a DATA frame of up to 64 KiB (max_payload) over a path of "
+    "200 ms each way, where a fresh TCP connection needs three round trips of slow "
+    "start for 64 KiB, takes ~1.2 s per hop, ~2.4 s through the gateway; the keepalives "
+    "wait behind it; with 3T/4 = 1.5 s the far end declares the peer down. With 16 KiB "
+    "frames the same transfer completes (measured: docs/faults.md)"))
+def test_bulk_flow_with_a_2s_liveness_over_200ms_links(make_rig: MakeRig) -> None:
+    """200 ms ± 50 ms each way on every link, no loss: a flow with a 2 s liveness echoes
+    128 KiB. Both ends are alive all along: it must not go DOWN."""
+    rig = make_rig(LOSSY_HOSTS)
+    for host in ("gw", "server"):
+        rig[host].delay(0.2, 0.05)
+    gw = rig["gw"].gateway()
+    echo = rig["server"].echo_server()
+    rig["connector"].connector(gw, {"bulk": echo.address})
+    ag = rig["agent"].agent(gw, ["bulk"], liveness=2.0)
+    bulk = rig["agent"].tool("bulk", "bulk", "--connect", f"127.0.0.1:{ag.ports['bulk']}",
+                             "--bytes", str(128 << 10), "--timeout", "30")
+    summary = json.loads(bulk.expect(r'^\{"sent"', timeout=60)[0].string)
+    downs = ag.proc.find(r"flow \S+ down: unresponsive peer$", stream="stderr")
+    if downs:
+        raise BigFrameDown(f"the bulk flow went DOWN: {summary}")
+    assert summary["error"] is None and summary["received"] == summary["sent"], summary
 
 
 # 3. the close cascade across hosts -------------------------------------------------------------
@@ -258,53 +398,79 @@ def test_delay_jitter_and_20pct_loss_never_hang_nor_corrupt(make_rig: MakeRig) -
 CASCADE_LIVENESS = 1.0
 
 
-@pytest.mark.parametrize("end", ["server closes", "app closes", "connector host cut",
-                                 "gateway host cut"])
-def test_cascade_across_hosts(make_rig: MakeRig, end: str) -> None:
-    """Agent, gateway, connector and an echo server on four hosts; the application runs
-    in the agent's host. However the connection ends, both applications learn it --
-    EOF within a fraction of a second for a close, a reset within the liveness
-    timeout for a cut host -- and every daemon's flow count returns to zero."""
+def _cascade_rig(make_rig: MakeRig) -> tuple[Rig, list[Daemon], Server, int]:
+    """Agent, gateway, connector and an echo server on four hosts; the agent forwards
+    "echo" on the port returned."""
     rig = make_rig(["agent", "gw", "connector", "server"])
     gw = rig["gw"].gateway()
     echo = rig["server"].echo_server()
     co = rig["connector"].connector(gw, {"echo": echo.address}, liveness=CASCADE_LIVENESS)
     ag = rig["agent"].agent(gw, ["echo"], liveness=CASCADE_LIVENESS)
-    app = rig["agent"].tool("app", "app", "--connect", f"127.0.0.1:{ag.ports['echo']}",
-                            stdin=True)
+    return rig, [ag, gw, co], echo, ag.ports["echo"]
+
+
+def _cascade_app(rig: Rig, echo: Server, port: int, name: str) -> tuple[HostProc, str]:
+    """An application connected through the agent, one line echoed; its connection's
+    number at the echo server."""
+    app = rig["agent"].tool(name, "app", "--connect", f"127.0.0.1:{port}", stdin=True)
     app.expect(r"^connected ")
     app.send("send hello")
     app.expect(r"^recv b'hello\\n'")
     match, _ = echo.proc.expect(r"^conn (\d+) ")
-    conn = match.group(1)
+    return app, match.group(1)
+
+
+def _cascade_closes(make_rig: MakeRig) -> None:
+    """The server closes one connection: the application reads EOF; the application
+    closes another: the server reads EOF -- each within half a second."""
+    rig, daemons, echo, port = _cascade_rig(make_rig)
+    app, conn = _cascade_app(rig, echo, port, "app1")
+    closed_at = echo.proc.send(f"close {conn}")
+    _, line = app.expect(r"^(eof|reset|closed) ")
+    assert line.text.startswith("eof "), app.output()
+    assert _t(line.text) - closed_at < 0.5, line.text
+    app.send("close")
+    app, conn = _cascade_app(rig, echo, port, "app2")
+    closed_at = app.send("close")
+    _, line = echo.proc.expect(rf"^(eof|reset|closed) {conn} ")
+    assert line.text.startswith("eof "), echo.proc.output()
+    assert _t(line.text) - closed_at < 0.5, line.text
+    _wait_no_flows(daemons)
+
+
+def _cascade_cut(make_rig: MakeRig, host: str) -> None:
+    """The connector's or the gateway's host is cut (DROP): the application's connection
+    is reset within the liveness timeout (and, the gateway cut, the server's too)."""
+    rig, daemons, echo, port = _cascade_rig(make_rig)
+    app, conn = _cascade_app(rig, echo, port, "app")
     T = CASCADE_LIVENESS
-    if end == "server closes":
-        closed_at = echo.proc.send(f"close {conn}")
-        _, line = app.expect(r"^(eof|reset|closed) ")
-        assert line.text.startswith("eof "), app.output()
-        assert _t(line.text) - closed_at < 0.5, line.text
-        app.send("close")
-    elif end == "app closes":
-        closed_at = app.send("close")
-        _, line = echo.proc.expect(rf"^(eof|reset|closed) {conn} ")
-        assert line.text.startswith("eof "), echo.proc.output()
-        assert _t(line.text) - closed_at < 0.5, line.text
-    else:
-        host = "connector" if end == "connector host cut" else "gw"
-        cut_at = rig[host].silence()
-        _, line = app.expect(r"^(eof|reset|closed) ", timeout=T + 10)
-        assert line.text.startswith("reset "), app.output()
+    cut_at = rig[host].silence()
+    _, line = app.expect(r"^(eof|reset|closed) ", timeout=T + 10)
+    assert line.text.startswith("reset "), app.output()
+    elapsed = _t(line.text) - cut_at
+    assert T - T / 4 - TICK - SLACK <= elapsed <= T + TICK + SLACK, \
+        f"application reset {elapsed:.3f}s after the {host} host was cut (T={T:g}s)"
+    if host == "gw":  # the connector hears nothing either: the server is reset too
+        _, line = echo.proc.expect(rf"^(eof|reset|closed) {conn} ", timeout=T + 10)
+        assert line.text.startswith("reset "), echo.proc.output()
         elapsed = _t(line.text) - cut_at
-        assert T - T / 4 - TICK - SLACK <= elapsed <= T + TICK + SLACK, \
-            f"application reset {elapsed:.3f}s after the {host} host was cut (T={T:g}s)"
-        if host == "gw":  # the connector hears nothing either: the server is reset too
-            _, line = echo.proc.expect(rf"^(eof|reset|closed) {conn} ", timeout=T + 10)
-            assert line.text.startswith("reset "), echo.proc.output()
-            elapsed = _t(line.text) - cut_at
-            assert elapsed <= T + TICK + SLACK, \
-                f"server reset {elapsed:.3f}s after the gateway host was cut (T={T:g}s)"
-        rig[host].unsilence()
-    _wait_no_flows([ag, gw, co])
+        assert elapsed <= T + TICK + SLACK, \
+            f"server reset {elapsed:.3f}s after the gateway host was cut (T={T:g}s)"
+    rig[host].unsilence()
+    _wait_no_flows(daemons)
+
+
+def test_cascade_across_hosts(make_rig: MakeRig) -> None:
+    """Agent, gateway, connector and an echo server on four hosts; the application runs
+    in the agent's host. However the connection ends -- the server closes, the
+    application closes, the connector's host is cut, the gateway's host is cut -- both
+    applications learn it (EOF within a fraction of a second for a close, a reset within
+    the liveness timeout for a cut host) and every daemon's flow count returns to zero.
+    Three rigs at once: the two closes share one (two connections), each cut has its
+    own."""
+    _concurrently(lambda: _cascade_closes(make_rig),
+                  lambda: _cascade_cut(make_rig, "connector"),
+                  lambda: _cascade_cut(make_rig, "gw"))
 
 
 # 5. backpressure across a slow link ---------------------------------------------------------------
@@ -331,6 +497,13 @@ def _slow_link_rig(rig: Rig) -> tuple[Daemon, Daemon, Daemon, Any, Any]:
 
 
 def test_backpressure_across_a_slow_link(make_rig: MakeRig) -> None:
+    """A 1 Mbit/s link between gateway and connector, two rigs at once: a bulk sender
+    allocated before it sends (`_slow_link`), and one that sends from its first byte
+    (`_first_byte`)."""
+    _concurrently(lambda: _slow_link(make_rig), lambda: _first_byte(make_rig))
+
+
+def _slow_link(make_rig: MakeRig) -> None:
     """A bulk sender pushes as fast as it can for 5 s through a 1 Mbit/s link between
     gateway and connector. Every hop's memory stays bounded (VmRSS growth < 50 MB),
     the sender is held to the link's pace, everything arrives byte-exact, and an
@@ -346,7 +519,7 @@ def test_backpressure_across_a_slow_link(make_rig: MakeRig) -> None:
     ping = rig["agent"].tool("interactive", "ping", "--connect", f"127.0.0.1:{echo_port}",
                              "--interval", "0.5", "--seconds", "12", "--timeout", "10")
     ping.expect(r"^rtt 1 ")  # the interactive flow is up before the bulk starts
-    # The bulk flow is allocated before it sends (see the test below for why).
+    # The bulk flow is allocated before it sends (see `_first_byte` for why).
     bulk = rig["agent"].tool("bulk", "bulk", "--connect", f"127.0.0.1:{bulk_port}",
                              "--seconds", "5", "--start-after", "0.5", "--timeout", "40")
     bulk.expect(r"^connected ")
@@ -418,7 +591,7 @@ def test_idle_flow_beside_a_bulk_flow_on_a_slow_link(make_rig: MakeRig) -> None:
     assert line.text.startswith("recv b'bye"), idle.output()
 
 
-def test_backpressure_from_the_first_byte(make_rig: MakeRig) -> None:
+def _first_byte(make_rig: MakeRig) -> None:
     """The same slow link, but the bulk sender starts writing the moment it connects,
     while the agent is still allocating its flow (a round trip through the gateway and
     the connector, here made 2 x 200 ms by a delayer). The agent must hold at most one
@@ -471,15 +644,19 @@ def _numbers(text: str) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("cut", [1.0, 6.0], ids=["shorter", "longer"])
-def test_mesh_under_partition(make_rig: MakeRig, cut: float) -> None:
+def test_mesh_under_partition(make_rig: MakeRig) -> None:
     """Five mesh nodes (tests/meshnode.py) on five hosts, each sending numbered messages
     to the next one in a ring (120 a second for 10 s); meanwhile one host goes silent
-    for `cut` seconds, shorter or longer than `establish_timeout` (3 s), and comes back.
-    For every pair, what the receiver got is compared with what the sender was told:
-    every number arrives once and in order, or is returned in a Failure (a number in
-    both only among a Failure's first `unconfirmed`); a cut shorter than the
-    establish timeout loses nothing and fails nothing."""
+    for a while, shorter (1 s) or longer (6 s) than `establish_timeout` (3 s), and comes
+    back (two rigs at once, one per cut). For every pair, what the receiver got is
+    compared with what the sender was told: every number arrives once and in order, or
+    is returned in a Failure (a number in both only among a Failure's first
+    `unconfirmed`); a cut shorter than the establish timeout loses nothing and fails
+    nothing."""
+    _concurrently(lambda: _mesh_partition(make_rig, 1.0), lambda: _mesh_partition(make_rig, 6.0))
+
+
+def _mesh_partition(make_rig: MakeRig, cut: float) -> None:
     names = [f"n{i}" for i in range(5)]
     rig = make_rig(names)
     nodes: dict[str, HostProc] = {}

@@ -1,6 +1,7 @@
 """The host rig itself (tests/hosts/rig.py): hosts as network namespaces on one bridge,
-every fault injected and lifted, the delaying relay, and a teardown that leaves nothing
-behind -- namespaces, interfaces, processes -- even when the test fails.
+every fault injected and lifted, the delaying relay and the packet delay line, and a
+teardown that leaves nothing behind -- namespaces, interfaces, processes -- even when
+the test fails.
 
 Each check drives real TCP through the hosts with the rig's tools (`echo`, `app`,
 `ping`, `bulk`) and reads what they printed, with their own `t=` timestamps (one
@@ -269,6 +270,44 @@ def test_delayer_adds_delay_and_jitter_keeping_order_and_ends(make_rig: MakeRig)
     # Its stats: one JSON line per connection, with the longest gap between chunks.
     stats = relay.proc.json_lines()
     assert stats and {"conn", "up", "down"} <= set(stats[-1]), stats[-1:]
+
+
+# the delay line ---------------------------------------------------------------------------
+
+def test_delay_line_delays_every_packet_keeping_order_and_lifts(make_rig: MakeRig) -> None:
+    """`Host.delay`: the hosts' own TCP connections see the delay (it is in their RTT),
+    a transfer through it stays byte-exact and in order, its reports show what each
+    connection's TCP delivered, and `undelay` puts the link back on the bridge."""
+    rig = make_rig(["a", "b"])
+    echo = rig["b"].echo_server()
+    delay, jitter = 0.1, 0.03
+    line = rig["b"].delay(delay, jitter, seed=1)
+    assert "delay" in rig["b"].faults
+    ping = rig["a"].tool("ping", "ping", "--connect", echo.address, "--interval", "0.05",
+                         "--seconds", "1")
+    ping.expect(r'^\{"sent"', timeout=30)
+    rtts = [float(m.group(1)) for m in ping.find(r"^rtt \d+ ([\d.]+)")]
+    # Each way crosses the line once: 2D +- 2J, plus what the hosts and the line add.
+    assert len(rtts) >= 5
+    assert all(2 * (delay - jitter) - 0.005 <= r <= 2 * (delay + jitter) + 0.06 for r in rtts), \
+        rtts
+    assert statistics.pstdev(rtts) > 0.005, rtts
+    # Its reports: what b's TCP delivered, per connection (the ping's, here).
+    line.expect(rf'"acks": \{{.*"{rig["b"].ip}:{echo.port}<{rig["a"].ip}:\d+"', timeout=5)
+    # TCP through it: segmentation offload and checksums carried through, order kept.
+    bulk = rig["a"].tool("bulk", "bulk", "--connect", echo.address, "--bytes", str(1 << 20))
+    match, _ = bulk.expect(r'^\{"sent"', timeout=60)
+    sums = re.findall(r'"(?:sent|received)_sha256": "(\w+)"', match.string)
+    assert '"received": 1048576' in match.string and sums[0] == sums[1], match.string
+    rig["b"].undelay()
+    assert not rig["b"].faults and line.popen.poll() is not None
+    ports = subprocess.run(["ip", "-n", rig.switch_ns, "-o", "link", "show", "master",
+                            rig.bridge], capture_output=True, text=True, check=True).stdout
+    assert rig["b"].switch_port in ports, ports
+    ping = rig["a"].tool("ping2", "ping", "--connect", echo.address, "--interval", "0.02",
+                         "--seconds", "0.2")
+    match, _ = ping.expect(r'^\{"sent"', timeout=30)
+    assert json.loads(match.string)["max_rtt"] < 0.05, match.string
 
 
 # no CAP_NET_ADMIN -------------------------------------------------------------------------

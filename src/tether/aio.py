@@ -87,6 +87,22 @@ class SocketOptions:
     `notsent_lowat` (TCP_NOTSENT_LOWAT) keeps the kernel from accepting more than that
     many bytes not yet sent: what a slow link cannot send yet stays in the link's own
     queue, where a flow's keepalive or credit can overtake another flow's data.
+
+    `rto_max` caps TCP's retransmission timeout (TCP_RTO_MAX_MS, Linux 6.15 and later;
+    left to the kernel where it is missing, and with None). TCP doubles the timeout
+    after every retransmission lost in a row, up to 120 s, and every frame on the link
+    waits behind the lost one: on a lossy path that is how a live link falls silent
+    for longer than a flow's liveness timeout. Capped at 1 s, a link retransmits at
+    least once a second, and a stall of `k` seconds needs about `k` losses in a row
+    (200 ms ± 50 ms and 20% loss each way, 24 connections for 3 minutes: the longest
+    stall 73 s by default, 6.4 s capped at 1 s; docs/faults.md). The kernel allows 1
+    to 120 s.
+    The cost: more retransmissions while a path is down (one per second per link), and
+    the kernel, which gives up after `tcp_retries2` (15) retransmissions counted in
+    time with the capped timeout, aborts a link whose data goes unacknowledged for
+    15 s (measured) instead of about 15 minutes: no sooner than tether's own default
+    `link_timeout`, but a longer `link_timeout` needs a longer `rto_max` or a
+    `user_timeout` (which, if set, decides instead).
     """
 
     nodelay: bool = True
@@ -96,6 +112,15 @@ class SocketOptions:
     keepcnt: int = 3
     user_timeout: float | None = None
     notsent_lowat: int | None = 16 * 1024
+    rto_max: float | None = 1.0
+
+    # <linux/tcp.h> (not a field: no annotation); not in the socket module yet.
+    _TCP_RTO_MAX_MS = getattr(socket, "TCP_RTO_MAX_MS", 44)
+
+    def __post_init__(self) -> None:
+        if self.rto_max is not None and not 1.0 <= self.rto_max <= 120.0:
+            raise ValueError(f"rto_max must be within [1, 120] seconds or None, "
+                             f"got {self.rto_max!r}")
 
     def apply(self, sock: socket.socket) -> None:
         """Set the options on `sock` (a TCP socket; others are left alone)."""
@@ -112,6 +137,10 @@ class SocketOptions:
                             int(self.user_timeout * 1000))
         if self.notsent_lowat is not None:
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, self.notsent_lowat)
+        if self.rto_max is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+            with contextlib.suppress(OSError):  # ENOPROTOOPT before Linux 6.15
+                sock.setsockopt(socket.IPPROTO_TCP, self._TCP_RTO_MAX_MS,
+                                round(self.rto_max * 1000))
 
 
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux's value

@@ -1,3 +1,4 @@
 """Hosts for the fault tests: network namespaces joined by a bridge (`rig.Rig`), the
-faults they can suffer, the programs run inside them, and a delaying TCP relay
-(`delayer.py`) for delay and jitter on a kernel without netem. See rig.py."""
+faults they can suffer, the programs run inside them, and delay and jitter on a kernel
+without netem: a packet delay line (`delayline.py`) and a delaying TCP relay
+(`delayer.py`). See rig.py."""

@@ -31,9 +31,13 @@ by its counterpart):
 * `Host.bandwidth(rate)` / `unbandwidth()`: `tc qdisc ... root tbf` on both ends of
   the host's veth, so both directions of the link are capped.
 * `HostProc.stop()` / `cont()` / `kill()`: SIGSTOP, SIGCONT, SIGKILL of one process.
-* Delay and jitter: the kernel has no netem, so `Host.delayer()` runs tests/hosts/
-  delayer.py, a TCP relay that forwards a port with a per-chunk delay of D ± J,
-  keeping order (see docs/faults.md for why, and what it does not model).
+* Delay and jitter: the kernel has no netem. `Host.delay(D, J)` / `undelay()` joins
+  the host's link to the bridge through tests/hosts/delayline.py, a packet delay line
+  run in the switch's namespace: every packet in and out of the host `D ± J` later,
+  order kept, the hosts' own TCP connections seeing the delay. `Host.delayer()` runs
+  tests/hosts/delayer.py, a TCP relay that forwards one port with a per-chunk delay
+  (it terminates TCP: what crosses it sees the delay, its own sockets do not). See
+  docs/faults.md for why both, and what each does not model.
 
 Processes. `Host.run()` starts `ip netns exec NS ARGV...` (ip execs the program: the PID
 is the program's), keeps every stdout and stderr line with the `time.monotonic()` at
@@ -102,6 +106,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[2]
 THIS = Path(__file__).resolve()
 DELAYER = THIS.with_name("delayer.py")
+DELAYLINE = THIS.with_name("delayline.py")
 OECHO = ROOT / "examples" / "oecho.py"
 PREFIX = f"tt{os.getpid()}-"
 SUBNET = "10.231.0"
@@ -349,6 +354,7 @@ class Host:
         self.switch_port = f"{rig.prefix}s{index}"  # in rig.switch_ns
         self.ip = f"{SUBNET}.{index + 1}"
         self.faults: set[str] = set()
+        self.line: HostProc | None = None  # the packet delay line, while `delay` is on
 
     def __repr__(self) -> str:
         return f"<Host {self.name} {self.ns} {self.ip}>"
@@ -491,10 +497,52 @@ class Host:
         self.faults.discard("bandwidth")
         return time.monotonic()
 
+    def delay(self, delay: float, jitter: float = 0.0, *, seed: int | None = None) -> HostProc:
+        """Delay every packet in and out of the host by `delay` ± `jitter` seconds (order
+        kept): the host's link is cut at the switch and joined again through a packet
+        delay line (tests/hosts/delayline.py, run in the switch's namespace), so the
+        hosts' own TCP connections see the delay. A path between two delayed hosts
+        crosses two lines. The host is off the network for the fraction of a second the
+        line takes to start: delay it before the traffic. Returns the line's process
+        (its JSON lines report, per TCP connection, the longest gap in what the host's
+        TCP delivered)."""
+        sw, prefix = self.rig.switch_ns, self.rig.prefix
+        line_port, bridge_port = f"{prefix}x{self.index}", f"{prefix}y{self.index}"
+        _run(["ip", "-n", sw, "link", "add", line_port, "type", "veth", "peer", "name",
+              bridge_port])
+        _run(["ip", "-n", sw, "link", "set", self.switch_port, "nomaster"])
+        _run(["ip", "-n", sw, "link", "set", bridge_port, "master", self.rig.bridge])
+        for port in (line_port, bridge_port):
+            _run(["ip", "-n", sw, "link", "set", port, "up"])
+        argv = [sys.executable, str(DELAYLINE), "--a", self.switch_port, "--b", line_port,
+                "--delay", str(delay), "--jitter", str(jitter)]
+        if seed is not None:
+            argv += ["--seed", str(seed)]
+        proc = self.rig._start_in(sw, f"delayline@{self.name}", argv)
+        proc.expect(r"^delayline ready$", stream="stderr")
+        self.faults.add("delay")
+        self.line = proc
+        return proc
+
+    def undelay(self) -> float:
+        """Lift `delay`: the host's link joins the bridge directly again."""
+        sw, prefix = self.rig.switch_ns, self.rig.prefix
+        if self.line is not None:
+            self.line.close()
+            if self.line in self.rig.procs:
+                self.rig.procs.remove(self.line)
+            self.line = None
+        _run(["ip", "-n", sw, "link", "del", f"{prefix}x{self.index}"])  # and its peer
+        _run(["ip", "-n", sw, "link", "set", self.switch_port, "master", self.rig.bridge])
+        self.faults.discard("delay")
+        return time.monotonic()
+
     def lift(self) -> None:
         """Lift every fault on this host and its link."""
         for fault in sorted(self.faults):
-            if fault == "silence":
+            if fault == "delay":
+                self.undelay()
+            elif fault == "silence":
                 self.unsilence()
             elif fault == "loss":
                 self.unloss()
@@ -674,9 +722,13 @@ class Rig:
             _run(["ip", "-n", host.ns, "link", "set", host.iface, "up"])
 
     def _start(self, host: Host, name: str, argv: Sequence[str], *, stdin: bool) -> HostProc:
+        return self._start_in(host.ns, f"{name}@{host.name}", argv, stdin=stdin)
+
+    def _start_in(self, ns: str, name: str, argv: Sequence[str], *,
+                  stdin: bool = False) -> HostProc:
         if self.closed:
             raise RuntimeError("the rig is closed")
-        proc = HostProc(f"{name}@{host.name}", host.ns, argv, stdin=stdin)
+        proc = HostProc(name, ns, argv, stdin=stdin)
         self.procs.append(proc)
         return proc
 
