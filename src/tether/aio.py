@@ -47,6 +47,11 @@ _CHUNK_MIN = 16 * 1024
 _CHUNK_MAX = 256 * 1024
 _DRAIN_TARGET = 0.05
 _LOWAT_MAX = 1024 * 1024  # the kernel's unsent bytes, likewise sized to the link's speed
+# The link's own queue (`Link.queue_limit`): what the link sends in about _QUEUE_TIME,
+# the longest another flow's data then waits behind it.
+_QUEUE_TIME = 0.25
+_QUEUE_MIN = 64 * 1024
+_QUEUE_MAX = 1024 * 1024
 _HANDSHAKE_CODES = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.HANDSHAKE_FAILED,
                               ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
                               ErrorCode.FRAME_TOO_LARGE})
@@ -279,6 +284,8 @@ class LinkConnection(asyncio.Protocol):
             self._chunk = int(min(max(rate * _DRAIN_TARGET, _CHUNK_MIN), _CHUNK_MAX,
                                   2 * self._chunk))
             self._paused_bytes = 0
+            self.link.queue_limit = int(min(max(rate * _QUEUE_TIME, _QUEUE_MIN), _QUEUE_MAX,
+                                            2 * self.link.queue_limit))
             if self._sock is not None:
                 self._follow_lowat(rate)
         self.flush()  # writes what waited; streams woken by the queue draining send more
@@ -326,7 +333,7 @@ class LinkConnection(asyncio.Protocol):
         """Write the bytes held while a read was handled (see `coalesce`)."""
         self._held = False
         self._write_out()
-        if self.link.has_events:  # streams woken by the queue draining (QUEUE_LIMIT)
+        if self.link.has_events:  # streams woken by the queue draining (queue_limit)
             self.flush()
 
     def _follow_lowat(self, rate: float) -> None:

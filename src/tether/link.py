@@ -60,6 +60,7 @@ _URGENT: Final = frozenset({wire.Open, wire.OpenOk, wire.OpenErr, wire.Window, w
 _MIN_SPLIT: Final = 4096  # a DATA frame is cut to fit `take_output`'s limit, not smaller
 # DATA queued in a link and not yet taken by `take_output` (a slow link): beyond this,
 # `send_data` takes no more, whatever the credit, until the queue drained to half.
+# The default of `Link.queue_limit`, which an adapter sizes to the link's speed.
 QUEUE_LIMIT: Final = 256 * 1024
 
 
@@ -191,7 +192,8 @@ class Link:
         self._out: list[bytes | memoryview] = []  # frames in order: DATA, FIN, CLOSE, MSG...
         self._urgent: list[bytes | memoryview] = []  # control frames that go ahead of `_out`
         self._queued = 0  # DATA bytes (headers included) in `_out`
-        self._starved: set[int] = set()  # streams refused by QUEUE_LIMIT, not by credit
+        self._starved: set[int] = set()  # streams refused by queue_limit, not by credit
+        self.queue_limit = QUEUE_LIMIT
         self._events: list[Event] = []
         self._streams: dict[int, _Stream] = {}
         self._liveness: LivenessMonitor[int] = LivenessMonitor(config.tick, now)
@@ -255,7 +257,7 @@ class Link:
         s = self._streams.get(stream)
         if s is None or not s.fsm.can_send:
             return 0
-        if self._queued >= QUEUE_LIMIT:
+        if self._queued >= self.queue_limit:
             self._starved.add(stream)
             return 0
         return s.send_credit
@@ -337,7 +339,7 @@ class Link:
         """`n` DATA bytes left the queue: wake the streams it refused once it is half
         empty (a `WindowUpdated` each, as credit would)."""
         self._queued = max(0, self._queued - n)
-        if self._starved and self._queued <= QUEUE_LIMIT // 2:
+        if self._starved and self._queued <= self.queue_limit // 2:
             starved, self._starved = self._starved, set()
             for sid in sorted(starved):
                 s = self._streams.get(sid)
@@ -479,7 +481,7 @@ class Link:
         s = self._stream(stream)
         s.fsm.process(FlowInput.LOCAL_DATA)
         n = min(len(data), s.send_credit)
-        if n and self._queued >= QUEUE_LIMIT:  # the link cannot send what it has: wait
+        if n and self._queued >= self.queue_limit:  # the link cannot send it yet: wait
             self._starved.add(stream)  # (a WindowUpdated when it drained to half)
             return 0
         if n == 0:
