@@ -616,8 +616,8 @@ def start_tether(args: argparse.Namespace, name: str, gateways: int, tcp: dict[s
                 + (f"; window {args.window}" if args.window else ""))
 
 
-# `tether` has no --window option: `--window` runs the CLI through this shim, which
-# sets the per-flow receive window of every Node and Gateway the daemons create.
+# `--window` runs the CLI through this shim, which sets the initial per-flow receive
+# window of every Node and Gateway the three daemons create, at once.
 WINDOW_SHIM = """
 import functools, sys
 import tether.gateway, tether.node
@@ -845,7 +845,7 @@ def main() -> int:
                         help="the tether daemons' --log-level (default INFO, as deployed)")
     parser.add_argument("--window", type=int, metavar="BYTES",
                         help="per-flow receive window of the tether daemons (default: "
-                             "tether's, 262144), set through a shim: the CLI has no option")
+                             "tether's, 262144), set through a shim for all three daemons at once")
     parser.add_argument("--profile", metavar="DIR",
                         help="run the tether daemons under cProfile, writing DIR/ROLE.prof")
     parser.add_argument("--hop", help=argparse.SUPPRESS)
