@@ -599,3 +599,24 @@ def test_a_full_link_queue_holds_senders_back_and_wakes_them_when_half_drained()
     woken = [e for e in p.take("client") if isinstance(e, WindowUpdated)]
     assert [e.stream for e in woken] == [b]  # b asked and was refused; a did not ask
     assert p.client.send_data(b, b"b" * 10, p.now) == 10
+
+
+def test_a_data_frame_is_passed_on_and_counts_as_life_as_it_arrives() -> None:
+    """A DATA frame still crossing the network (a large frame over a slow path) is
+    handed on piece by piece, and each piece keeps the flow alive: the receiver does
+    not wait for the whole frame, nor declare the sender down meanwhile."""
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open(liveness=1.0)
+    p.client.send_data(sid, b"q" * 200_000, p.now)
+    raw = p.client.data_to_send()
+    got = b""
+    for i in range(0, len(raw), 20_000):  # 20 kB every 0.3 s: 3 s for the frame
+        p.now += 0.3
+        p.server.receive_data(raw[i:i + 20_000], p.now)
+        p.server.handle_timer(p.now)
+        pieces = data_of(p.take("server"), sid)
+        assert pieces, "a piece of the frame arrived and must be passed on at once"
+        got += pieces
+    assert got == b"q" * 200_000
+    assert p.server.flow_state(sid) is FlowState.OPEN  # never DOWN while bytes arrive

@@ -631,8 +631,11 @@ def test_split_data_gives_the_same_streams_whatever_the_cuts(
         piece = chunk if as_bytes else bytearray(chunk)  # views of bytes; copies otherwise
         new = dec.feed(piece)
         for f in new:
-            if isinstance(f, Data):
-                assert isinstance(f.data, memoryview if as_bytes else bytes)
+            if isinstance(f, Data) and isinstance(f.data, memoryview):
+                # a view of the caller's immutable bytes or of the decoder's own copy,
+                # never of a buffer the caller may reuse
+                assert as_bytes or f.data.obj is not piece
+                assert f.data.readonly
         got += new
         assert dec.buffered <= 10 + CONTROL_PAYLOAD_MAX + 10 + 600 + 10
     assert _merged(got) == _merged(frames)

@@ -188,7 +188,8 @@ class Link:
         self.state = LinkState.HANDSHAKE
         self.peer_name: str | None = None
         self.stats = LinkStats()
-        self._decoder = wire.FrameDecoder(config.max_payload, config.hard_max_payload)
+        self._decoder = wire.FrameDecoder(config.max_payload, config.hard_max_payload,
+                                          split_data=True)  # payloads passed on as they arrive
         self._out: list[bytes | memoryview] = []  # frames in order: DATA, FIN, CLOSE, MSG...
         self._urgent: list[bytes | memoryview] = []  # control frames that go ahead of `_out`
         self._queued = 0  # DATA bytes (headers included) in `_out`
@@ -253,7 +254,9 @@ class Link:
         return s.fsm.state if s is not None else None
 
     def send_credit(self, stream: int) -> int:
-        """How many bytes `send_data` would accept on `stream` now."""
+        """How many bytes `send_data` would accept on `stream` now. 0 while the link's
+        queue is full (`queue_limit`): the stream is then woken by a `WindowUpdated`
+        once the queue drained to half, as it would be by credit."""
         s = self._streams.get(stream)
         if s is None or not s.fsm.can_send:
             return 0

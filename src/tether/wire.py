@@ -543,7 +543,9 @@ class FrameDecoder:
 
         A DATA frame's payload is a `memoryview` slice of `data` when `data` is
         `bytes` (immutable: nothing is copied, the slice keeps the read alive), and
-        `bytes` otherwise; a frame that straddles reads is joined once, when complete.
+        never a view of a `data` that is mutable (the caller may reuse it): a copy; a
+        frame that straddles reads is joined once, when complete (and its payload may
+        be a view of that joined, immutable copy).
 
         With `split_data` (cut-through, what a `Link` uses), a DATA frame's payload is
         returned as it arrives instead: a frame that straddles reads becomes several
