@@ -151,6 +151,12 @@ class SocketOptions:
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux's value
 
 
+def _paced(rate: float, seconds: float, low: int, high: int, previous: int) -> int:
+    """What a link sending `rate` bytes/s sends in `seconds`, within [low, high], and at
+    most double `previous`: a queue filling at the bottleneck drains fast at first."""
+    return int(min(max(rate * seconds, low), high, 2 * previous))
+
+
 class LinkHandler(Protocol):
     """Who receives a link's events (a Node, a Gateway)."""
 
@@ -279,13 +285,11 @@ class LinkConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused = False
         if self._paused_bytes:  # the link drained that much in that long: size writes
-            # at most doubling: a queue filling at the bottleneck drains fast at first
             rate = self._paused_bytes / max(self.loop.time() - self._paused_at, 1e-4)
-            self._chunk = int(min(max(rate * _DRAIN_TARGET, _CHUNK_MIN), _CHUNK_MAX,
-                                  2 * self._chunk))
+            self._chunk = _paced(rate, _DRAIN_TARGET, _CHUNK_MIN, _CHUNK_MAX, self._chunk)
             self._paused_bytes = 0
-            self.link.queue_limit = int(min(max(rate * _QUEUE_TIME, _QUEUE_MIN), _QUEUE_MAX,
-                                            2 * self.link.queue_limit))
+            self.link.queue_limit = _paced(rate, _QUEUE_TIME, _QUEUE_MIN, _QUEUE_MAX,
+                                           self.link.queue_limit)
             if self._sock is not None:
                 self._follow_lowat(rate)
         self.flush()  # writes what waited; streams woken by the queue draining send more
@@ -340,8 +344,8 @@ class LinkConnection(asyncio.Protocol):
         """Let the kernel hold unsent what the link sends in about _DRAIN_TARGET: on a
         fast link, few writes that the kernel takes whole; on a slow one, little for an
         urgent frame to wait behind. Never below `SocketOptions.notsent_lowat`."""
-        floor = self.sockopts.notsent_lowat or 0
-        lowat = int(min(max(rate * _DRAIN_TARGET, floor), _LOWAT_MAX, 2 * self._lowat))
+        lowat = _paced(rate, _DRAIN_TARGET, self.sockopts.notsent_lowat or 0, _LOWAT_MAX,
+                       self._lowat)
         if lowat > self._lowat or lowat < self._lowat // 2:  # only real changes
             try:
                 self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, lowat)
