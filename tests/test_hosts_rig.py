@@ -319,6 +319,9 @@ def test_without_namespaces_every_rig_test_skips_with_one_reason(
     fake.write_text("#!/bin/sh\necho 'mount --make-shared /run/netns failed: "
                     "Operation not permitted' >&2\nexit 1\n")
     fake.chmod(0o755)
+    for tool in ("nft", "tc"):  # present (never reached): the namespace is what fails
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 0\n")
+        (tmp_path / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(rigmod, "_unavailable", [])
     reasons = set()
