@@ -31,7 +31,7 @@ from .errors import ErrorCode, FlowError
 from .flow import Flow
 from .flowstate import FlowState
 
-__all__ = ["SocketBridge", "reset_socket"]
+__all__ = ["SocketBridge", "reset_socket", "shutdown_write"]
 
 log = logging.getLogger("tether.relay")
 _LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -44,6 +44,32 @@ def reset_socket(transport: asyncio.BaseTransport) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
     transport.abort()  # type: ignore[attr-defined]
+
+
+def shutdown_write(transport: asyncio.WriteTransport) -> None:
+    """Send the socket's FIN now: `write_eof()` once what the transport holds is sent.
+
+    uvloop's `write_eof()` only asks libuv for a `shutdown(2)`, which runs after the
+    callback in progress returns: the end of a stream would wait behind whatever else
+    that callback does (the rest of the link's read, log lines). With nothing buffered,
+    this calls `shutdown(2)` itself, on the transport's descriptor, and does not call
+    `write_eof()` too: a second `shutdown(2)` fails with ENOTCONN once the peer's ACK
+    has closed a socket both sides had shut down, and uvloop takes that as fatal.
+    """
+    if transport.get_write_buffer_size():
+        transport.write_eof()  # after the buffered bytes
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is None:  # pragma: no cover - every TCP transport has one
+        transport.write_eof()
+        return
+    raw = socket.socket(sock.family, sock.type, 0, sock.fileno())
+    try:
+        raw.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the peer reset: the transport reports it (connection_lost)
+    finally:
+        raw.detach()  # the transport keeps its descriptor
 
 
 class SocketBridge(asyncio.Protocol):
@@ -266,7 +292,7 @@ class SocketBridge(asyncio.Protocol):
         self.write_deferred()  # the bytes before the FIN
         transport = self.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
-            transport.write_eof()
+            shutdown_write(transport)
 
     def flow_credit(self) -> None:
         if self._pending is not None:

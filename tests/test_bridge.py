@@ -1,0 +1,114 @@
+"""`shutdown_write`: an edge socket's FIN leaves during the callback that sends it.
+
+Real sockets on loopback, under both loops (conftest). The peer is a plain blocking
+socket, read from inside the protocol callback: had the FIN been deferred to the end
+of the callback (uvloop's `write_eof()`), the peer would read nothing there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from tether.bridge import shutdown_write
+
+HOST = "127.0.0.1"
+
+
+class _Edge(asyncio.Protocol):
+    """On b"go": writes b"reply", shuts its write side down, then (still in the same
+    callback) looks at what the peer can read."""
+
+    def __init__(self, peer: socket.socket) -> None:
+        self.peer = peer
+        self.seen_in_callback = b""
+        self.eof_in_callback = False
+        self.lost: asyncio.Future[Exception | None] = \
+            asyncio.get_running_loop().create_future()
+        self.received = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        if data != b"go":
+            return
+        self.transport.write(b"reply")
+        shutdown_write(self.transport)
+        self.peer.settimeout(2.0)
+        while True:
+            chunk = self.peer.recv(100)
+            if not chunk:
+                self.eof_in_callback = True
+                break
+            self.seen_in_callback += chunk
+
+    def eof_received(self) -> bool:
+        return True  # half-close: the write side was ours to end
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+async def _pair() -> tuple[asyncio.Transport, _Edge, socket.socket]:
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server((HOST, 0))
+    peer = socket.create_connection(listener.getsockname())
+    ours, _ = listener.accept()
+    listener.close()
+    ours.setblocking(False)
+    transport, edge = await loop.create_connection(lambda: _Edge(peer), sock=ours)
+    return transport, edge, peer
+
+
+async def test_the_fin_reaches_the_peer_before_the_callback_returns() -> None:
+    transport, edge, peer = await _pair()
+    try:
+        peer.sendall(b"go")
+        for _ in range(200):
+            if edge.received:
+                break
+            await asyncio.sleep(0.01)
+        assert edge.seen_in_callback == b"reply"
+        assert edge.eof_in_callback
+        # the read side is untouched: the peer may still talk, and the transport hears it
+        peer.sendall(b"more")
+        for _ in range(200):
+            if edge.received == b"gomore":
+                break
+            await asyncio.sleep(0.01)
+        assert edge.received == b"gomore"
+        # the peer closes too, then the edge: a clean end (no error from the transport
+        # that never called shutdown(2) itself)
+        peer.close()
+        await asyncio.sleep(0.05)
+        transport.close()
+        assert await asyncio.wait_for(edge.lost, 5) is None
+    finally:
+        transport.close()
+        peer.close()
+        await asyncio.sleep(0)
+
+
+async def test_with_bytes_still_buffered_the_fin_follows_them() -> None:
+    transport, _, peer = await _pair()
+    try:
+        big = b"x" * (64 << 20)  # more than the kernel takes at once: the transport buffers
+        transport.write(big)
+        assert transport.get_write_buffer_size() > 0
+        shutdown_write(transport)
+        got = bytearray()
+        peer.setblocking(False)
+        loop = asyncio.get_running_loop()
+        while True:
+            chunk = await asyncio.wait_for(loop.sock_recv(peer, 1 << 20), 10)
+            if not chunk:
+                break
+            got += chunk
+        assert len(got) == len(big)
+    finally:
+        transport.close()
+        peer.close()
+        await asyncio.sleep(0)
