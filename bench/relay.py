@@ -39,7 +39,7 @@ Measurements, one JSON object per line on stdout:
 
 Every process started here is ended by PID (SIGTERM, then SIGKILL) even on failure.
 Numbers are for information only; no test asserts on them. ``--profile DIR`` runs the
-three tether daemons under cProfile (bulk only) and prints where their time goes.
+tether daemons under cProfile (DIR/PATH/ROLE.prof) and prints where their time goes.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import glob
 import http.client
 import json
 import os
@@ -579,7 +580,7 @@ def start_tether(args: argparse.Namespace, name: str, gateways: int, tcp: dict[s
     if args.window:
         tether = [sys.executable, "-c", WINDOW_SHIM, str(args.window), "--log-level",
                   args.log_level]
-    profile = args.profile if name == "tether" else None
+    profile = os.path.join(args.profile, name) if args.profile else None
     if profile:
         os.makedirs(profile, exist_ok=True)
     kinds = [k for k in ("bulk", "close", "redis") if k in tcp]
@@ -590,7 +591,7 @@ def start_tether(args: argparse.Namespace, name: str, gateways: int, tcp: dict[s
         argv = ["gateway", "--listen", f"{HOST}:0", "--name", f"gw{i}"]
         if addresses:
             argv += ["--peer", f"gw{i + 1}={addresses[0]}"]
-        gw = Proc(f"{name} gw{i}", _profiled(tether, argv, profile, "gateway"))
+        gw = Proc(f"{name} gw{i}", _profiled(tether, argv, profile, f"gw{i}"))
         started.append(gw)
         port = gw.wait_for(rf"gateway gw{i} listening on port (\d+)")[1]
         addresses.insert(0, f"{HOST}:{port}")
@@ -770,10 +771,8 @@ def report_targets(bulk: dict[str, float], close: dict[str, tuple[float, float]]
 
 
 def print_profiles(directory: str) -> None:
-    for role in ("agent", "gateway", "connector"):
-        path = os.path.join(directory, f"{role}.prof")
-        if not os.path.exists(path):
-            continue
+    for path in sorted(glob.glob(os.path.join(directory, "*", "*.prof"))):
+        role = os.path.relpath(path, directory).removesuffix(".prof")  # e.g. tether2/gw1
         stats = pstats.Stats(path)
         total = stats.total_tt  # type: ignore[attr-defined]
         rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:12]  # type: ignore
