@@ -620,3 +620,21 @@ def test_a_data_frame_is_passed_on_and_counts_as_life_as_it_arrives() -> None:
         got += pieces
     assert got == b"q" * 200_000
     assert p.server.flow_state(sid) is FlowState.OPEN  # never DOWN while bytes arrive
+
+
+def test_send_data_keeps_read_only_views_and_copies_writable_data() -> None:
+    """A relay passes read-only views of its reads on without a copy; bytes a caller may
+    change afterwards (a bytearray, a writable view) are copied when queued."""
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open()
+    p.collect()
+    big = bytearray(b"r" * 200_000)  # within the credit; a bytes-like view: slicing
+    assert p.client.send_data(sid, memoryview(big).toreadonly(), p.now) == len(big)
+    kept = [b for b in p.client.buffers_to_send() if len(b) > 100]
+    assert kept and all(isinstance(b, memoryview) and b.obj is big for b in kept)
+    mutable = bytearray(b"w" * 1000)
+    assert p.client.send_data(sid, mutable, p.now) == 1000
+    (queued,) = [b for b in p.client.buffers_to_send() if len(b) > 100]
+    mutable[:] = b"x" * 1000
+    assert bytes(queued) == b"w" * 1000

@@ -665,3 +665,20 @@ def test_split_data_checks_a_header_before_passing_anything_on() -> None:
     assert dec.feed(hdr(0x05, 1, 4) + b"ab") == [Data(1, b"ab")]
     with pytest.raises(ProtocolError, match="unknown frame type"):
         dec.feed(b"cd" + hdr(0x7F, 0, 0))
+
+
+def test_a_read_only_view_is_kept_and_a_writable_one_copied() -> None:
+    """A read-only memoryview is a promise that its bytes do not change (a
+    `ReadBuffer` read): its DATA payloads are views of it. A writable one may be reused
+    by its owner: copied."""
+    raw = bytearray(encode(Data(stream=1, data=b"abcdef")))
+    for split in (False, True):
+        (kept,) = FrameDecoder(split_data=split).feed(memoryview(raw).toreadonly())
+        assert isinstance(kept, Data) and isinstance(kept.data, memoryview)
+        assert kept.data.obj is raw and kept.data == b"abcdef"
+        (copied,) = FrameDecoder(split_data=split).feed(memoryview(raw))
+        assert isinstance(copied, Data)
+        assert not (isinstance(copied.data, memoryview) and copied.data.obj is raw)
+        raw[-6:] = b"zzzzzz"
+        assert copied.data == b"abcdef"
+        raw[-6:] = b"abcdef"

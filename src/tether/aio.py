@@ -1,6 +1,6 @@
 """tether.aio — the asyncio adapter: the one place that owns sockets, TLS and the clock.
 
-`LinkConnection` is an `asyncio.Protocol` wrapped around one sans-IO `Link`: bytes
+`LinkConnection` is an `asyncio.BufferedProtocol` wrapped around one sans-IO `Link`: bytes
 from the transport go into the link, the link's bytes go to the transport, its
 events go to a `LinkHandler`, and **one** timer per link (`loop.call_at`) drives
 `handle_timer` at the link's `next_deadline()` — never a timer per flow. The timer
@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from . import coalesce
+from . import coalesce, readbuf
 from .errors import ErrorCode, HandshakeError, PeerUnreachable
 from .events import Event, HandshakeCompleted, LinkTerminated
 from .link import Link, LinkConfig, Role
@@ -44,7 +44,7 @@ log = logging.getLogger("tether.link")
 # behind (an urgent frame waits behind at most that), doubling while the kernel takes
 # everything; so a fast link gets few, large writes and a slow one small writes.
 _CHUNK_MIN = 16 * 1024
-_CHUNK_MAX = 256 * 1024
+_CHUNK_MAX = 1024 * 1024
 _DRAIN_TARGET = 0.05
 _LOWAT_MAX = 1024 * 1024  # the kernel's unsent bytes, likewise sized to the link's speed
 # The link's own queue (`Link.queue_limit`): what the link sends in about _QUEUE_TIME,
@@ -165,8 +165,11 @@ class LinkHandler(Protocol):
         `LinkTerminated`. May call back into `conn.link`; `conn.flush()` is implied."""
 
 
-class LinkConnection(asyncio.Protocol):
-    """One socket carrying one `Link`. Create with `open_link` or `serve_links`."""
+class LinkConnection(asyncio.BufferedProtocol):
+    """One socket carrying one `Link`. Create with `open_link` or `serve_links`.
+
+    A `BufferedProtocol`: reads go into the thread's `ReadBuffer`, up to 1 MiB at a
+    time and handed to the link with no copy (see `readbuf`)."""
 
     def __init__(self, role: Role, config: LinkConfig, handler: LinkHandler,
                  sockopts: SocketOptions | None = None,
@@ -192,6 +195,7 @@ class LinkConnection(asyncio.Protocol):
         self._lowat = self.sockopts.notsent_lowat or 0
         self._prioritized = False  # urgent frames overtake queued ones (plain TCP only)
         self._coalescer = coalesce.current()
+        self._readbuf = readbuf.current()
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._tls = _ServerTLS(server_tls) if server_tls is not None else None
@@ -229,7 +233,14 @@ class LinkConnection(asyncio.Protocol):
                 self._sock = sock
         self.flush()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self._readbuf.get()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._readbuf.take(nbytes))
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes read from the socket (`buffer_updated` passes them here)."""
         coalescer = self._coalescer
         coalescer.begin()
         try:
@@ -237,7 +248,7 @@ class LinkConnection(asyncio.Protocol):
         finally:
             coalescer.end()
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, data: bytes | memoryview) -> None:
         if self._tls is not None:
             try:
                 data = self._tls.receive(data)
@@ -468,7 +479,7 @@ class _ServerTLS:
         self.obj = context.wrap_bio(self.incoming, self.out, server_side=True)
         self.established = False
 
-    def receive(self, data: bytes) -> bytes:
+    def receive(self, data: bytes | memoryview) -> bytes:
         """Feed ciphertext; return the plaintext it completes (raises `ssl.SSLError`)."""
         self.incoming.write(data)
         if not self.established:

@@ -26,7 +26,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from . import coalesce
+from . import coalesce, readbuf
 from .errors import ErrorCode, FlowError
 from .flow import Flow
 from .flowstate import FlowState
@@ -72,8 +72,10 @@ def shutdown_write(transport: asyncio.WriteTransport) -> None:
         raw.detach()  # the transport keeps its descriptor
 
 
-class SocketBridge(asyncio.Protocol):
+class SocketBridge(asyncio.BufferedProtocol):
     """Pumps bytes and ends between a TCP socket and a `Flow`. See the module docstring.
+
+    A `BufferedProtocol`: reads go into the thread's `ReadBuffer` (large reads, no copy).
 
     Create it with the flow and hand it to `loop.create_connection` (connector), or
     create it without one as a server's protocol (agent): `on_connect` is then called
@@ -92,6 +94,7 @@ class SocketBridge(asyncio.Protocol):
         "_out_bytes",
         "_pending",
         "_read_paused",
+        "_readbuf",
         "_socket_done",
         "_unconsumed",
         "_write_paused",
@@ -130,6 +133,7 @@ class SocketBridge(asyncio.Protocol):
         self._lost_exc: Exception | None = None
         self.bytes_at_reap = 0
         self._coalescer = coalesce.current()
+        self._readbuf = readbuf.current()
         self._held = False  # registered with the coalescer
         self._out: list[bytes | memoryview] = []  # flow -> socket, held until written
         self._out_bytes = 0
@@ -187,7 +191,14 @@ class SocketBridge(asyncio.Protocol):
             if self.on_connect is not None:
                 self.on_connect(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self._readbuf.get()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._readbuf.take(nbytes))
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes read from the socket (`buffer_updated` passes them here)."""
         self.bytes_up += len(data)
         if self._flow is None:  # held until set_flow; uvloop ignores a pause_reading()
             held = b"" if self._pending is None else bytes(self._pending)  # made in

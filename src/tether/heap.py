@@ -1,6 +1,7 @@
 """Keep the heap's pages: big buffers are reused, not mapped and faulted in again.
 
-A relay reads into a new `bytes` of up to 256 KiB per read and drops it a moment later,
+A relay reads into new blocks -- a `bytes` of up to 256 KiB per read, or a 1 MiB
+`ReadBuffer` scratch when the last one is still held -- and drops them a moment later,
 when the bytes were written on. glibc serves blocks that large with `mmap` (or trims
 the heap below them when they are freed), so every read of a busy flow paid for
 64 fresh pages: page faults, zeroing, unmapping. Measured in the connector of

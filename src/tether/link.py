@@ -102,7 +102,7 @@ class LinkConfig:
     name: str
     token: bytes = b""
     expected_token: bytes | None = None
-    # 256 KiB: one frame per read of a busy socket (uvloop reads up to 256 KiB)
+    # 256 KiB: a few frames per read of a busy socket (a `ReadBuffer` read: up to 1 MiB)
     max_payload: int = 256 * 1024
     hard_max_payload: int = wire.HARD_MAX_PAYLOAD
     initial_window: int = 256 * 1024
@@ -499,9 +499,9 @@ class Link:
             self.stats.frames_out += 1
         else:
             mv = memoryview(data)
-            # slices of immutable bytes are kept as they are; anything else (a
-            # bytearray the caller may reuse) is copied
-            keep = mv.readonly and isinstance(mv.obj, bytes)
+            # read-only data is kept as it is: bytes, or a view promised not to change
+            # (a `ReadBuffer` read); anything writable (the caller may reuse it) is copied
+            keep = mv.readonly
             for off in range(0, n, step):
                 chunk = mv[off:min(off + step, n)]
                 out.append(header(stream, len(chunk)))

@@ -542,8 +542,9 @@ class FrameDecoder:
         """Add bytes; return every frame they complete, in order.
 
         A DATA frame's payload is a `memoryview` slice of `data` when `data` is
-        `bytes` (immutable: nothing is copied, the slice keeps the read alive), and
-        never a view of a `data` that is mutable (the caller may reuse it): a copy; a
+        `bytes` or a read-only `memoryview` (immutable, or promised so by whoever made
+        the view read-only: nothing is copied, the slice keeps the read alive), and
+        never a view of a `data` that is writable (the caller may reuse it): a copy; a
         frame that straddles reads is joined once, when complete (and its payload may
         be a view of that joined, immutable copy).
 
@@ -557,7 +558,7 @@ class FrameDecoder:
             raise self._error
         frames: list[Frame] = []
         mv = memoryview(data).cast("B")
-        keep = isinstance(data, bytes)
+        keep = isinstance(data, bytes) or (isinstance(data, memoryview) and data.readonly)
         try:
             if self._parts:
                 rest = self._complete(mv, keep, frames)

@@ -1,0 +1,119 @@
+"""ReadBuffer: large reads with no copy, for a `BufferedProtocol`.
+
+uvloop and asyncio read at most 256 KiB per call into a buffer of their own, then copy
+it into a new `bytes` for `data_received`. A relay's cost per read is mostly Python
+(decoding frames, state machines, framing again), so a bulk flow pays it every 256 KiB.
+A `BufferedProtocol` names the buffer itself. With this one, a read takes up to `size`
+bytes (1 MiB) into a scratch `bytearray` that every connection of the thread shares --
+reads never nest: the loop handles one at a time, start to end -- and then:
+
+* a large read is handed on as a read-only view of the scratch, nothing copied. If
+  anything still holds part of it when the next read starts (bytes queued behind a
+  slow link), the scratch is *pinned*: it stays theirs, and the read goes into another
+  scratch -- one whose views are all gone, or a new one. A view never sees its bytes
+  change;
+* a smaller read (under `copy_below`, 256 KiB: the most the loops read at once) is
+  copied out, as the loops do, so the scratch is free again at once and a quiet
+  connection pins nothing.
+
+A pinned scratch may be held by a few bytes only (a flow's last piece, waiting for
+credit), so their number is capped (`max_pinned`): at the cap every read is copied,
+as without this module, until views are let go. Memory is thus at most
+`(max_pinned + 1) * size` per thread (9 MiB) beyond the bytes actually queued, and no
+buffer is kept per connection.
+"""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["ReadBuffer", "current"]
+
+
+def _is_free(buffer: bytearray) -> bool:
+    """No view of `buffer` exists (a bytearray cannot be resized while one does)."""
+    try:
+        buffer.append(0)
+    except BufferError:
+        return False
+    del buffer[-1]
+    return True
+
+
+class ReadBuffer:
+    """A thread's scratch for reads (see the module docstring). Use `get` in
+    `get_buffer` and `take` in `buffer_updated`."""
+
+    __slots__ = ("_pinned", "_scratch", "copy_below", "max_pinned", "pinned_total", "size")
+
+    def __init__(self, size: int = 1 << 20, copy_below: int = 256 * 1024,
+                 max_pinned: int = 8) -> None:
+        if not 0 < copy_below <= size:
+            raise ValueError(f"copy_below {copy_below} must lie in [1, size {size}]")
+        if max_pinned < 0:
+            raise ValueError(f"max_pinned {max_pinned} must not be negative")
+        self.size = size
+        self.copy_below = copy_below
+        self.max_pinned = max_pinned
+        self._scratch: bytearray | None = None
+        self._pinned: list[bytearray] = []  # scratches views may still hold
+        self.pinned_total = 0  # scratches ever left to views (a counter)
+
+    @property
+    def pinned(self) -> int:
+        """Scratches held by views now (as of the last `get`)."""
+        return len(self._pinned)
+
+    def get(self) -> bytearray:
+        """The buffer for the next read: the scratch, unless views of it are held; then
+        a pinned one whose views are all gone, or a new one."""
+        scratch = self._scratch
+        if scratch is not None:
+            if _is_free(scratch):
+                if self._pinned:
+                    self._let_go()
+                return scratch
+            self._pinned.append(scratch)
+            self.pinned_total += 1
+            self._scratch = None
+        self._let_go()
+        if self._scratch is None:
+            self._scratch = bytearray(self.size + 1)
+            del self._scratch[-1]  # (room for `_is_free`'s probe: it never reallocates)
+        return self._scratch
+
+    def _let_go(self) -> None:
+        """Forget the pinned scratches whose views are all gone, but one to use again if
+        there is no scratch in use."""
+        still = []
+        for old in self._pinned:
+            if not _is_free(old):
+                still.append(old)
+            elif self._scratch is None:
+                self._scratch = old
+        self._pinned = still
+
+    def take(self, nbytes: int) -> bytes | memoryview:
+        """The `nbytes` just read into the buffer `get` gave: a read-only view of it (a
+        large read, while fewer than `max_pinned` scratches are pinned) or a copy."""
+        scratch = self._scratch
+        if scratch is None:
+            raise RuntimeError("take() without get()")
+        view = memoryview(scratch)[:nbytes]
+        if nbytes < self.copy_below or len(self._pinned) >= self.max_pinned:
+            data = view.tobytes()
+            view.release()
+            return data
+        return view.toreadonly()
+
+
+_local = threading.local()
+
+
+def current() -> ReadBuffer:
+    """This thread's read buffer."""
+    try:
+        buffer: ReadBuffer = _local.buffer
+    except AttributeError:
+        buffer = _local.buffer = ReadBuffer()
+    return buffer

@@ -1,0 +1,140 @@
+"""ReadBuffer: large reads passed on as views, never changed under a holder, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tether.readbuf import ReadBuffer
+
+
+def _read(rb: ReadBuffer, payload: bytes) -> bytes | memoryview:
+    """What a transport does: fill the buffer `get` gave, then `take`."""
+    buf = rb.get()
+    assert len(buf) == rb.size
+    buf[:len(payload)] = payload
+    return rb.take(len(payload))
+
+
+def test_a_small_read_is_copied_and_the_scratch_reused() -> None:
+    rb = ReadBuffer(size=1024, copy_below=256)
+    first = rb.get()
+    data = _read(rb, b"x" * 100)
+    assert type(data) is bytes and data == b"x" * 100
+    assert rb.get() is first
+    assert rb.pinned == 0
+
+
+def test_a_large_read_is_a_read_only_view_and_pins_its_scratch() -> None:
+    rb = ReadBuffer(size=1024, copy_below=256)
+    view = _read(rb, b"a" * 512)
+    assert isinstance(view, memoryview) and view.readonly and view == b"a" * 512
+    _read(rb, b"b" * 512)  # goes elsewhere: the first scratch is held by `view`
+    assert rb.pinned == 1
+    assert view == b"a" * 512
+    view.release()
+    rb.get()  # the first scratch is free again: used again, nothing pinned
+    assert rb.pinned == 0
+
+
+def test_at_the_cap_reads_are_copied() -> None:
+    rb = ReadBuffer(size=1024, copy_below=256, max_pinned=2)
+    held = [_read(rb, bytes([i]) * 600) for i in range(2)]
+    assert all(isinstance(v, memoryview) for v in held)
+    third = _read(rb, b"z" * 600)
+    assert rb.pinned == 2
+    assert type(third) is bytes
+    assert [bytes(v) for v in held] == [b"\0" * 600, b"\1" * 600]
+
+
+def test_a_free_scratch_beyond_the_one_in_use_is_let_go() -> None:
+    rb = ReadBuffer(size=1024, copy_below=256)
+    held = [_read(rb, b"q" * 600) for _ in range(4)]
+    rb.get()
+    assert rb.pinned == 4  # the read to come goes into a fifth
+    for v in held:
+        assert isinstance(v, memoryview)
+        v.release()
+    rb.get()
+    assert rb.pinned == 0
+
+
+def test_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="copy_below"):
+        ReadBuffer(size=100, copy_below=200)
+    with pytest.raises(ValueError, match="max_pinned"):
+        ReadBuffer(max_pinned=-1)
+    with pytest.raises(RuntimeError, match="without get"):
+        ReadBuffer().take(1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 1024), st.booleans(), st.integers(0, 20)),
+                min_size=1, max_size=60))
+def test_a_held_view_never_changes_and_pinning_is_capped(
+        steps: list[tuple[int, bool, int]]) -> None:
+    """Reads of random sizes; some results are held, some of those let go later: every
+    held result keeps its bytes, and at most `max_pinned` scratches are ever pinned."""
+    rb = ReadBuffer(size=1024, copy_below=256, max_pinned=3)
+    held: list[tuple[bytes | memoryview, bytes]] = []
+    for i, (n, keep, drop) in enumerate(steps):
+        payload = os.urandom(n)
+        data = _read(rb, payload)
+        assert data == payload
+        if keep:
+            held.append((data, payload))
+        if drop and held:
+            view, _ = held.pop(drop % len(held))
+            if isinstance(view, memoryview):
+                view.release()
+        assert rb.pinned <= rb.max_pinned
+        for got, want in held:
+            assert got == want, f"step {i}: a held read changed"
+
+
+async def test_a_buffered_protocol_on_real_sockets_reads_large_chunks() -> None:
+    """Through a real transport (both loops): 8 MiB sent at once arrive whole, the large
+    reads as read-only views, each still intact after the reads that followed it."""
+    from tether import readbuf
+
+    rb = readbuf.ReadBuffer()
+    received: list[bytes | memoryview] = []
+    done = asyncio.get_running_loop().create_future()
+
+    class Reader(asyncio.BufferedProtocol):
+        def get_buffer(self, sizehint: int) -> bytearray:
+            return rb.get()
+
+        def buffer_updated(self, nbytes: int) -> None:
+            received.append(rb.take(nbytes))
+
+        def eof_received(self) -> bool:
+            done.set_result(None)
+            return False
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    payload = os.urandom(8 << 20)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(Reader, b)
+    try:
+        transport.pause_reading()
+        sending = loop.run_in_executor(None, a.sendall, payload)
+        await asyncio.sleep(0.2)  # the kernel's buffers fill up: reads will be large
+        transport.resume_reading()
+        await asyncio.wait_for(sending, 10)
+        a.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(done, 10)
+        assert b"".join(bytes(r) for r in received) == payload
+        assert any(isinstance(r, memoryview) and r.readonly for r in received)
+    finally:
+        transport.close()
+        a.close()
+        await asyncio.sleep(0)
