@@ -233,7 +233,7 @@ class LinkConnection(asyncio.BufferedProtocol):
                 self._sock = sock
         self.flush()
 
-    def get_buffer(self, sizehint: int) -> bytearray:
+    def get_buffer(self, sizehint: int) -> memoryview:
         return self._readbuf.get()
 
     def buffer_updated(self, nbytes: int) -> None:

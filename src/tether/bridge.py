@@ -191,7 +191,7 @@ class SocketBridge(asyncio.BufferedProtocol):
             if self.on_connect is not None:
                 self.on_connect(self)
 
-    def get_buffer(self, sizehint: int) -> bytearray:
+    def get_buffer(self, sizehint: int) -> memoryview:
         return self._readbuf.get()
 
     def buffer_updated(self, nbytes: int) -> None:

@@ -64,15 +64,18 @@ class ReadBuffer:
         """Scratches held by views now (as of the last `get`)."""
         return len(self._pinned)
 
-    def get(self) -> bytearray:
+    def get(self) -> memoryview:
         """The buffer for the next read: the scratch, unless views of it are held; then
-        a pinned one whose views are all gone, or a new one."""
+        a pinned one whose views are all gone, or a new one.
+
+        A view, not the bytearray: a TLS transport fills it in pieces through slices
+        (`buf[offset:]`), and a bytearray's slice is a copy."""
         scratch = self._scratch
         if scratch is not None:
             if _is_free(scratch):
                 if self._pinned:
                     self._let_go()
-                return scratch
+                return memoryview(scratch)
             self._pinned.append(scratch)
             self.pinned_total += 1
             self._scratch = None
@@ -80,7 +83,7 @@ class ReadBuffer:
         if self._scratch is None:
             self._scratch = bytearray(self.size + 1)
             del self._scratch[-1]  # (room for `_is_free`'s probe: it never reallocates)
-        return self._scratch
+        return memoryview(self._scratch)
 
     def _let_go(self) -> None:
         """Forget the pinned scratches whose views are all gone, but one to use again if
