@@ -307,15 +307,15 @@ def _payload(frame: Frame) -> tuple[int, bytes]:
         return frame.stream, body
     if isinstance(frame, OpenOk):
         return frame.stream, _U32.pack(frame.window)
-    if isinstance(frame, OpenErr | Reset):
+    if isinstance(frame, (OpenErr, Reset)):
         return frame.stream, _CODE.pack(frame.code) + _reason_bytes(frame.reason, _CODE.size)
-    if isinstance(frame, Fin | Close | KeepAlive):
+    if isinstance(frame, (Fin, Close, KeepAlive)):
         return frame.stream, b""
     if isinstance(frame, Window):
         if frame.increment == 0:
             raise ValueError("WINDOW increment must be at least 1")
         return frame.stream, _U32.pack(frame.increment)
-    if isinstance(frame, Ping | Pong):
+    if isinstance(frame, (Ping, Pong)):
         return 0, _U64.pack(frame.opaque)
     if isinstance(frame, Msg):
         return 0, _MSG.pack(frame.kind, frame.seq) + frame.body
