@@ -27,6 +27,15 @@ from pathlib import Path
 __all__ = ["main"]
 
 _INTERESTING = re.compile(r"flow |listening|forwarding|serving|registered|connected from")
+_OUTPUT = threading.Lock()
+
+
+def _say(text: str) -> None:
+    """Print one whole line: the daemons' log pumps print from their threads too, and
+    `print` writes the text and its newline apart."""
+    with _OUTPUT:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 class _Daemon:
@@ -50,7 +59,7 @@ class _Daemon:
                 self._ready.notify_all()
             text = line.split(": ", 1)[-1] if " INFO " in line or " WARNING " in line else line
             if _INTERESTING.search(text):
-                print(f"  [{self.label:9}] {text}", flush=True)
+                _say(f"  [{self.label:9}] {text}")
 
     def wait_for(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """The first line matching `pattern`; raises if it does not come in time."""
@@ -101,8 +110,8 @@ def main() -> int:
     """Run the demo; 0 if the page came through and every flow ended."""
     tether = [sys.executable, "-m", "tether.cli", "--log-level", "INFO"]
     env_note = "uvloop" if _has_uvloop() else "asyncio"
-    print(f"tether relay demo ({env_note}): client -> agent -> gateway -> connector -> "
-          "HTTP server\n", flush=True)
+    _say(f"tether relay demo ({env_note}): client -> agent -> gateway -> connector -> "
+         "HTTP server\n")
     with tempfile.TemporaryDirectory() as root, _daemons() as running:
         Path(root, "index.html").write_text("<h1>hello through tether</h1>\n" + "x" * 50_000)
         web_port = _free_port()
@@ -124,30 +133,30 @@ def main() -> int:
         running.append(agent)
         app_port = int(agent.wait_for(r"forwarding 127\.0\.0\.1:(\d+) to web")[1])
 
-        print("\n1. GET / through the tunnel; the server ends the response "
-              "(cascade server -> client):", flush=True)
+        _say("\n1. GET / through the tunnel; the server ends the response "
+              "(cascade server -> client):")
         with urllib.request.urlopen(f"http://127.0.0.1:{app_port}/", timeout=10) as reply:
             body = reply.read()
-        print(f"   got HTTP {reply.status}, {len(body)} bytes: {body[:30]!r}...", flush=True)
+        _say(f"   got HTTP {reply.status}, {len(body)} bytes: {body[:30]!r}...")
         agent.wait_for(r"flow 1@agent ended")
         connector.wait_for(r"flow 1@connector ended")
 
-        print("\n2. a client sends 'GET /' and closes its socket at once (cascade client -> "
-              "server: the server reads EOF, answers, and everything closes):", flush=True)
+        _say("\n2. a client sends 'GET /' and closes its socket at once (cascade client -> "
+              "server: the server reads EOF, answers, and everything closes):")
         with socket.create_connection(("127.0.0.1", app_port), timeout=5) as sock:
             sock.sendall(b"GET /")
         agent.wait_for(r"flow 2@agent ended")
         connector.wait_for(r"flow 2@connector ended")
 
-        print("\n3. tether status of the gateway (every flow ended):", flush=True)
+        _say("\n3. tether status of the gateway (every flow ended):")
         status = subprocess.run([*tether, "status", f"127.0.0.1:{admin_port}"],
                                 capture_output=True, text=True, timeout=10, check=True)
         for line in status.stdout.splitlines():
             if any(k in line for k in ('"links"', '"flows"', "spliced", "ended")):
-                print("  " + line.strip(), flush=True)
+                _say("  " + line.strip())
         ok = '"flows": 0' in status.stdout and reply.status == 200
-        print("\nstopping everything", flush=True)
-    print("done" if ok else "FAILED", flush=True)
+        _say("\nstopping everything")
+    _say("done" if ok else "FAILED")
     return 0 if ok else 1
 
 
