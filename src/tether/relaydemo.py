@@ -134,7 +134,7 @@ def main() -> int:
         app_port = int(agent.wait_for(r"forwarding 127\.0\.0\.1:(\d+) to web")[1])
 
         _say("\n1. GET / through the tunnel; the server ends the response "
-              "(cascade server -> client):")
+             "(cascade server -> client):")
         with urllib.request.urlopen(f"http://127.0.0.1:{app_port}/", timeout=10) as reply:
             body = reply.read()
         _say(f"   got HTTP {reply.status}, {len(body)} bytes: {body[:30]!r}...")
@@ -142,7 +142,7 @@ def main() -> int:
         connector.wait_for(r"flow 1@connector ended")
 
         _say("\n2. a client sends 'GET /' and closes its socket at once (cascade client -> "
-              "server: the server reads EOF, answers, and everything closes):")
+             "server: the server reads EOF, answers, and everything closes):")
         with socket.create_connection(("127.0.0.1", app_port), timeout=5) as sock:
             sock.sendall(b"GET /")
         agent.wait_for(r"flow 2@agent ended")
