@@ -288,7 +288,26 @@ def encode_msg_header(kind: int, seq: int, length: int) -> bytes:
 
 
 def _payload(frame: Frame) -> tuple[int, bytes]:
-    """(stream, payload) of any frame but DATA."""
+    """(stream, payload) of any frame but DATA (the frequent control frames first)."""
+    if isinstance(frame, Window):
+        if frame.increment == 0:
+            raise ValueError("WINDOW increment must be at least 1")
+        return frame.stream, _U32.pack(frame.increment)
+    if isinstance(frame, (Fin, Close, KeepAlive)):
+        return frame.stream, b""
+    if isinstance(frame, (Ping, Pong)):
+        return 0, _U64.pack(frame.opaque)
+    if isinstance(frame, OpenOk):
+        return frame.stream, _U32.pack(frame.window)
+    if isinstance(frame, (OpenErr, Reset)):
+        return frame.stream, _CODE.pack(frame.code) + _reason_bytes(frame.reason, _CODE.size)
+    if isinstance(frame, Msg):
+        return 0, _MSG.pack(frame.kind, frame.seq) + frame.body
+    if isinstance(frame, Ack):
+        return 0, _U64.pack(frame.seq)
+    if isinstance(frame, GoAway):
+        return 0, (_GOAWAY.pack(frame.last_stream, frame.code)
+                   + _reason_bytes(frame.reason, _GOAWAY.size))
     if isinstance(frame, Hello):
         if frame.max_payload < 1024:
             raise ValueError(f"HELLO max_payload {frame.max_payload} is below the minimum 1024")
@@ -305,25 +324,6 @@ def _payload(frame: Frame) -> tuple[int, bytes]:
         body = (_OPEN.pack(frame.liveness_ms, frame.window, frame.mode)
                 + _U8.pack(len(service)) + service + _U8.pack(len(origin)) + origin)
         return frame.stream, body
-    if isinstance(frame, OpenOk):
-        return frame.stream, _U32.pack(frame.window)
-    if isinstance(frame, (OpenErr, Reset)):
-        return frame.stream, _CODE.pack(frame.code) + _reason_bytes(frame.reason, _CODE.size)
-    if isinstance(frame, (Fin, Close, KeepAlive)):
-        return frame.stream, b""
-    if isinstance(frame, Window):
-        if frame.increment == 0:
-            raise ValueError("WINDOW increment must be at least 1")
-        return frame.stream, _U32.pack(frame.increment)
-    if isinstance(frame, (Ping, Pong)):
-        return 0, _U64.pack(frame.opaque)
-    if isinstance(frame, Msg):
-        return 0, _MSG.pack(frame.kind, frame.seq) + frame.body
-    if isinstance(frame, Ack):
-        return 0, _U64.pack(frame.seq)
-    if isinstance(frame, GoAway):
-        return 0, (_GOAWAY.pack(frame.last_stream, frame.code)
-                   + _reason_bytes(frame.reason, _GOAWAY.size))
     raise TypeError(f"not a frame: {frame!r}")
 
 
