@@ -156,3 +156,49 @@ async def test_credit_and_reset_in_one_read_end_the_flow_not_the_link() -> None:
         assert all(isinstance(e, FlowError) for e in sink.errors), sink.errors
         assert node._conn is not None and node._conn.link.is_open, \
             "the link must survive one flow's reset"
+
+
+async def test_a_queue_that_drains_during_a_send_does_not_strand_the_sender() -> None:
+    """A link queue far smaller than what a bridged socket pours in: every send is cut
+    to what fits, and the flush inside that very send drains the queue and hands the
+    room back -- a wake-up that arrives before the bridge has parked its bytes. The
+    bridge must notice it then (not wait for one that already came): every byte
+    arrives, once, in order."""
+    from tether.bridge import SocketBridge
+
+    payload = bytes(range(256)) * (16 << 10)  # 4 MiB
+    loop = asyncio.get_running_loop()
+    served: asyncio.Future[None] = loop.create_future()
+
+    async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+            await reader.read()  # until the bridge closes its socket
+            writer.close()
+            await writer.wait_closed()
+        finally:
+            served.set_result(None)
+
+    src = await asyncio.start_server(source, "127.0.0.1", 0)
+    async with src, gateway() as gw, \
+            tether.Node("server", gateway=address(gw)) as server, \
+            tether.Node("client", gateway=address(gw)) as client:
+        server.register("svc")
+        await registered(gw, "svc")
+        flow, peer = await asyncio.gather(client.alloc("svc"), server.accept())
+        assert client._conn is not None
+        client._conn.link.queue_limit = 8192
+        bridge = SocketBridge(flow, label="source")
+        transport, _ = await loop.create_connection(
+            lambda: bridge, "127.0.0.1", src.sockets[0].getsockname()[1])
+        try:
+            got = bytearray()
+            while chunk := await asyncio.wait_for(peer.read(), 10):
+                got += chunk
+            assert len(got) == len(payload) and bytes(got) == payload
+        finally:
+            transport.close()
+            await asyncio.wait_for(served, 5)
+            await peer.dealloc()

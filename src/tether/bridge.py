@@ -95,6 +95,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         "_pending",
         "_read_paused",
         "_readbuf",
+        "_sending",
         "_socket_done",
         "_unconsumed",
         "_write_paused",
@@ -122,6 +123,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._pending: memoryview | None = None
         self._fin_pending = False
         self._read_paused = False
+        self._sending = False  # in `_send`: a `flow_credit` now is for it to see
         self._write_paused = False
         self._unconsumed = 0
         self._socket_done = False
@@ -213,21 +215,32 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._send(memoryview(data))
 
     def _send(self, view: memoryview) -> None:
+        """Send `view` as the flow takes it; the rest waits in `_pending`, reading
+        paused, until `flow_credit`. `try_write` flushes the link, and the flush may
+        hand out the very credit (or queue room) this waits for: `flow_credit` then
+        only notes it, and the loop looks again (`send_credit`) before parking."""
+        self._pending = None  # this call owns the bytes until it parks them
+        self._sending = True
         try:
-            n = self.flow.try_write(view)
-        except FlowError:
-            self._pending = None
-            return  # the flow ended; flow_ended does the rest
-        if n < len(view):
-            self._pending = view[n:]
-            if not self._read_paused and self.transport is not None:
-                self._read_paused = True
-                self.transport.pause_reading()
-        else:
-            self._pending = None
-            if self._fin_pending:
-                self._fin_pending = False
-                self.flow.fin_nowait()
+            while True:
+                try:
+                    n = self.flow.try_write(view)
+                except FlowError:
+                    return  # the flow ended; flow_ended does the rest
+                if n == len(view):
+                    break
+                view = view[n:]
+                if not self.flow.send_credit():
+                    self._pending = view
+                    if not self._read_paused and self.transport is not None:
+                        self._read_paused = True
+                        self.transport.pause_reading()
+                    return
+        finally:
+            self._sending = False
+        if self._fin_pending:
+            self._fin_pending = False
+            self.flow.fin_nowait()
 
     def eof_received(self) -> bool:
         self._half_closed()
@@ -306,6 +319,8 @@ class SocketBridge(asyncio.BufferedProtocol):
             shutdown_write(transport)
 
     def flow_credit(self) -> None:
+        if self._sending:
+            return  # `_send` is in `try_write`: it looks again when that returns
         if self._pending is not None:
             self._send(self._pending)
         if self._pending is None and self._read_paused and self.transport is not None:

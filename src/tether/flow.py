@@ -149,8 +149,8 @@ class Flow:
             mv = mv[sent:]
             if not mv:
                 break
-            if sent == 0:
-                self._writer = conn.loop.create_future()
+            if sent == 0 and not self.send_credit():  # (what came back during the flush
+                self._writer = conn.loop.create_future()  # woke nobody: look again)
                 try:
                     await self._writer
                 finally:
@@ -221,6 +221,12 @@ class Flow:
         n = self._conn.link.send_data(self.stream, data, self._conn.now)
         self._conn.flush()
         return n
+
+    def send_credit(self) -> int:
+        """How many bytes `try_write` would take now: the peer's credit, within the room
+        in the link's queue. When it is 0, `FlowSink.flow_credit` is called (and a
+        waiting `write` woken) once that changes."""
+        return self._conn.link.send_credit(self.stream)
 
     def consumed(self, n: int) -> None:
         """Give `n` bytes of credit back to the peer (an attached sink passed them on)."""
