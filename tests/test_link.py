@@ -579,7 +579,8 @@ def test_window_updates_are_not_signs_of_life_end_to_end() -> None:
 def test_a_full_link_queue_holds_senders_back_and_wakes_them_when_half_drained() -> None:
     """Credit says how much the far end can take; the link's queue says how much this
     side can send now. DATA beyond QUEUE_LIMIT waits with its sender (no credit used),
-    which is woken by a WindowUpdated once `take_output` drained the queue to half."""
+    which is woken by a WindowUpdated once `take_output` drained the queue to half --
+    a sender cut short as well as one refused outright."""
     from tether.link import QUEUE_LIMIT
     big = 8 * QUEUE_LIMIT
     p = Pair(LinkConfig(name="c", initial_window=big, max_window=big),
@@ -587,18 +588,39 @@ def test_a_full_link_queue_holds_senders_back_and_wakes_them_when_half_drained()
     p.handshake()
     a, _ = p.open()
     b, _ = p.open()
+    c, _ = p.open()
     p.take("client")
+    assert p.client.send_data(c, b"c" * 1000, p.now) == 1000  # room enough: all of it
+    assert p.client.send_credit(a) == QUEUE_LIMIT - p.client.queued
     sent = p.client.send_data(a, b"a" * big, p.now)
-    assert sent == big  # one call may overshoot; the next is held back
+    assert sent == QUEUE_LIMIT - (1000 + wire.HEADER.size)  # what fits, not its credit
+    assert p.client.queued <= QUEUE_LIMIT + wire.HEADER.size  # (its frame's header)
     assert p.client.send_credit(b) == 0 and p.client.send_data(b, b"b" * 10, p.now) == 0
-    assert p.client.queued >= QUEUE_LIMIT
-    p.client.take_output(QUEUE_LIMIT)  # not yet half empty: nobody woken
+    p.client.take_output(QUEUE_LIMIT // 4)  # not yet half empty: nobody woken
     assert not [e for e in p.take("client") if isinstance(e, WindowUpdated)]
     while p.client.queued > QUEUE_LIMIT // 2:
-        p.client.take_output(QUEUE_LIMIT)
+        p.client.take_output(QUEUE_LIMIT // 4)
     woken = [e for e in p.take("client") if isinstance(e, WindowUpdated)]
-    assert [e.stream for e in woken] == [b]  # b asked and was refused; a did not ask
+    assert sorted(e.stream for e in woken) == [a, b]  # cut short, refused; c got it all
     assert p.client.send_data(b, b"b" * 10, p.now) == 10
+
+
+def test_a_nearly_full_queue_still_takes_a_frame_worth_sending() -> None:
+    """With a few bytes of room left, a sender still gets `_MIN_SPLIT` bytes through
+    (no dribble of tiny frames); the queue's overshoot is bounded by that, never by the
+    sender's credit."""
+    from tether.link import _MIN_SPLIT, QUEUE_LIMIT
+    big = 8 * QUEUE_LIMIT
+    p = Pair(LinkConfig(name="c", initial_window=big, max_window=big),
+             LinkConfig(name="s", initial_window=big, max_window=big))
+    p.handshake()
+    a, _ = p.open()
+    b, _ = p.open()
+    p.take("client")
+    p.client.send_data(a, b"a" * (QUEUE_LIMIT - 100), p.now)
+    assert 0 < QUEUE_LIMIT - p.client.queued < _MIN_SPLIT
+    assert p.client.send_data(b, b"b" * big, p.now) == _MIN_SPLIT
+    assert p.client.queued <= QUEUE_LIMIT + _MIN_SPLIT + wire.HEADER.size
 
 
 def test_a_data_frame_is_passed_on_and_counts_as_life_as_it_arrives() -> None:

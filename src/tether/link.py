@@ -58,8 +58,9 @@ _DOWN_CODES: Final = frozenset({ErrorCode.FLOW_DOWN, ErrorCode.FLOW_PEER})
 _URGENT: Final = frozenset({wire.Open, wire.OpenOk, wire.OpenErr, wire.Window, wire.KeepAlive,
                             wire.Ping, wire.Pong, wire.Ack, wire.Reset})
 _MIN_SPLIT: Final = 4096  # a DATA frame is cut to fit `take_output`'s limit, not smaller
-# DATA queued in a link and not yet taken by `take_output` (a slow link): beyond this,
-# `send_data` takes no more, whatever the credit, until the queue drained to half.
+# DATA queued in a link and not yet taken by `take_output` (a slow link): `send_data`
+# takes no more than fits below this (or `_MIN_SPLIT`, so that frames are not tiny),
+# whatever the credit; a stream held back is woken once the queue drained to half.
 # The default of `Link.queue_limit`, which an adapter sizes to the link's speed.
 QUEUE_LIMIT: Final = 256 * 1024
 
@@ -254,16 +255,23 @@ class Link:
         return s.fsm.state if s is not None else None
 
     def send_credit(self, stream: int) -> int:
-        """How many bytes `send_data` would accept on `stream` now. 0 while the link's
-        queue is full (`queue_limit`): the stream is then woken by a `WindowUpdated`
-        once the queue drained to half, as it would be by credit."""
+        """How many bytes `send_data` would accept on `stream` now: its credit, within
+        what the link's queue has room for (`queue_limit`). 0 while the queue is full:
+        the stream is then woken by a `WindowUpdated` once the queue drained to half, as
+        it would be by credit."""
         s = self._streams.get(stream)
         if s is None or not s.fsm.can_send:
             return 0
-        if self._queued >= self.queue_limit:
-            self._starved.add(stream)
-            return 0
-        return s.send_credit
+        return self._room(stream, s.send_credit)
+
+    def _room(self, stream: int, wanted: int) -> int:
+        """What of `wanted` bytes the queue takes now; a stream given less than it
+        wanted is woken when the queue drained to half (`_dequeued`)."""
+        room = self.queue_limit - self._queued
+        if wanted <= room:
+            return wanted
+        self._starved.add(stream)
+        return 0 if room <= 0 else min(wanted, max(room, _MIN_SPLIT))
 
     def liveness_of(self, stream: int) -> float | None:
         """The liveness timeout of a stream in seconds, None if it has none."""
@@ -478,15 +486,15 @@ class Link:
         self._emit(wire.OpenErr(stream=stream, code=code, reason=reason), now)
         self._ended(s, code, f"refused: {reason}", "local")
 
-    def send_data(self, stream: int, data: bytes | memoryview, now: float) -> int:
+    def send_data(self, stream: int, data: bytes | bytearray | memoryview, now: float) -> int:
         """Send as much of `data` as the stream's credit allows; returns the count sent.
         Raises `LocalProtocolError` if the stream cannot send (unknown, FIN sent, ended)."""
         s = self._stream(stream)
         s.fsm.process(FlowInput.LOCAL_DATA)
         n = min(len(data), s.send_credit)
-        if n and self._queued >= self.queue_limit:  # the link cannot send it yet: wait
-            self._starved.add(stream)  # (a WindowUpdated when it drained to half)
+        if n == 0:
             return 0
+        n = self._room(stream, n)  # the rest waits for the queue (a WindowUpdated)
         if n == 0:
             return 0
         s.send_credit -= n
