@@ -42,7 +42,8 @@ log = logging.getLogger("tether.link")
 # How much of a link's queued frames is handed to the transport at a time: what the
 # link drains in about _DRAIN_TARGET, as measured the last time the kernel left bytes
 # behind (an urgent frame waits behind at most that), doubling while the kernel takes
-# everything; so a fast link gets few, large writes and a slow one small writes.
+# whole chunks (not mere small writes: an idle link keeps a small one); so a fast link
+# gets few, large writes and a slow one small writes.
 _CHUNK_MIN = 16 * 1024
 _CHUNK_MAX = 1024 * 1024
 _DRAIN_TARGET = 0.05
@@ -375,6 +376,7 @@ class LinkConnection(asyncio.BufferedProtocol):
             self._write(link.buffers_to_send())
             return
         while link.has_output:
+            queued = link.queued
             pieces = link.take_output(0 if self._paused else self._chunk)
             if pieces:
                 transport.writelines(pieces)  # one writev, no join
@@ -382,7 +384,8 @@ class LinkConnection(asyncio.BufferedProtocol):
                 self._paused_at = self.loop.time()
                 self._paused_bytes = transport.get_write_buffer_size()
                 return
-            self._chunk = min(2 * self._chunk, _CHUNK_MAX)
+            if 2 * (queued - link.queued) >= self._chunk:  # the chunk was used and the
+                self._chunk = min(2 * self._chunk, _CHUNK_MAX)  # kernel took it: grow
 
     def _write(self, pieces: list[bytes | memoryview]) -> None:
         transport = self.transport
