@@ -506,8 +506,9 @@ def _slow_link(make_rig: MakeRig) -> None:
     gateway and connector. Every hop's memory stays bounded (VmRSS growth < 50 MB),
     the sender is held to the link's pace, everything arrives byte-exact, and an
     interactive flow over the same links still gets every reply, within 5 s (what it
-    waits for is the bulk flow's window ahead of it in the capped TCP link: 256 KiB
-    at 125 kB/s is about 2.1 s)."""
+    waits for is the bulk flow's data ahead of it: the link's queue, held to its limit
+    (64 KiB at this rate), the kernel's unsent bytes and the capped link's queue --
+    typically 1-2 s at 125 kB/s)."""
     rig = make_rig(["agent", "gw", "connector", "server"])
     ag, gw, co, sink, _ = _slow_link_rig(rig)
     daemons = {"agent": ag, "gateway": gw, "connector": co}
