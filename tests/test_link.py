@@ -576,6 +576,19 @@ def test_window_updates_are_not_signs_of_life_end_to_end() -> None:
     p.client.reset(sid, ErrorCode.RESET, "x", p.now)  # (ends the test's flow)
 
 
+def _wide_open(flows: int) -> tuple[Pair, list[int]]:
+    """A pair whose flows have 8 x QUEUE_LIMIT of credit: the queue, not the credit, is
+    what holds a sender back. Returns the pair and the client's stream ids."""
+    from tether.link import QUEUE_LIMIT
+    big = 8 * QUEUE_LIMIT
+    p = Pair(LinkConfig(name="c", initial_window=big, max_window=big),
+             LinkConfig(name="s", initial_window=big, max_window=big))
+    p.handshake()
+    sids = [p.open()[0] for _ in range(flows)]
+    p.take("client")
+    return p, sids
+
+
 def test_a_full_link_queue_holds_senders_back_and_wakes_them_when_half_drained() -> None:
     """Credit says how much the far end can take; the link's queue says how much this
     side can send now. DATA beyond QUEUE_LIMIT waits with its sender (no credit used),
@@ -583,13 +596,7 @@ def test_a_full_link_queue_holds_senders_back_and_wakes_them_when_half_drained()
     a sender cut short as well as one refused outright."""
     from tether.link import QUEUE_LIMIT
     big = 8 * QUEUE_LIMIT
-    p = Pair(LinkConfig(name="c", initial_window=big, max_window=big),
-             LinkConfig(name="s", initial_window=big, max_window=big))
-    p.handshake()
-    a, _ = p.open()
-    b, _ = p.open()
-    c, _ = p.open()
-    p.take("client")
+    p, (a, b, c) = _wide_open(3)
     assert p.client.send_data(c, b"c" * 1000, p.now) == 1000  # room enough: all of it
     assert p.client.send_credit(a) == QUEUE_LIMIT - p.client.queued
     sent = p.client.send_data(a, b"a" * big, p.now)
@@ -611,12 +618,7 @@ def test_a_nearly_full_queue_still_takes_a_frame_worth_sending() -> None:
     sender's credit."""
     from tether.link import _MIN_SPLIT, QUEUE_LIMIT
     big = 8 * QUEUE_LIMIT
-    p = Pair(LinkConfig(name="c", initial_window=big, max_window=big),
-             LinkConfig(name="s", initial_window=big, max_window=big))
-    p.handshake()
-    a, _ = p.open()
-    b, _ = p.open()
-    p.take("client")
+    p, (a, b) = _wide_open(2)
     p.client.send_data(a, b"a" * (QUEUE_LIMIT - 100), p.now)
     assert 0 < QUEUE_LIMIT - p.client.queued < _MIN_SPLIT
     assert p.client.send_data(b, b"b" * big, p.now) == _MIN_SPLIT

@@ -492,9 +492,8 @@ class Link:
         s = self._stream(stream)
         s.fsm.process(FlowInput.LOCAL_DATA)
         n = min(len(data), s.send_credit)
-        if n == 0:
-            return 0
-        n = self._room(stream, n)  # the rest waits for the queue (a WindowUpdated)
+        if n:
+            n = self._room(stream, n)  # the rest waits for the queue (a WindowUpdated)
         if n == 0:
             return 0
         s.send_credit -= n

@@ -44,7 +44,7 @@ class ReadBuffer:
     """A thread's scratch for reads (see the module docstring). Use `get` in
     `get_buffer` and `take` in `buffer_updated`."""
 
-    __slots__ = ("_pinned", "_scratch", "copy_below", "max_pinned", "pinned_total", "size")
+    __slots__ = ("_pinned", "_scratch", "copy_below", "max_pinned", "size")
 
     def __init__(self, size: int = 1 << 20, copy_below: int = 256 * 1024,
                  max_pinned: int = 8) -> None:
@@ -57,7 +57,6 @@ class ReadBuffer:
         self.max_pinned = max_pinned
         self._scratch: bytearray | None = None
         self._pinned: list[bytearray] = []  # scratches views may still hold
-        self.pinned_total = 0  # scratches ever left to views (a counter)
 
     @property
     def pinned(self) -> int:
@@ -77,7 +76,6 @@ class ReadBuffer:
                     self._let_go()
                 return memoryview(scratch)
             self._pinned.append(scratch)
-            self.pinned_total += 1
             self._scratch = None
         self._let_go()
         if self._scratch is None:
