@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+
 from tether.bridge import shutdown_write
 
 HOST = "127.0.0.1"
@@ -19,8 +21,9 @@ class _Edge(asyncio.Protocol):
     """On b"go": writes b"reply", shuts its write side down, then (still in the same
     callback) looks at what the peer can read."""
 
-    def __init__(self, peer: socket.socket) -> None:
+    def __init__(self, peer: socket.socket, with_fd: bool) -> None:
         self.peer = peer
+        self.with_fd = with_fd
         self.seen_in_callback = b""
         self.eof_in_callback = False
         self.lost: asyncio.Future[Exception | None] = \
@@ -35,7 +38,8 @@ class _Edge(asyncio.Protocol):
         if data != b"go":
             return
         self.transport.write(b"reply")
-        shutdown_write(self.transport)
+        fd = self.transport.get_extra_info("socket").fileno() if self.with_fd else None
+        shutdown_write(self.transport, fd)
         self.peer.settimeout(2.0)
         while True:
             chunk = self.peer.recv(100)
@@ -52,19 +56,21 @@ class _Edge(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
-async def _pair() -> tuple[asyncio.Transport, _Edge, socket.socket]:
+async def _pair(with_fd: bool = False) -> tuple[asyncio.Transport, _Edge, socket.socket]:
     loop = asyncio.get_running_loop()
     listener = socket.create_server((HOST, 0))
     peer = socket.create_connection(listener.getsockname())
     ours, _ = listener.accept()
     listener.close()
     ours.setblocking(False)
-    transport, edge = await loop.create_connection(lambda: _Edge(peer), sock=ours)
+    transport, edge = await loop.create_connection(lambda: _Edge(peer, with_fd), sock=ours)
     return transport, edge, peer
 
 
-async def test_the_fin_reaches_the_peer_before_the_callback_returns() -> None:
-    transport, edge, peer = await _pair()
+@pytest.mark.parametrize("with_fd", [False, True], ids=["found", "given"])
+async def test_the_fin_reaches_the_peer_before_the_callback_returns(with_fd: bool) -> None:
+    """With the descriptor found from the transport, or given (as a bridge does)."""
+    transport, edge, peer = await _pair(with_fd)
     try:
         peer.sendall(b"go")
         for _ in range(200):

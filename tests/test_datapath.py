@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import platform
+import socket
 
 import pytest
 
 import tether
-from test_gateway import address, gateway, registered
+from test_gateway import address, eventually, gateway, read_exactly, read_to_eof, registered
 from tether import wire
+from tether.aio import LinkConnection
 from tether.coalesce import WriteCoalescer, current
 from tether.errors import ErrorCode, FlowError
+from tether.events import Event, FinReceived, FlowEnded
+from tether.flowstate import FlowState
 from tether.heap import keep_heap_pages
 
 
@@ -202,3 +207,101 @@ async def test_a_queue_that_drains_during_a_send_does_not_strand_the_sender() ->
             transport.close()
             await asyncio.wait_for(served, 5)
             await peer.dealloc()
+
+
+# --- a stream's end is passed on before the link's bookkeeping ---------------------------
+
+
+async def _served_pair(gw: tether.Gateway, server: tether.Node, client: tether.Node,
+                       mode: str = "half-close") -> tuple[tether.Flow, tether.Flow]:
+    server.register("svc")
+    await registered(gw, "svc")
+    flow, peer = await asyncio.gather(client.alloc("svc", mode=mode), server.accept())
+    return flow, peer
+
+
+@pytest.mark.parametrize("end", ["fin", "cascade-fin", "dealloc"])
+async def test_a_gateway_passes_a_streams_end_on_before_handling_it(end: str) -> None:
+    """A read that is one FIN (or CLOSE): the gateway has already ended the other side
+    when its own link hands it the event -- the end left first, ahead of the
+    bookkeeping (`Link.peek_stream_end`). The far end still reads every byte first,
+    then EOF, and the flow ends once at each node."""
+    async with gateway() as gw, \
+            tether.Node("server", gateway=address(gw)) as server, \
+            tether.Node("client", gateway=address(gw)) as client:
+        mode = "cascade" if end == "cascade-fin" else "half-close"
+        flow, peer = await _served_pair(gw, server, client, mode)
+        seen: list[tuple[FlowState | None, bool]] = []
+        handle = gw.link_event
+
+        def spy(conn: LinkConnection, event: Event) -> None:
+            if isinstance(event, (FinReceived, FlowEnded)) and (conn, event.stream) in gw._ends:
+                splice, side = gw._ends[(conn, event.stream)]
+                if side is splice.b:  # the server's end arrived: where is the client's?
+                    other = splice.a
+                    seen.append((other.conn.link.flow_state(other.stream),
+                                 other.conn.link.has_output))
+            handle(conn, event)
+
+        gw.link_event = spy  # type: ignore[method-assign]  # links call their handler's
+        await peer.write(b"reply")
+        assert await read_exactly(flow, 5) == b"reply"  # so the end comes alone in a read
+        if end == "dealloc":
+            await peer.dealloc()
+        else:
+            await peer.close_write()
+        assert await asyncio.wait_for(read_to_eof(flow), 5) == b""
+        # the client side was ended (or half-closed) before the event, with nothing queued
+        assert seen and seen[0] == ({"fin": FlowState.LOCAL_FIN}.get(end), False), seen
+        if end == "fin":
+            await flow.close_write()
+            assert await asyncio.wait_for(read_to_eof(peer), 5) == b""
+        await eventually("the splice ended", lambda: not gw._ends)
+
+
+async def test_a_bridged_socket_reads_eof_before_the_node_handles_the_fin() -> None:
+    """At a node, a lone FIN for a flow bridged to a socket: the socket's FIN has been
+    sent when the node's link hands over the event (the application can already read
+    EOF), and the data before it was delivered first."""
+    from tether.bridge import SocketBridge
+
+    loop = asyncio.get_running_loop()
+    async with gateway() as gw, \
+            tether.Node("server", gateway=address(gw)) as server, \
+            tether.Node("client", gateway=address(gw)) as client:
+        flow, peer = await _served_pair(gw, server, client)
+        listener = socket.create_server(("127.0.0.1", 0))
+        app = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+        listener.close()
+        ours.setblocking(False)
+        app.setblocking(False)
+        transport, _ = await loop.create_connection(lambda: SocketBridge(flow), sock=ours)
+        seen: list[bytes | None] = []
+        handle = client.link_event
+
+        def spy(conn: LinkConnection, event: Event) -> None:
+            if isinstance(event, FinReceived):
+                try:
+                    seen.append(app.recv(100))
+                except BlockingIOError:
+                    seen.append(None)  # no FIN yet
+            handle(conn, event)
+
+        client.link_event = spy  # type: ignore[method-assign]
+        try:
+            await peer.write(b"hello")
+            got = b""
+            for _ in range(500):
+                with contextlib.suppress(BlockingIOError):
+                    got += app.recv(100)
+                if got == b"hello":
+                    break
+                await asyncio.sleep(0.01)
+            assert got == b"hello"
+            await peer.close_write()
+            await eventually("the FIN reached the node", lambda: bool(seen))
+            assert seen == [b""], seen
+        finally:
+            transport.close()
+            app.close()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from linkpair import Pair, ended
@@ -662,3 +663,67 @@ def test_send_data_keeps_read_only_views_and_copies_writable_data() -> None:
     (queued,) = [b for b in p.client.buffers_to_send() if len(b) > 100]
     mutable[:] = b"x" * 1000
     assert bytes(queued) == b"w" * 1000
+
+
+# --- peek_stream_end: a lone FIN or CLOSE seen before it is handled ------------------------
+
+
+_PEEK_OPS = st.lists(st.tuples(st.sampled_from(["open", "accept", "client_fin", "server_fin",
+                                                "client_close", "server_close",
+                                                "server_reset"]), st.integers(0, 7)),
+                     max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_PEEK_OPS, ftype=st.sampled_from([wire.FrameType.FIN, wire.FrameType.CLOSE,
+                                             wire.FrameType.KEEPALIVE, wire.FrameType.WINDOW]),
+       pick=st.integers(0, 20), partial=st.booleans(), extra=st.booleans())
+def test_peek_stream_end_names_exactly_what_receive_data_then_applies(
+        ops: list[tuple[str, int]], ftype: int, pick: int, partial: bool, extra: bool) -> None:
+    """For streams in every state the operations reach, `peek_stream_end` says (FIN or
+    CLOSE, stream) exactly when feeding those bytes applies that end to a live stream,
+    and it changes nothing itself."""
+    p = Pair()
+    p.handshake()
+    opened: list[int] = [p.client.open_flow("svc", p.now)]
+    p.transfer()
+    p.server.accept_flow(opened[0], p.now)
+    p.transfer()
+    for op, i in ops:
+        sid = opened[i % len(opened)]
+        link = p.client if op.startswith("client") else p.server
+        with contextlib.suppress(LocalProtocolError):
+            if op == "open":
+                opened.append(p.client.open_flow("svc", p.now))
+            elif op == "accept":
+                p.server.accept_flow(sid, p.now)
+            elif op.endswith("_fin"):
+                link.send_fin(sid, p.now)
+            elif op.endswith("_close"):
+                link.dealloc(sid, p.now)
+            else:
+                link.reset(sid, ErrorCode.RESET, "test", p.now)
+        p.transfer()
+    p.take("server")
+    stream = opened[pick % len(opened)] if pick < 16 else 1001 + 2 * pick  # or unknown
+    frame = wire.encode_empty(ftype, stream) if ftype != wire.FrameType.WINDOW else \
+        wire.encode(wire.Window(stream=stream, increment=1))
+    data = frame + (b"\0" if extra else b"")
+    if partial:  # half a header already held: the read does not start a frame
+        p.server.receive_data(wire.encode_empty(wire.FrameType.KEEPALIVE, stream)[:3], p.now)
+    state = p.server.flow_state(stream)
+    before = (p.server.stats.as_dict(), len(p.server), state)
+    seen = p.server.peek_stream_end(data)
+    assert (p.server.stats.as_dict(), len(p.server), p.server.flow_state(stream)) == before
+    lone = not partial and not extra and ftype in (wire.FrameType.FIN, wire.FrameType.CLOSE)
+    applies = lone and state is not None and (
+        ftype == wire.FrameType.CLOSE or state in (FlowState.OPEN, FlowState.LOCAL_FIN))
+    assert seen == ((ftype, stream) if applies else None)
+    event(f"seen {'none' if seen is None else wire.frame_name(ftype)}")
+    p.server.receive_data(data, p.now)
+    events = p.take("server")
+    if seen is not None and ftype == wire.FrameType.FIN:
+        assert FinReceived(stream=stream) in events
+    elif seen is not None:
+        (end,) = [e for e in events if isinstance(e, FlowEnded)]
+        assert (end.stream, end.state, end.initiator) == (stream, FlowState.CLOSED, "peer")

@@ -196,6 +196,27 @@ def test_encode_data_header_matches_encode() -> None:
     assert wire.encode_data_header(9, 3) + b"abc" == encode(Data(stream=9, data=b"abc"))
 
 
+@pytest.mark.parametrize("cls", [Fin, Close, KeepAlive])
+def test_encode_empty_matches_encode(cls: type[Fin | Close | KeepAlive]) -> None:
+    assert wire.encode_empty(cls.TYPE, 77) == encode(cls(stream=77))
+
+
+def test_at_boundary_is_false_while_a_frame_is_incomplete() -> None:
+    d = FrameDecoder(split_data=True)
+    assert d.at_boundary
+    d.feed(encode(Fin(stream=3))[:4])
+    assert not d.at_boundary  # half a header held
+    d.feed(encode(Fin(stream=3))[4:])
+    assert d.at_boundary
+    d.feed(encode(Data(stream=3, data=b"x" * 100))[:50])
+    assert not d.at_boundary  # a DATA payload still arriving (cut-through)
+    d.feed(b"x" * 60)
+    assert d.at_boundary
+    with pytest.raises(ProtocolError):
+        d.feed(b"\xff" * 10)
+    assert not d.at_boundary  # broken for good
+
+
 def test_flags_are_ignored_on_receipt() -> None:
     data = bytearray(encode(Window(stream=5, increment=100)))
     data[1] = 0xFF

@@ -26,6 +26,7 @@ from . import coalesce, readbuf
 from .errors import ErrorCode, HandshakeError, PeerUnreachable
 from .events import Event, HandshakeCompleted, LinkTerminated
 from .link import Link, LinkConfig, Role
+from .wire import HEADER
 
 __all__ = [
     "LinkConnection",
@@ -53,6 +54,7 @@ _LOWAT_MAX = 1024 * 1024  # the kernel's unsent bytes, likewise sized to the lin
 _QUEUE_TIME = 0.25
 _QUEUE_MIN = 64 * 1024
 _QUEUE_MAX = 1024 * 1024
+_HEADER_SIZE = HEADER.size  # a FIN or CLOSE frame, alone in a read (`data_received`)
 _HANDSHAKE_CODES = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.HANDSHAKE_FAILED,
                               ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
                               ErrorCode.FRAME_TOO_LARGE})
@@ -159,7 +161,12 @@ def _paced(rate: float, seconds: float, low: int, high: int, previous: int) -> i
 
 
 class LinkHandler(Protocol):
-    """Who receives a link's events (a Node, a Gateway)."""
+    """Who receives a link's events (a Node, a Gateway).
+
+    A handler may also have a `stream_end_ahead(conn, stream, ftype)` method: it is
+    then called when a read is exactly one FIN or CLOSE frame (`ftype`) that the link
+    will apply to `stream` (`Link.peek_stream_end`), before the link handles it, so
+    that the end is passed on at once; the events follow as usual."""
 
     def link_event(self, conn: LinkConnection, event: Event) -> None:
         """Called for every event of `conn.link`, in order, including the final
@@ -200,6 +207,8 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._tls = _ServerTLS(server_tls) if server_tls is not None else None
+        self._end_ahead: Callable[[LinkConnection, int, int], None] | None = getattr(
+            handler, "stream_end_ahead", None)
 
     def __repr__(self) -> str:
         return f"<LinkConnection {self.config.name}<->{self.link.peer_name or '?'} " \
@@ -242,6 +251,10 @@ class LinkConnection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes read from the socket (`buffer_updated` passes them here)."""
+        if len(data) == _HEADER_SIZE and self._end_ahead is not None and self._tls is None:
+            ahead = self.link.peek_stream_end(data)  # a lone FIN or CLOSE: pass it on
+            if ahead is not None:  # first, written at once (nothing is coalescing yet)
+                self._end_ahead(self, ahead[1], ahead[0])
         coalescer = self._coalescer
         coalescer.begin()
         try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import socket
 import struct
@@ -46,29 +47,51 @@ def reset_socket(transport: asyncio.BaseTransport) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
-def shutdown_write(transport: asyncio.WriteTransport) -> None:
+def _libc_shutdown() -> Callable[[int, int], int] | None:
+    """The C library's `shutdown(2)`, or None where ctypes cannot find it."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).shutdown
+    except (OSError, AttributeError):  # pragma: no cover - not a POSIX C library
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SHUTDOWN = _libc_shutdown()
+
+
+def shutdown_write(transport: asyncio.WriteTransport, fd: int | None = None) -> None:
     """Send the socket's FIN now: `write_eof()` once what the transport holds is sent.
 
     uvloop's `write_eof()` only asks libuv for a `shutdown(2)`, which runs after the
     callback in progress returns: the end of a stream would wait behind whatever else
     that callback does (the rest of the link's read, log lines). With nothing buffered,
-    this calls `shutdown(2)` itself, on the transport's descriptor, and does not call
-    `write_eof()` too: a second `shutdown(2)` fails with ENOTCONN once the peer's ACK
-    has closed a socket both sides had shut down, and uvloop takes that as fatal.
+    this calls `shutdown(2)` itself, on the transport's descriptor (`fd`, when the
+    caller knows it), and does not call `write_eof()` too: a second `shutdown(2)` fails
+    with ENOTCONN once the peer's ACK has closed a socket both sides had shut down, and
+    uvloop takes that as fatal. The call goes straight to the C library: a Python
+    socket object made for it costs two `getsockname(2)` calls (one to find the
+    transport's socket, one to check it), on the path of every close.
     """
     if transport.get_write_buffer_size():
         transport.write_eof()  # after the buffered bytes
         return
-    sock = transport.get_extra_info("socket")
-    if sock is None:  # pragma: no cover - every TCP transport has one
-        transport.write_eof()
+    if fd is None:
+        sock = transport.get_extra_info("socket")
+        if sock is None:  # pragma: no cover - every TCP transport has one
+            transport.write_eof()
+            return
+        fd = sock.fileno()
+    if _SHUTDOWN is not None:
+        _SHUTDOWN(fd, socket.SHUT_WR)  # -1 if the peer reset: the transport reports it
         return
-    raw = socket.socket(sock.family, sock.type, 0, sock.fileno())
-    try:
+    raw = socket.socket(fileno=fd)  # pragma: no cover - see _libc_shutdown
+    try:  # pragma: no cover
         raw.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass  # the peer reset: the transport reports it (connection_lost)
-    finally:
+    except OSError:  # pragma: no cover
+        pass
+    finally:  # pragma: no cover
         raw.detach()  # the transport keeps its descriptor
 
 
@@ -85,10 +108,12 @@ class SocketBridge(asyncio.BufferedProtocol):
 
     __slots__ = (
         "_coalescer",
+        "_fd",
         "_fin_pending",
         "_flow",
         "_flow_done",
         "_held",
+        "_loop",
         "_lost_exc",
         "_out",
         "_out_bytes",
@@ -130,7 +155,9 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._flow_done = False
         self.bytes_up = 0  # socket -> flow
         self.bytes_down = 0  # flow -> socket
-        self.opened_at = asyncio.get_running_loop().time()
+        self._loop = asyncio.get_running_loop()
+        self._fd: int | None = None  # the socket's descriptor, for `shutdown_write`
+        self.opened_at = self._loop.time()
         self.half_closed_at: float | None = None  # for the fin timeout
         self._lost_exc: Exception | None = None
         self.bytes_at_reap = 0
@@ -184,8 +211,10 @@ class SocketBridge(asyncio.BufferedProtocol):
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            self._fd = sock.fileno()
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._flow is not None:
             self._flow.attach(self)
         else:
@@ -243,11 +272,11 @@ class SocketBridge(asyncio.BufferedProtocol):
             self.flow.fin_nowait()
 
     def eof_received(self) -> bool:
-        self._half_closed()
         if self._pending is not None or self._flow is None:
             self._fin_pending = True
         else:
-            self._flow.fin_nowait()
+            self._flow.fin_nowait()  # first: the FIN leaves before any bookkeeping
+        self._half_closed()
         return True  # keep our write side open: TCP half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -309,14 +338,14 @@ class SocketBridge(asyncio.BufferedProtocol):
 
     def _half_closed(self) -> None:
         if self.half_closed_at is None:
-            self.half_closed_at = asyncio.get_running_loop().time()
+            self.half_closed_at = self._loop.time()
 
     def flow_fin(self) -> None:
-        self._half_closed()
         self.write_deferred()  # the bytes before the FIN
         transport = self.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
-            shutdown_write(transport)
+            shutdown_write(transport, self._fd)
+        self._half_closed()
 
     def flow_credit(self) -> None:
         if self._sending:

@@ -48,8 +48,8 @@ log = logging.getLogger("tether.flow")
 class Flow:
     """One flow, as seen by the application. Made by `Node.alloc` and `Node.accept`."""
 
-    __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_eof", "_reader", "_sink", "_state",
-                 "_writer", "id", "peer", "service", "stream")
+    __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_eof", "_fin_told", "_reader", "_sink",
+                 "_state", "_writer", "id", "peer", "service", "stream")
 
     def __init__(self, fid: FlowId, conn: LinkConnection, stream: int, service: str,
                  peer: str) -> None:
@@ -66,6 +66,7 @@ class Flow:
         self._reader: asyncio.Future[None] | None = None
         self._writer: asyncio.Future[None] | None = None
         self._sink: FlowSink | None = None
+        self._fin_told = False  # the sink heard `flow_fin`
 
     def __repr__(self) -> str:
         return f"<Flow {self.id} service={self.service} {self._state.name}>"
@@ -210,6 +211,7 @@ class Flow:
             self._buffered = 0
             sink.flow_data(data)
         if self._eof and self._end is None:
+            self._fin_told = True
             sink.flow_fin()
         if self._end is not None:
             sink.flow_ended(self._state, self._end)
@@ -281,9 +283,18 @@ class Flow:
     def _on_fin(self) -> None:
         self._eof = True
         self._set_state()
-        if self._sink is not None:
+        if self._sink is not None and not self._fin_told:
+            self._fin_told = True
             self._sink.flow_fin()
         self._wake_reader()
+
+    def _end_ahead(self) -> None:
+        """The peer's FIN or CLOSE is about to be applied (`Node.stream_end_ahead`): an
+        attached sink hears `flow_fin` now, so that it passes the end on first (a
+        CLOSE ends the peer's sending too); the events follow as usual."""
+        if self._sink is not None and not self._fin_told:
+            self._fin_told = True
+            self._sink.flow_fin()
 
     def _on_credit(self) -> None:
         if self._sink is not None:
@@ -322,7 +333,8 @@ class FlowSink(Protocol):
         `Flow.consumed(len)` once they are passed on."""
 
     def flow_fin(self) -> None:
-        """The peer half-closed: no more data will come."""
+        """The peer half-closed (or deallocated: `flow_ended` follows): no more data
+        will come. Called once."""
 
     def flow_credit(self) -> None:
         """The peer granted credit: `try_write` may send more."""

@@ -277,6 +277,13 @@ class Gateway:
             log.warning("gateway %s: protocol error from %s on stream %d: %s", self.name,
                         conn.link.peer_name, event.stream, event.reason)
 
+    def stream_end_ahead(self, conn: LinkConnection, stream: int, ftype: int) -> None:
+        """A FIN or CLOSE (`ftype`) for `stream` is about to be handled: the splice passes
+        it on now (see `LinkHandler`)."""
+        entry = self._ends.get((conn, stream))
+        if entry is not None:
+            entry[0].end_ahead(entry[1], ftype == wire.FrameType.FIN)
+
     def _on_control(self, conn: LinkConnection, event: MessageReceived) -> None:
         if event.kind == wire.KIND_SERVICES:
             self._on_services(conn, event.body)

@@ -104,6 +104,16 @@ class Splice:
         else:
             self._end_after_pending(dst, _FIN)
 
+    def end_ahead(self, src: SpliceEnd, fin: bool) -> None:
+        """`src`'s link is about to apply a FIN (`fin`) or a CLOSE from its peer: when
+        nothing waits to go before it, end the other side now, ahead of the events
+        (`on_fin` and `on_end` then find it done). A cascade-mode FIN ends the other
+        side with a CLOSE here; `on_fin` deallocates `src` as usual."""
+        dst = self.other(src)
+        if dst.ended or dst.pending or dst.pending_end is not None:
+            return
+        self._end_after_pending(dst, _FIN if fin and self.mode != MODE_CASCADE else _CLOSE)
+
     def on_keepalive(self, src: SpliceEnd) -> None:
         """A sign of life from `src`'s end: pass it on, end to end."""
         dst = self.other(src)

@@ -51,6 +51,7 @@ __all__ = [
     "Window",
     "encode",
     "encode_data_header",
+    "encode_empty",
     "encode_msg_header",
 ]
 
@@ -276,6 +277,12 @@ def _reason_bytes(text: str, prefix: int) -> bytes:
 def encode_data_header(stream: int, length: int) -> bytes:
     """The header of a DATA frame, for writing header and payload without joining them."""
     return HEADER.pack(FrameType.DATA, 0, stream, length)
+
+
+def encode_empty(ftype: int, stream: int) -> bytes:
+    """A frame without payload (FIN, CLOSE, KEEPALIVE): its header, built directly,
+    the same bytes as `encode` of the frame object."""
+    return HEADER.pack(ftype, 0, stream, 0)
 
 
 def encode_msg_header(kind: int, seq: int, length: int) -> bytes:
@@ -537,6 +544,12 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes held for a frame not yet complete (at most one header plus one payload)."""
         return self._held
+
+    @property
+    def at_boundary(self) -> bool:
+        """The next byte fed starts a frame: nothing is held, no DATA payload is still
+        arriving, and the decoder is not broken."""
+        return not self._parts and not self._data_left and self._error is None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Add bytes; return every frame they complete, in order.
