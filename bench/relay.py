@@ -222,6 +222,10 @@ class _Side(asyncio.Protocol):
         self.peer.transport.write(data)
 
     def eof_received(self) -> bool:
+        if _PAD:  # --chain-pad-us: this much CPU before the end is passed on
+            until = time.perf_counter() + _PAD
+            while time.perf_counter() < until:
+                pass
         self.eof = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer.transport.is_closing():
@@ -299,8 +303,14 @@ class _Downstream(_Side):
             up.transport.close()
 
 
-def hop_main(upstreams: list[int]) -> int:
+_PAD = 0.0  # seconds of busy work per EOF in a chain hop (--chain-pad-us)
+
+
+def hop_main(upstreams: list[int], pad_us: float) -> int:
     import uvloop
+
+    global _PAD
+    _PAD = pad_us / 1e6
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -513,9 +523,9 @@ def start_paths(args: argparse.Namespace, servers: dict[str, int | None],
         "direct": lambda: Path("direct", dict(tcp), [], 0),
         "socat": lambda: start_socat(tcp, started),
         "haproxy": lambda: start_haproxy(tcp, started, tmp),
-        "relay1": lambda: start_chain("relay1", 1, tcp, started),
-        "chain3": lambda: start_chain("chain3", 3, tcp, started),
-        "chain4": lambda: start_chain("chain4", 4, tcp, started),
+        "relay1": lambda: start_chain("relay1", 1, tcp, started, args.chain_pad_us),
+        "chain3": lambda: start_chain("chain3", 3, tcp, started, args.chain_pad_us),
+        "chain4": lambda: start_chain("chain4", 4, tcp, started, args.chain_pad_us),
         "tether": lambda: start_tether(args, "tether", 1, tcp, started),
         "tether2": lambda: start_tether(args, "tether2", 2, tcp, started),
     }
@@ -558,18 +568,21 @@ def start_haproxy(tcp: dict[str, int], started: list[Proc], tmp: str) -> Path:
     return Path("haproxy", ports, [proc], 1, "mode tcp, nbthread 1")
 
 
-def start_chain(name: str, hops: int, tcp: dict[str, int], started: list[Proc]) -> Path:
+def start_chain(name: str, hops: int, tcp: dict[str, int], started: list[Proc],
+                pad_us: float = 0.0) -> Path:
     kinds = [k for k in ("bulk", "close", "redis") if k in tcp]
     upstream = [tcp[k] for k in kinds]
     procs = []
     for i in range(hops):
         proc = Proc(f"{name} hop {hops - i}", [sys.executable, os.path.abspath(__file__),
-                                                "--hop", ",".join(map(str, upstream))])
+                                                "--hop", ",".join(map(str, upstream)),
+                                                "--chain-pad-us", str(pad_us)])
         started.append(proc)
         upstream = [int(p) for p in proc.wait_for(r"^hop ports ([\d,]+)$")[1].split(",")]
         procs.append(proc)
     return Path(name, dict(zip(kinds, upstream, strict=True)), procs, hops,
-                "uvloop Protocol splice, one process per hop")
+                "uvloop Protocol splice, one process per hop"
+                + (f"; {pad_us:g} us of CPU per EOF per hop" if pad_us else ""))
 
 
 def start_tether(args: argparse.Namespace, name: str, gateways: int, tcp: dict[str, int],
@@ -847,10 +860,14 @@ def main() -> int:
                              "tether's, 262144), set through a shim for all three daemons at once")
     parser.add_argument("--profile", metavar="DIR",
                         help="run the tether daemons under cProfile, writing DIR/ROLE.prof")
+    parser.add_argument("--chain-pad-us", type=float, default=0.0, metavar="US",
+                        help="each hop of the minimal chain spends US microseconds of CPU "
+                             "before passing an EOF on: the close latency of a chain as a "
+                             "function of its per-hop work (0)")
     parser.add_argument("--hop", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hop:
-        return hop_main([int(p) for p in args.hop.split(",")])
+        return hop_main([int(p) for p in args.hop.split(",")], args.chain_pad_us)
     q = args.quick
     args.paths = args.paths or ("direct,socat,haproxy,relay1,chain3,tether" + (
         "" if q else ",chain4,tether2"))
