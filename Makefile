@@ -20,7 +20,7 @@ demo-core: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench fuzz examples
-	$(BIN)/mypy --strict src
+	$(BIN)/mypy --strict src tests
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

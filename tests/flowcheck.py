@@ -19,7 +19,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -221,9 +221,11 @@ async def check_half_close_client_first(env: FlowEnv) -> None:
         got = tg.create_task(read_exactly(c, len(reply)))
     assert got.result() == reply
     await s.close_write()
-    assert s.state is FlowState.CLOSED
+    # cast: mypy keeps s.state narrowed to REMOTE_FIN across the await
+    assert cast(FlowState, s.state) is FlowState.CLOSED
     assert await c.read() == b""
-    assert c.state is FlowState.CLOSED
+    # cast: mypy keeps c.state narrowed to LOCAL_FIN across the awaits
+    assert cast(FlowState, c.state) is FlowState.CLOSED
 
 
 async def check_half_close_server_first(env: FlowEnv) -> None:
@@ -243,9 +245,11 @@ async def check_half_close_server_first(env: FlowEnv) -> None:
     assert c.state is FlowState.REMOTE_FIN
     await c.write(b"bye")
     await c.close_write()
-    assert c.state is FlowState.CLOSED
+    # cast: mypy keeps c.state narrowed to REMOTE_FIN across the await
+    assert cast(FlowState, c.state) is FlowState.CLOSED
     assert await read_to_eof(s) == b"bye"
-    assert s.state is FlowState.CLOSED
+    # cast: mypy keeps s.state narrowed to LOCAL_FIN across the awaits
+    assert cast(FlowState, s.state) is FlowState.CLOSED
 
 
 async def check_dealloc(env: FlowEnv) -> None:

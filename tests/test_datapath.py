@@ -35,7 +35,8 @@ class Holder:
 
 
 def test_held_writes_happen_once_when_the_outermost_read_ends() -> None:
-    co, log = WriteCoalescer(), []
+    co = WriteCoalescer()
+    log: list[str] = []
     a, b = Holder(co, log, "a"), Holder(co, log, "b")
     co.begin()
     co.defer(a)
@@ -49,7 +50,8 @@ def test_held_writes_happen_once_when_the_outermost_read_ends() -> None:
 
 
 def test_writes_that_cause_writes_are_drained_in_the_same_end() -> None:
-    co, log = WriteCoalescer(), []
+    co = WriteCoalescer()
+    log: list[str] = []
     last = Holder(co, log, "window")
     co.begin()
     co.defer(Holder(co, log, "data", then=last))
@@ -58,7 +60,8 @@ def test_writes_that_cause_writes_are_drained_in_the_same_end() -> None:
 
 
 def test_a_failing_write_keeps_the_others_held_for_the_next_end() -> None:
-    co, log = WriteCoalescer(), []
+    co = WriteCoalescer()
+    log: list[str] = []
     co.begin()
     co.defer(Holder(co, log, "a", fail=True))
     co.defer(Holder(co, log, "b"))

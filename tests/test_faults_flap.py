@@ -88,7 +88,7 @@ def _await_status(poller: HostProc, since: float, pred: Callable[[dict[str, Any]
         for ln in lines[seen:]:
             if not ln.text.startswith("{"):
                 continue
-            status = json.loads(ln.text)
+            status: dict[str, Any] = json.loads(ln.text)
             if status["t"] >= since:
                 last = status
                 if pred(status):

@@ -62,7 +62,13 @@ async def scenario(steps: list[tuple[str, int]]) -> None:
                 client.ended = "half"
                 client.writer.write_eof()
             else:
-                await until(lambda c=client: fid_of(c) is not None or not by_port.clear())
+                def known(c: Client = client) -> bool:
+                    if fid_of(c) is not None:
+                        return True
+                    by_port.clear()  # rebuilt at the next look
+                    return False
+
+                await until(known)
                 fid = fid_of(client)
                 assert fid is not None
                 if action == "hubclose":

@@ -42,7 +42,7 @@ def runner_for(kind: str) -> Callable[..., Any]:
     return run
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
+async def until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
     """Wait (polling the loop) until ``predicate()`` holds."""
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import uvloop
@@ -78,7 +78,7 @@ records = st.one_of(
 
 def _encode(rec: tuple[Any, ...]) -> bytes:
     if rec[0] == OP_SEND:
-        return send_record_header(rec[1], rec[2], len(rec[3])) + rec[3]
+        return send_record_header(rec[1], rec[2], len(rec[3])) + cast(bytes, rec[3])
     if rec[0] == OP_CLOSE:
         return close_record(rec[1])
     if rec[0] == OP_IDLE:

@@ -224,9 +224,9 @@ class Relay:
 
     async def connect_upstream(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = Side(self, self.down, self.up)
+        server = self.server = Side(self, self.down, self.up)
         try:
-            await loop.create_connection(lambda: self.server, *self.config.target)
+            await loop.create_connection(lambda: server, *self.config.target)
         except OSError as exc:
             print(f"delayer: cannot connect to {self.config.target}: {exc}", file=sys.stderr,
                   flush=True)
