@@ -46,6 +46,8 @@ from .events import (
 )
 from .flowstate import FlowInput, FlowState, FlowStateMachine
 from .liveness import LivenessMonitor
+from .sendqueue import MIN_SPLIT as _MIN_SPLIT
+from .sendqueue import SendQueue
 
 __all__ = ["Link", "LinkConfig", "LinkState", "LinkStats", "Role"]
 
@@ -57,7 +59,6 @@ _DOWN_CODES: Final = frozenset({ErrorCode.FLOW_DOWN, ErrorCode.FLOW_PEER})
 # ordered with respect to another stream's bytes, nor to its own stream's DATA.
 _URGENT: Final = frozenset({wire.Open, wire.OpenOk, wire.OpenErr, wire.Window, wire.KeepAlive,
                             wire.Ping, wire.Pong, wire.Ack, wire.Reset})
-_MIN_SPLIT: Final = 4096  # a DATA frame is cut to fit `take_output`'s limit, not smaller
 # DATA queued in a link and not yet taken by `take_output` (a slow link): `send_data`
 # takes no more than fits below this (or `_MIN_SPLIT`, so that frames are not tiny),
 # whatever the credit; a stream held back is woken once the queue drained to half.
@@ -191,9 +192,9 @@ class Link:
         self.stats = LinkStats()
         self._decoder = wire.FrameDecoder(config.max_payload, config.hard_max_payload,
                                           split_data=True)  # payloads passed on as they arrive
-        self._out: list[bytes | memoryview] = []  # frames in order: DATA, FIN, CLOSE, MSG...
-        self._urgent: list[bytes | memoryview] = []  # control frames that go ahead of `_out`
-        self._queued = 0  # DATA bytes (headers included) in `_out`
+        self._send = SendQueue()  # DATA, FIN, CLOSE by stream; MSG, GOAWAY...: in turns
+        self._urgent: list[bytes | memoryview] = []  # control frames that go ahead of `_send`
+        self._queued = 0  # DATA bytes (headers included) in `_send`
         self._starved: set[int] = set()  # streams refused by queue_limit, not by credit
         self.queue_limit = QUEUE_LIMIT
         self._events: list[Event] = []
@@ -232,7 +233,7 @@ class Link:
     @property
     def has_output(self) -> bool:
         """There are bytes for `data_to_send` / `buffers_to_send`."""
-        return bool(self._out or self._urgent)
+        return bool(self._send or self._urgent)
 
     @property
     def has_events(self) -> bool:
@@ -295,8 +296,7 @@ class Link:
     def buffers_to_send(self) -> list[bytes | memoryview]:
         """Like `data_to_send`, as the list of pieces, for `transport.writelines`
         (a writev, no copy): header and payload of a DATA frame stay apart."""
-        out = self._out
-        self._out = []
+        out = self._send.take_all()
         if self._urgent:
             out[:0] = self._urgent
             self._urgent = []
@@ -306,43 +306,17 @@ class Link:
     def take_output(self, limit: int) -> list[bytes | memoryview]:
         """What to write now when the socket should take at most about `limit` more
         bytes (a slow link): every urgent control frame -- WINDOW, KEEPALIVE, PING,
-        PONG, OPEN, OPEN_OK, OPEN_ERR, RESET, ACK --, then the other frames in order up
-        to `limit` bytes, a DATA frame cut in two where it straddles the limit. The
-        rest waits for the next call. So a flow's keepalive or credit waits behind at
-        most `limit` bytes of another flow's data, not behind its whole window."""
+        PONG, OPEN, OPEN_OK, OPEN_ERR, RESET, ACK --, then the other frames up to
+        `limit` bytes, the streams with data queued served in turns (`SendQueue`), a
+        DATA frame cut in two where it straddles the limit. The rest waits for the next
+        call. So a flow's keepalive or credit waits behind at most `limit` bytes of
+        another flow's data, and its data behind at most a turn of each other flow's."""
         out: list[bytes | memoryview] = self._urgent
         self._urgent = []
-        src = self._out
-        if limit <= 0 or not src:
+        if limit <= 0 or not self._send:
             return out
-        unpack = wire.HEADER.unpack_from
-        i, n, budget, taken = 0, len(src), limit, 0
-        while i < n and budget > 0:
-            head = src[i]
-            ftype, _, stream, length = unpack(head)
-            if ftype == wire.FrameType.DATA:
-                room = max(budget - wire.HEADER.size, _MIN_SPLIT)
-                if length > room:  # cut: the first part now, the rest stays first in line
-                    payload = memoryview(src[i + 1])
-                    out.append(wire.encode_data_header(stream, room))
-                    out.append(payload[:room])
-                    src[i] = wire.encode_data_header(stream, length - room)
-                    src[i + 1] = payload[room:]
-                    taken += room  # (the new header is extra: not counted in `_queued`)
-                    break
-                out.append(head)
-                out.append(src[i + 1])
-                i += 2
-                taken += wire.HEADER.size + length
-            elif ftype == wire.FrameType.MSG and len(head) < wire.HEADER.size + length:
-                out.append(head)  # a MSG's header, then its body
-                out.append(src[i + 1])
-                i += 2
-            else:
-                out.append(head)
-                i += 1
-            budget -= wire.HEADER.size + length
-        del src[:i]
+        pieces, taken = self._send.take(limit)
+        out += pieces
         self._dequeued(taken)
         return out
 
@@ -519,10 +493,10 @@ class Link:
         s.send_credit -= n
         step = self._max_payload
         header = wire.encode_data_header
-        out = self._out
+        push = self._send.push
         if n == len(data) <= step and isinstance(data, bytes):
-            out.append(header(stream, n))  # the common relay case: one frame, no copy
-            out.append(data)
+            push(stream, header(stream, n))  # the common relay case: one frame, no copy
+            push(stream, data)
             self.stats.frames_out += 1
         else:
             mv = memoryview(data)
@@ -531,8 +505,8 @@ class Link:
             keep = mv.readonly
             for off in range(0, n, step):
                 chunk = mv[off:min(off + step, n)]
-                out.append(header(stream, len(chunk)))
-                out.append(chunk if keep else bytes(chunk))
+                push(stream, header(stream, len(chunk)))
+                push(stream, chunk if keep else bytes(chunk))
                 self.stats.frames_out += 1
         sent = n + wire.HEADER.size * ((n + step - 1) // step)
         self.stats.bytes_out += sent
@@ -546,7 +520,7 @@ class Link:
         s = self._stream(stream)
         if not s.fsm.process(FlowInput.LOCAL_FIN):
             return
-        self._emit_raw(wire.encode_empty(wire.FrameType.FIN, stream), now)
+        self._emit_raw(wire.encode_empty(wire.FrameType.FIN, stream), now, stream=stream)
         self._sent(s, now)
         if s.fsm.is_terminal:
             self._ended(s, ErrorCode.NO_ERROR, "closed", "local")
@@ -558,7 +532,7 @@ class Link:
         if s is None:
             return
         s.fsm.process(FlowInput.LOCAL_DEALLOC)
-        self._emit_raw(wire.encode_empty(wire.FrameType.CLOSE, stream), now)
+        self._emit_raw(wire.encode_empty(wire.FrameType.CLOSE, stream), now, stream=stream)
         self._ended(s, ErrorCode.NO_ERROR, "local", "local")
 
     def reset(self, stream: int, code: int, reason: str, now: float) -> None:
@@ -628,9 +602,9 @@ class Link:
             raise LocalProtocolError(f"message body of {n} bytes exceeds the link's "
                                      f"maximum payload {self._max_payload}")
         # header and body appended apart (as send_data does): no Msg object, no copies
-        self._out.append(wire.encode_msg_header(kind, seq, n))
+        self._send.push(0, wire.encode_msg_header(kind, seq, n))
         if n:
-            self._out.append(body)
+            self._send.push(0, body)
         self.stats.frames_out += 1
         self.stats.bytes_out += wire.HEADER.size + 10 + n
         self._last_send = now
@@ -684,18 +658,22 @@ class Link:
     def _emit(self, frame: wire.Frame, now: float) -> None:
         self._emit_raw(wire.encode(frame), now, urgent=type(frame) in _URGENT)
 
-    def _emit_raw(self, raw: bytes, now: float, *, urgent: bool = False) -> None:
+    def _emit_raw(self, raw: bytes, now: float, *, urgent: bool = False,
+                  stream: int = 0) -> None:
+        """Queue one encoded frame: ahead of the rest if `urgent` (once the handshake is
+        done: until then, everything follows the HELLO), else in `stream`'s turn (a
+        stream's FIN or CLOSE after its DATA; 0 for link frames)."""
         if urgent and self.state is not LinkState.HANDSHAKE:
             self._urgent.append(raw)
         else:
-            self._out.append(raw)
+            self._send.push(stream, raw)
         self.stats.frames_out += 1
         self.stats.bytes_out += len(raw)
         self._last_send = now
 
     def _send_hello(self) -> None:
         cfg = self.config
-        self._out.append(wire.encode(wire.Hello(
+        self._send.push(0, wire.encode(wire.Hello(
             name=cfg.name, token=cfg.token, max_payload=cfg.max_payload,
             heartbeat_ms=round(cfg.heartbeat_interval * 1000))))
         self.stats.frames_out += 1
@@ -710,8 +688,8 @@ class Link:
 
     def _fail(self, code: int, reason: str, initiator: Initiator, now: float) -> None:
         """The link cannot go on: tell the peer why (GOAWAY), then terminate."""
-        self._out.append(wire.encode(wire.GoAway(last_stream=self._highest_peer_id,
-                                                 code=code, reason=reason)))
+        self._send.push(0, wire.encode(wire.GoAway(last_stream=self._highest_peer_id,
+                                                   code=code, reason=reason)))
         self._terminate(code, reason, initiator, now, flow_reason="link lost")
 
     def _terminate(self, code: int, reason: str, initiator: Initiator, now: float, *,
