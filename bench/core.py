@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import heapq
-import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -42,18 +40,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     from tether import wire
     from tether.liveness import LivenessMonitor
 
-
-def emit(bench: str, name: str, value: float, unit: str, **context: Any) -> None:
-    """Print one result as one JSON line."""
-    row: dict[str, Any] = {"bench": bench, "name": name, "value": _round(value), "unit": unit}
-    row.update({k: _round(v) if isinstance(v, float) else v for k, v in context.items()})
-    print(json.dumps(row), flush=True)
-
-
-def _round(value: float) -> float:
-    if value == 0 or not isinstance(value, float):
-        return value
-    return float(f"{value:.4g}")
+from benchlib import cpu_pressure, emit, source_rev
 
 
 def best_of(repeat: int, fn: Callable[[], int]) -> tuple[float, int]:
@@ -236,28 +223,6 @@ class HeapLiveness:
         return -(-self._heap[0][0] // tick) * tick
 
 
-def source_rev() -> str:
-    """The commit benchmarked, with "+dirty" if src/ has uncommitted changes."""
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    try:
-        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "src"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev or "unknown") + ("+dirty" if dirty else "")
-
-
-def _pressure() -> float | None:
-    """/proc/pressure/cpu "some avg10": % of the last 10 s some task waited for a CPU."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return float(f.readline().split()[1].split("=")[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -406,7 +371,7 @@ def main() -> int:
                  ratio=wheel / heap, n=n, note="< 1: the wheel costs less CPU than a heap")
     emit("meta", "elapsed", time.perf_counter() - t0, "s", quick=args.quick,
          python=sys.version.split()[0], cpus=os.cpu_count(),
-         loadavg=" ".join(f"{x:.2f}" for x in os.getloadavg()), cpu_pressure_avg10=_pressure(),
+         loadavg=" ".join(f"{x:.2f}" for x in os.getloadavg()), cpu_pressure_avg10=cpu_pressure(),
          rev=source_rev())
     return 0
 
