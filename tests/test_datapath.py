@@ -308,3 +308,75 @@ async def test_a_bridged_socket_reads_eof_before_the_node_handles_the_fin() -> N
         finally:
             transport.close()
             app.close()
+
+
+# --- reads and writes sized to the link --------------------------------------------------
+
+
+class _KindSink:
+    """A flow's sink noting, of every piece, whether it is a view of a read buffer (a
+    read handed on with no copy) rather than a copy (bytes, or a view of bytes)."""
+
+    def __init__(self, flow: tether.Flow) -> None:
+        self.flow = flow
+        self.got = 0
+        self.views_of_reads = 0
+        self.fin: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def flow_data(self, data: bytes | memoryview) -> None:
+        self.got += len(data)
+        if isinstance(data, memoryview) and data.readonly and isinstance(data.obj, bytearray):
+            self.views_of_reads += 1
+        self.flow.consumed(len(data))
+
+    def flow_fin(self) -> None:
+        if not self.fin.done():
+            self.fin.set_result(None)
+
+    def flow_credit(self) -> None:
+        pass
+
+    def flow_ended(self, state: object, error: Exception) -> None:
+        if not self.fin.done():
+            self.fin.set_result(None)
+
+
+async def test_a_links_large_reads_reach_the_flow_without_a_copy() -> None:
+    """Bytes waiting in a link's socket are read in one large read into the thread's
+    read buffer (the link is a `BufferedProtocol`, see `tether.readbuf`), and the flow
+    gets views of that read -- not copies made by the loop, as a plain Protocol's
+    `data_received(bytes)` would give."""
+    window = 4 << 20
+    async with tether.Gateway("127.0.0.1:0", name="gw", window=window) as gw, \
+            tether.Node("server", gateway=address(gw), window=window) as server, \
+            tether.Node("client", gateway=address(gw), window=window) as client:
+        flow, peer = await _served_pair(gw, server, client)
+        sink = _KindSink(flow)
+        flow.attach(sink)
+        assert client._conn is not None and client._conn.transport is not None
+        client._conn.transport.pause_reading()  # let the bytes pile up in the socket
+        await peer.write(b"v" * (2 << 20))
+        await peer.close_write()
+        await asyncio.sleep(0.3)
+        client._conn.transport.resume_reading()
+        await asyncio.wait_for(sink.fin, 10)
+        assert sink.got == 2 << 20
+        assert sink.views_of_reads > 0
+
+
+async def test_a_links_write_chunk_stays_small_while_writes_are_small() -> None:
+    """Hundreds of small round trips on an idle link: every write is taken whole by the
+    kernel, but none fills the write chunk, so the chunk does not grow -- a first bulk
+    write then cannot leave a megabyte in the transport ahead of urgent frames."""
+    from tether.aio import _CHUNK_MIN
+
+    async with gateway() as gw, \
+            tether.Node("server", gateway=address(gw)) as server, \
+            tether.Node("client", gateway=address(gw)) as client:
+        flow, peer = await _served_pair(gw, server, client)
+        for i in range(300):
+            await flow.write(b"%d" % i)
+            assert await peer.read() == b"%d" % i
+        conns = [client._conn, server._conn, *gw._conns]
+        assert all(c is not None and c._chunk == _CHUNK_MIN for c in conns), \
+            [c._chunk for c in conns if c is not None]
