@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 from . import coalesce, readbuf
 from .errors import ErrorCode, HandshakeError, PeerUnreachable
 from .events import Event, HandshakeCompleted, LinkTerminated
+from .inflight import InflightBound
 from .link import Link, LinkConfig, Role
 from .wire import HEADER
 
@@ -55,6 +56,7 @@ _QUEUE_TIME = 0.25
 _QUEUE_MIN = 64 * 1024
 _QUEUE_MAX = 1024 * 1024
 _HEADER_SIZE = HEADER.size  # a FIN or CLOSE frame, alone in a read (`data_received`)
+_INFLIGHT_RECHECK = 0.02  # a link holding data back for its bytes in flight looks again
 _HANDSHAKE_CODES = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.HANDSHAKE_FAILED,
                               ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
                               ErrorCode.FRAME_TOO_LARGE})
@@ -200,6 +202,8 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._paused_at = 0.0  # when the transport last paused, holding _paused_bytes
         self._paused_bytes = 0
         self._sock: Any = None  # the TCP socket whose TCP_NOTSENT_LOWAT follows the link
+        self._inflight: InflightBound | None = None  # on a slow link: see `tether.inflight`
+        self._recheck: asyncio.TimerHandle | None = None
         self._lowat = self.sockopts.notsent_lowat or 0
         self._prioritized = False  # urgent frames overtake queued ones (plain TCP only)
         self._coalescer = coalesce.current()
@@ -241,6 +245,7 @@ class LinkConnection(asyncio.BufferedProtocol):
             if self._lowat and sock is not None and sock.family in (socket.AF_INET,
                                                                     socket.AF_INET6):
                 self._sock = sock
+                self._inflight = InflightBound(sock)
         self.flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -302,6 +307,9 @@ class LinkConnection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         self._wake_drainers()
 
     def pause_writing(self) -> None:
@@ -317,6 +325,12 @@ class LinkConnection(asyncio.BufferedProtocol):
                                            self.link.queue_limit)
             if self._sock is not None:
                 self._follow_lowat(rate)
+            if self._inflight is not None:
+                bounded = self._inflight.cap
+                self._inflight.follow(rate)
+                if self._inflight.cap and not bounded:
+                    log.debug("link %s: slow (%.0f kB/s): at most %d KiB in flight", self,
+                              rate / 1000, self._inflight.cap // 1024)
         self.flush()  # writes what waited; streams woken by the queue draining send more
         self._wake_drainers()
 
@@ -388,17 +402,27 @@ class LinkConnection(asyncio.BufferedProtocol):
         if not self._prioritized or transport is None or transport.is_closing():
             self._write(link.buffers_to_send())
             return
+        inflight = self._inflight
         while link.has_output:
             queued = link.queued
-            pieces = link.take_output(0 if self._paused else self._chunk)
+            held = not self._paused and inflight is not None and inflight.exceeded()
+            pieces = link.take_output(0 if self._paused or held else self._chunk)
             if pieces:
                 transport.writelines(pieces)  # one writev, no join
             if self._paused:  # the kernel did not take it all: see resume_writing
                 self._paused_at = self.loop.time()
                 self._paused_bytes = transport.get_write_buffer_size()
                 return
+            if held:  # a slow link with enough in flight: the rest waits (urgent went)
+                if self._recheck is None:
+                    self._recheck = self.loop.call_later(_INFLIGHT_RECHECK, self._look_again)
+                return
             if 2 * (queued - link.queued) >= self._chunk:  # the chunk was used and the
                 self._chunk = min(2 * self._chunk, _CHUNK_MAX)  # kernel took it: grow
+
+    def _look_again(self) -> None:
+        self._recheck = None
+        self.flush()
 
     def _write(self, pieces: list[bytes | memoryview]) -> None:
         transport = self.transport

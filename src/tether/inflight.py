@@ -1,0 +1,83 @@
+"""InflightBound: how much a slow link's TCP may hold in flight.
+
+TCP delivers in order, so a frame written to a link's socket reaches the peer only
+after every byte written before it -- including bytes already sent and not yet
+acknowledged. `TCP_NOTSENT_LOWAT` bounds the bytes not yet sent; nothing bounds those
+in flight but the congestion controller. On a link whose bandwidth fell (a path that
+was fast when the link was made, then capped), BBR keeps its old estimate for ten of
+its rounds -- seconds, once the rounds are slow -- and fills the bottleneck's queue
+until it drops bursts of segments: with 250-310 KB in flight at 125 kB/s, a
+keepalive waited 2.5 s behind their retransmissions, long enough for a live flow with a
+3 s liveness to be declared DOWN (docs/faults.md, scenario 5).
+
+So on a link measured slow (below `fast`), the adapter hands the socket no more data
+while the bytes in flight and unsent exceed `cap`: twice what the measured rate
+carries in the path's smallest round trip, and never less than `floor` (32 KiB: 0.26 s
+at 1 Mbit/s). Urgent control frames still go. On a path with a short round trip the
+floor dominates, and it bounds only the standing queue, not the throughput: with an
+empty queue, `floor / min_rtt` is far above the link's rate. The kernel's own delivery
+rate is read at each check, so a link that became fast again is left to its TCP.
+Linux only (TCP_INFO); elsewhere nothing is bounded.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Final
+
+__all__ = ["InflightBound", "cap_for"]
+
+FAST: Final = 10 * 1024 * 1024  # bytes/s: a link faster than this is left to its TCP
+FLOOR: Final = 32 * 1024
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
+# struct tcp_info (linux/tcp.h): the fields read here and their offsets
+_INFO_SIZE: Final = 168
+_U32: Final = struct.Struct("I")
+_U64: Final = struct.Struct("Q")
+_SND_MSS, _UNACKED, _NOTSENT, _MIN_RTT, _DELIVERY_RATE = 16, 24, 144, 148, 160
+
+
+def cap_for(rate: float, min_rtt: float, floor: int = FLOOR) -> int:
+    """The bytes a link sending `rate` bytes/s over a path whose smallest round trip is
+    `min_rtt` seconds may have in flight: twice that product, at least `floor`."""
+    return max(floor, int(2 * rate * min_rtt))
+
+
+class InflightBound:
+    """The bound of one link's socket (see the module docstring). `cap` 0: none."""
+
+    __slots__ = ("_sock", "cap")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.cap = 0
+
+    def _info(self) -> bytes | None:
+        if _TCP_INFO is None:  # pragma: no cover - not Linux
+            return None
+        try:
+            info: bytes = self._sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _INFO_SIZE)
+        except OSError:  # the socket is going away
+            return None
+        return info if len(info) >= _DELIVERY_RATE + 8 else None
+
+    def follow(self, rate: float) -> None:
+        """The link was measured draining `rate` bytes/s: bound it if that is slow."""
+        info = self._info() if rate < FAST else None
+        self.cap = 0 if info is None else cap_for(rate, _U32.unpack_from(info, _MIN_RTT)[0] / 1e6)
+
+    def exceeded(self) -> bool:
+        """The socket holds more than `cap` bytes in flight and unsent (and the kernel
+        does not see the link as fast again: then the bound is dropped)."""
+        if not self.cap:
+            return False
+        info = self._info()
+        if info is None:
+            return False
+        if _U64.unpack_from(info, _DELIVERY_RATE)[0] >= FAST:
+            self.cap = 0
+            return False
+        held: int = (_U32.unpack_from(info, _UNACKED)[0] * _U32.unpack_from(info, _SND_MSS)[0]
+                     + _U32.unpack_from(info, _NOTSENT)[0])
+        return held > self.cap
