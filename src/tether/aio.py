@@ -405,7 +405,8 @@ class LinkConnection(asyncio.BufferedProtocol):
         inflight = self._inflight
         while link.has_output:
             queued = link.queued
-            held = not self._paused and inflight is not None and inflight.exceeded()
+            held = (not self._paused and inflight is not None and inflight.cap != 0
+                    and inflight.exceeded())  # (no call per write on a fast link)
             pieces = link.take_output(0 if self._paused or held else self._chunk)
             if pieces:
                 transport.writelines(pieces)  # one writev, no join

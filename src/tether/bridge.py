@@ -72,9 +72,10 @@ def shutdown_write(transport: asyncio.WriteTransport, fd: int | None = None) -> 
     with ENOTCONN once the peer's ACK has closed a socket both sides had shut down, and
     uvloop takes that as fatal. The call goes straight to the C library: a Python
     socket object made for it costs two `getsockname(2)` calls (one to find the
-    transport's socket, one to check it), on the path of every close.
+    transport's socket, one to check it), on the path of every close. Where ctypes
+    finds no C library, `write_eof()` it is.
     """
-    if transport.get_write_buffer_size():
+    if transport.get_write_buffer_size() or _SHUTDOWN is None:
         transport.write_eof()  # after the buffered bytes
         return
     if fd is None:
@@ -83,16 +84,7 @@ def shutdown_write(transport: asyncio.WriteTransport, fd: int | None = None) -> 
             transport.write_eof()
             return
         fd = sock.fileno()
-    if _SHUTDOWN is not None:
-        _SHUTDOWN(fd, socket.SHUT_WR)  # -1 if the peer reset: the transport reports it
-        return
-    raw = socket.socket(fileno=fd)  # pragma: no cover - see _libc_shutdown
-    try:  # pragma: no cover
-        raw.shutdown(socket.SHUT_WR)
-    except OSError:  # pragma: no cover
-        pass
-    finally:  # pragma: no cover
-        raw.detach()  # the transport keeps its descriptor
+    _SHUTDOWN(fd, socket.SHUT_WR)  # -1 if the peer reset: the transport reports it
 
 
 class SocketBridge(asyncio.BufferedProtocol):
