@@ -10,13 +10,17 @@ until it drops bursts of segments: with 250-310 KB in flight at 125 kB/s, a
 keepalive waited 2.5 s behind their retransmissions, long enough for a live flow with a
 3 s liveness to be declared DOWN (docs/faults.md, scenario 5).
 
-So on a link measured slow (below `fast`), the adapter hands the socket no more data
-while the bytes in flight and unsent exceed `cap`: twice what the measured rate
-carries in the path's smallest round trip, and never less than `floor` (32 KiB: 0.26 s
-at 1 Mbit/s). Urgent control frames still go. On a path with a short round trip the
-floor dominates, and it bounds only the standing queue, not the throughput: with an
-empty queue, `floor / min_rtt` is far above the link's rate. The kernel's own delivery
-rate is read at each check, so a link that became fast again is left to its TCP.
+So on a link measured slow (below `fast`) whose round trip shows a standing queue
+(the smoothed RTT over twice the smallest, plus 10 ms), the adapter hands the socket no
+more data while the bytes in flight and unsent exceed `cap`: twice what the measured
+rate carries in the path's smallest round trip, and never less than `floor` (32 KiB:
+0.26 s at 1 Mbit/s). Urgent control frames still go. A path slow for another reason
+-- loss over a long round trip, with no queue to keep short -- is left to its TCP:
+held back there, a transfer took 19-23 s instead of 13-16 s at 20% loss. On a path
+with a short round trip the floor dominates, and it bounds only the standing queue,
+not the throughput: with an empty queue, `floor / min_rtt` is far above the link's
+rate. The kernel's own delivery rate is read at each check, so a link that became
+fast again is left to its TCP.
 Linux only (TCP_INFO); elsewhere nothing is bounded.
 """
 
@@ -35,7 +39,8 @@ _TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
 _INFO_SIZE: Final = 168
 _U32: Final = struct.Struct("I")
 _U64: Final = struct.Struct("Q")
-_SND_MSS, _UNACKED, _NOTSENT, _MIN_RTT, _DELIVERY_RATE = 16, 24, 144, 148, 160
+_SND_MSS, _UNACKED, _RTT, _NOTSENT, _MIN_RTT, _DELIVERY_RATE = 16, 24, 68, 144, 148, 160
+_QUEUE_SLACK_US: Final = 10_000  # a smoothed RTT this far above twice the smallest: a queue
 
 
 def cap_for(rate: float, min_rtt: float, floor: int = FLOOR) -> int:
@@ -68,8 +73,9 @@ class InflightBound:
         self.cap = 0 if info is None else cap_for(rate, _U32.unpack_from(info, _MIN_RTT)[0] / 1e6)
 
     def exceeded(self) -> bool:
-        """The socket holds more than `cap` bytes in flight and unsent (and the kernel
-        does not see the link as fast again: then the bound is dropped)."""
+        """The socket holds more than `cap` bytes in flight and unsent while a queue
+        stands on the path (and the kernel does not see the link as fast again: then
+        the bound is dropped)."""
         if not self.cap:
             return False
         info = self._info()
@@ -78,6 +84,9 @@ class InflightBound:
         if _U64.unpack_from(info, _DELIVERY_RATE)[0] >= FAST:
             self.cap = 0
             return False
+        if _U32.unpack_from(info, _RTT)[0] < 2 * _U32.unpack_from(info, _MIN_RTT)[0] \
+                + _QUEUE_SLACK_US:
+            return False  # no standing queue to keep short: loss, or a long path
         held: int = (_U32.unpack_from(info, _UNACKED)[0] * _U32.unpack_from(info, _SND_MSS)[0]
                      + _U32.unpack_from(info, _NOTSENT)[0])
         return held > self.cap
