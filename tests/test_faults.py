@@ -407,10 +407,11 @@ def _cascade_rig(make_rig: MakeRig) -> tuple[Rig, list[Daemon], Server, int]:
     return rig, [ag, gw, co], echo, ag.ports["echo"]
 
 
-def _cascade_app(rig: Rig, echo: Server, port: int, name: str) -> tuple[HostProc, str]:
-    """An application connected through the agent, one line echoed; its connection's
-    number at the echo server."""
-    app = rig["agent"].tool(name, "app", "--connect", f"127.0.0.1:{port}", stdin=True)
+def _cascade_app(rig: Rig, echo: Server, port: int, name: str, host: str = "agent"
+                 ) -> tuple[HostProc, str]:
+    """An application connected through the agent (in `host`), one line echoed; its
+    connection's number at the echo server."""
+    app = rig[host].tool(name, "app", "--connect", f"127.0.0.1:{port}", stdin=True)
     app.expect(r"^connected ")
     app.send("send hello")
     app.expect(r"^recv b'hello\\n'")
@@ -469,6 +470,72 @@ def test_cascade_across_hosts(make_rig: MakeRig) -> None:
     _concurrently(lambda: _cascade_closes(make_rig),
                   lambda: _cascade_cut(make_rig, "connector"),
                   lambda: _cascade_cut(make_rig, "gw"))
+
+
+# 4b. a server that vanished: TCP keepalive on the relay's edges ---------------------------------
+
+EDGE_KEEPALIVE = 4.0  # `SocketOptions.for_edge`: 1 s idle, then 3 probes 1 s apart
+
+
+def _edge_rig(make_rig: MakeRig) -> tuple[Rig, list[Daemon], Server, HostProc]:
+    """Gateway, agent and connector (`--keepalive 4`) on one host, an echo server on
+    another; an application on the relay's host with one line echoed."""
+    rig = make_rig(["relay", "server"])
+    gw = rig["relay"].gateway()
+    echo = rig["server"].echo_server()
+    keepalive = ["--keepalive", f"{EDGE_KEEPALIVE:g}"]
+    co = rig["relay"].connector(gw, {"echo": echo.address}, args=keepalive)
+    ag = rig["relay"].agent(gw, ["echo"], args=keepalive)
+    app, _ = _cascade_app(rig, echo, ag.ports["echo"], "app", host="relay")
+    return rig, [ag, gw, co], echo, app
+
+
+def _edge_silent_server(make_rig: MakeRig) -> None:
+    """The server's host goes silent (DROP: no RST, no FIN) while the flow is idle: the
+    connector's keepalive gets no answer, the flow is reset end to end about
+    EDGE_KEEPALIVE after the last packet, logged and counted at the connector."""
+    rig, daemons, _, app = _edge_rig(make_rig)
+    ag, _, co = daemons
+    cut_at = rig["server"].silence()
+    _, line = app.expect(r"^(eof|reset|closed) ", timeout=EDGE_KEEPALIVE + 10)
+    assert line.text.startswith("reset "), app.output()
+    elapsed = _t(line.text) - cut_at
+    assert EDGE_KEEPALIVE - 1 <= elapsed <= EDGE_KEEPALIVE + 1 + SLACK, \
+        f"application reset {elapsed:.3f}s after the server's host went silent " \
+        f"(keepalive {EDGE_KEEPALIVE:g}s)"
+    co.proc.expect(r"flow \S+: the server at \S+ stopped answering \(no answer to TCP "
+                   r"keepalive or retransmissions\): flow reset$", stream="stderr")
+    assert co.status()["edge_timeouts"] == 1
+    assert ag.status()["edge_timeouts"] == 0
+    _wait_no_flows(daemons)
+
+
+def _edge_stopped_server(make_rig: MakeRig) -> None:
+    """The server's process is frozen (SIGSTOP) for three times EDGE_KEEPALIVE: its
+    kernel still answers the probes, so the flow stays open and carries the next line
+    once the server is thawed."""
+    _, daemons, echo, app = _edge_rig(make_rig)
+    ag, _, co = daemons
+    echo.proc.stop()
+    try:
+        time.sleep(3 * EDGE_KEEPALIVE)
+    finally:
+        echo.proc.cont()
+    ended = [ln.text for ln in app.lines() if re.match(r"(eof|reset|closed) ", ln.text)]
+    assert not ended, app.output()
+    app.send("send again")
+    app.expect(r"^recv b'again\\n'")
+    assert co.status()["edge_timeouts"] == 0 and ag.status()["edge_timeouts"] == 0
+    app.send("close")
+    _wait_no_flows(daemons)
+
+
+def test_edge_keepalive_resets_a_flow_whose_server_vanished(make_rig: MakeRig) -> None:
+    """TCP keepalive on the relay's edge sockets (`--keepalive`): a flow whose server's
+    host vanished while the flow was idle does not stay open for ever; a server merely
+    frozen keeps its flow. Two rigs at once."""
+    _concurrently(lambda: _edge_silent_server(make_rig),
+                  lambda: _edge_stopped_server(make_rig))
 
 
 # 5. backpressure across a slow link ---------------------------------------------------------------

@@ -127,6 +127,29 @@ class SocketOptions:
     # <linux/tcp.h> (not a field: no annotation); not in the socket module yet.
     _TCP_RTO_MAX_MS = getattr(socket, "TCP_RTO_MAX_MS", 44)
 
+    @classmethod
+    def for_edge(cls, keepalive: float | None) -> SocketOptions:
+        """Options for a relay's edge socket (an application's connection at the agent,
+        a server's at the connector): TCP_NODELAY, and TCP keepalive that declares the
+        peer dead once it answered nothing for about `keepalive` seconds while the
+        connection was idle (None or 0: no keepalive).
+
+        Without it, an idle connection whose peer's host vanished (powered off, cut off
+        by a firewall) stays open for ever, and so does its flow, end to end. The time
+        is split in whole seconds as idle + 3 probes (60: 30 s idle, then a probe every
+        10 s), at least 1 s each. There is no TCP_USER_TIMEOUT here: it also aborts a
+        live peer that keeps its receive window closed longer than that (a stopped or
+        busy server: measured), and a relay must not end a flow the server still
+        holds. Nor the link-only options (`notsent_lowat`, `rto_max`)."""
+        if not keepalive:
+            return cls(keepalive=False, notsent_lowat=None, rto_max=None)
+        if keepalive < 0:
+            raise ValueError(f"keepalive must be positive seconds or None, got {keepalive!r}")
+        whole = max(1, round(keepalive))
+        interval = max(1, whole // 6)
+        return cls(keepalive=True, keepidle=max(1, whole - 3 * interval),
+                   keepintvl=interval, keepcnt=3, notsent_lowat=None, rto_max=None)
+
     def __post_init__(self) -> None:
         if self.rto_max is not None and not 1.0 <= self.rto_max <= 120.0:
             raise ValueError(f"rto_max must be within [1, 120] seconds or None, "

@@ -28,6 +28,7 @@ import struct
 from collections.abc import Callable
 
 from . import coalesce, readbuf
+from .aio import SocketOptions
 from .errors import ErrorCode, FlowError
 from .flow import Flow
 from .flowstate import FlowState
@@ -96,6 +97,7 @@ class SocketBridge(asyncio.BufferedProtocol):
     create it without one as a server's protocol (agent): `on_connect` is then called
     when the socket arrives, reading waits, and `set_flow` starts the pumping.
     `on_done` is called once when both the socket and the flow have ended.
+    `sockopts` are set on the socket when it arrives (without: TCP_NODELAY only).
     """
 
     __slots__ = (
@@ -125,14 +127,17 @@ class SocketBridge(asyncio.BufferedProtocol):
         "on_done",
         "opened_at",
         "peer",
+        "sockopts",
         "transport",
     )
 
     def __init__(self, flow: Flow | None, *, label: str = "socket",
                  on_done: Callable[[SocketBridge], None] | None = None,
-                 on_connect: Callable[[SocketBridge], None] | None = None) -> None:
+                 on_connect: Callable[[SocketBridge], None] | None = None,
+                 sockopts: SocketOptions | None = None) -> None:
         self._flow = flow
         self.label = label
+        self.sockopts = sockopts
         self.on_done = on_done
         self.on_connect = on_connect
         self.peer = "?"
@@ -165,6 +170,12 @@ class SocketBridge(asyncio.BufferedProtocol):
         if self._flow is None:
             raise RuntimeError("this bridge has no flow yet")
         return self._flow
+
+    @property
+    def timed_out(self) -> bool:
+        """The kernel ended the socket because its peer stopped answering (ETIMEDOUT:
+        TCP keepalive, see `SocketOptions.for_edge`, or retransmissions)."""
+        return isinstance(self._lost_exc, TimeoutError)
 
     @property
     def has_flow(self) -> bool:
@@ -205,7 +216,9 @@ class SocketBridge(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._fd = sock.fileno()
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
+            if self.sockopts is not None:
+                self.sockopts.apply(sock)  # (TCP only)
+            elif sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._flow is not None:
             self._flow.attach(self)
@@ -275,7 +288,9 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._socket_done = True
         self._lost_exc = exc
         if not self._flow_done and self._flow is not None:
-            if exc is not None:
+            if isinstance(exc, TimeoutError):
+                self._flow.reset_nowait(f"{self.label} {self.peer} stopped answering: {exc}")
+            elif exc is not None:
                 self._flow.reset_nowait(f"connection reset: {exc}")
             else:
                 self._flow.dealloc_nowait()

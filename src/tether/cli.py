@@ -117,7 +117,8 @@ async def _agent(args: argparse.Namespace) -> int:
     forwards = [parse_forward(f) for f in args.forward]
     agent = Agent(args.gateway, forwards, name=args.name, token=args.token or b"",
                   tls=_tls_client_context(args), liveness=args.liveness,
-                  fin_timeout=args.fin_timeout, cascade=args.cascade, window=args.window)
+                  fin_timeout=args.fin_timeout, cascade=args.cascade, window=args.window,
+                  keepalive=args.keepalive)
     await agent.start()
     for (host, _, service), port in zip(forwards, agent.ports(), strict=True):
         print(f"agent {args.name} forwarding {host}:{port} to {service}", file=sys.stderr,
@@ -136,7 +137,8 @@ async def _connector(args: argparse.Namespace) -> int:
     services = [parse_service(s) for s in args.service]
     connector = Connector(args.gateway, services, name=args.name, token=args.token or b"",
                           tls=_tls_client_context(args), liveness=args.liveness,
-                          fin_timeout=args.fin_timeout, window=args.window)
+                          fin_timeout=args.fin_timeout, window=args.window,
+                          keepalive=args.keepalive)
     await connector.start()
     print(f"connector {args.name} serving {', '.join(s for s, _, _ in services)}",
           file=sys.stderr, flush=True)
@@ -171,6 +173,10 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
                    help="liveness timeout of each flow (default 30)")
     p.add_argument("--fin-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="reset a connection half-closed for longer than this (default 60)")
+    p.add_argument("--keepalive", type=float, default=60.0, metavar="SECONDS",
+                   help="reset an idle connection whose application or server stopped "
+                        "answering for about this long (TCP keepalive; default 60, 0 to "
+                        "disable)")
     p.add_argument("--window", type=int, default=256 * 1024, metavar="BYTES",
                    help="receive window per flow: more is faster in bulk, costs memory "
                         "per flow (default 262144)")

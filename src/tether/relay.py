@@ -9,6 +9,9 @@ end travels end to end: EOF as FIN (half-close, the default) or as a full close
 socket is reset). A half-closed connection may stay so for at most `fin_timeout`
 seconds; then it is reset, so a peer that never closes its side cannot hold
 resources for ever (counted from the last byte moved, as a TCP proxy's fin timeouts).
+An idle connection whose application or server vanished (its host gone, no RST) is
+reset once TCP keepalive has had no answer for about `keepalive` seconds
+(`SocketOptions.for_edge`), so that its flow does not stay open for ever either.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from .aio import parse_address, spawn_owned
+from .aio import SocketOptions, parse_address, spawn_owned
 from .bridge import SocketBridge, reset_socket
 from .errors import ErrorCode, TetherError
 from .flowstate import FlowState
@@ -54,9 +57,10 @@ class _Edge:
 
     def __init__(self, name: str, gateway: str, *, token: bytes | str, tls: ssl.SSLContext | None,
                  liveness: float | None, fin_timeout: float, cascade: str,
-                 window: int = 256 * 1024) -> None:
+                 window: int = 256 * 1024, keepalive: float | None = 60.0) -> None:
         if cascade not in _CASCADE:
             raise ValueError(f"cascade must be 'half' or 'full', not {cascade!r}")
+        self.sockopts = SocketOptions.for_edge(keepalive)
         self.name = name
         self.node = Node(name, gateway=gateway, token=token, tls=tls, liveness=liveness,
                          window=window)
@@ -66,7 +70,8 @@ class _Edge:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.TimerHandle | None = None
         self.counters: dict[str, int] = dict.fromkeys(
-            ("connections", "refused", "fin_timeouts", "bytes_up", "bytes_down"), 0)
+            ("connections", "refused", "fin_timeouts", "edge_timeouts", "bytes_up",
+             "bytes_down"), 0)
 
     def _adopt(self, bridge: SocketBridge) -> None:
         self.bridges.add(bridge)
@@ -80,6 +85,11 @@ class _Edge:
             return
         self.counters["bytes_up"] += bridge.bytes_up
         self.counters["bytes_down"] += bridge.bytes_down
+        if bridge.timed_out:
+            self.counters["edge_timeouts"] += 1
+            log.warning("flow %s: the %s at %s stopped answering (no answer to TCP "
+                        "keepalive or retransmissions): flow reset", bridge.flow.id,
+                        bridge.label, bridge.peer)
         log.info("flow %s ended: %s, %d bytes up, %d bytes down, %.3fs", bridge.flow.id,
                  bridge.flow.state.name, bridge.bytes_up, bridge.bytes_down,
                  asyncio.get_running_loop().time() - bridge.opened_at)
@@ -142,9 +152,10 @@ class Agent(_Edge):
                  name: str = "agent", token: bytes | str = b"",
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
                  fin_timeout: float = 60.0, cascade: str = "half",
-                 window: int = 256 * 1024) -> None:
+                 window: int = 256 * 1024, keepalive: float | None = 60.0) -> None:
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
-                         fin_timeout=fin_timeout, cascade=cascade, window=window)
+                         fin_timeout=fin_timeout, cascade=cascade, window=window,
+                         keepalive=keepalive)
         self.forwards = forwards
         self.servers: list[asyncio.Server] = []
 
@@ -165,7 +176,8 @@ class Agent(_Edge):
     def _factory(self, service: str) -> Callable[[], SocketBridge]:
         def bridge() -> SocketBridge:
             return SocketBridge(None, label="application", on_done=self._done,
-                                on_connect=lambda b: self._connected(b, service))
+                                on_connect=lambda b: self._connected(b, service),
+                                sockopts=self.sockopts)
         return bridge
 
     def ports(self) -> list[int]:
@@ -215,9 +227,10 @@ class Connector(_Edge):
                  name: str = "connector", token: bytes | str = b"",
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
                  fin_timeout: float = 60.0, connect_timeout: float = 5.0,
-                 window: int = 256 * 1024) -> None:
+                 window: int = 256 * 1024, keepalive: float | None = 60.0) -> None:
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
-                         fin_timeout=fin_timeout, cascade="half", window=window)
+                         fin_timeout=fin_timeout, cascade="half", window=window,
+                         keepalive=keepalive)
         self.services = {svc: (host, port) for svc, host, port in services}
         self.connect_timeout = connect_timeout
 
@@ -250,7 +263,8 @@ class Connector(_Edge):
     async def _connect(self, flow: Any) -> None:
         host, port = self.services[flow.service]
         loop = asyncio.get_running_loop()
-        bridge = SocketBridge(flow, label="server", on_done=self._done)
+        bridge = SocketBridge(flow, label="server", on_done=self._done,
+                              sockopts=self.sockopts)
         try:
             await asyncio.wait_for(loop.create_connection(lambda: bridge, host, port),
                                    self.connect_timeout)
