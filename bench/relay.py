@@ -33,7 +33,8 @@ Measurements, one JSON object per line on stdout:
   through the minimal relays and tether (socat and haproxy are not given a route).
 * ``close``: the server closes its socket; the time until the client's protocol sees
   EOF (same process, same clock): p50 and p99 over ``--closes`` connections, samples
-  interleaving the paths.
+  interleaving the paths. Also the CPU the path's relay processes used per connection
+  (connect, one round trip, both closes; 10 ms clock ticks, so a few % either way).
 * ``target``: tether/chain3 and tether2/chain4 against the issue's targets (bulk >=
   0.7x, close p50 and p99 within 1.5x).
 
@@ -581,10 +582,12 @@ async def measure_close(args: argparse.Namespace, paths: list[Path]
     for p in paths:  # warm-up
         tag += 1
         await close_once(p.ports["close"], tag)
+    cpu_before = {p.name: p.cpu() for p in paths}
     for _ in range(args.closes):
         for p in paths:
             tag += 1
             samples[p.name].append(await close_once(p.ports["close"], tag))
+    cpu_per_conn = {p.name: (p.cpu() - cpu_before[p.name]) * 1e6 / args.closes for p in paths}
     out: dict[str, tuple[float, float]] = {}
     for p in paths:
         ordered = sorted(samples[p.name])
@@ -593,7 +596,8 @@ async def measure_close(args: argparse.Namespace, paths: list[Path]
         out[p.name] = (p50, p99)
     for p in paths:
         p50, p99 = out[p.name]
-        ctx: dict[str, Any] = {"p99": p99, "n": len(samples[p.name]), "hops": p.hops}
+        ctx: dict[str, Any] = {"p99": p99, "n": len(samples[p.name]), "hops": p.hops,
+                               "relay_cpu_us_per_conn": cpu_per_conn[p.name]}
         ctx.update({f"p50_{k}": v for k, v in _vs(p.name, out, 0).items()})
         ctx.update({f"p99_{k}": v for k, v in _vs(p.name, out, 1).items()})
         emit("close", p.name, p50, "us p50", **ctx)
