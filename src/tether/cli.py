@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import daemonlog
 from .admin import AdminServer, fetch_status
 from .aio import parse_address, run
 from .errors import TetherError
@@ -271,8 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tether` command."""
     args = _parser().parse_args(argv)
     keep_heap_pages()
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    daemonlog.configure(args.log_level)
     try:
         code: int = run(args.func(args))
     except (TetherError, OSError, ValueError) as exc:

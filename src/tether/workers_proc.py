@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
+from . import daemonlog
 from .aio import SocketOptions, run
 from .framing import Framing, LengthPrefixed, Lines, Raw
 from .hub import Hub
@@ -344,9 +345,9 @@ def worker_main(argv: list[str]) -> int:
     sys.path[:0] = [p for p in cfg["sys_path"] if p not in sys.path]
     os.environ[ENV_WORKER] = str(index)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
-    logging.basicConfig(
-        level=cfg["log_level"], stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s %(name)s[{cfg['name']}/w{index}]: %(message)s")
+    daemonlog.configure(
+        cfg["log_level"], f"%(asctime)s %(levelname)s %(name)s[{cfg['name']}/w{index}]: "
+                          "%(message)s")
     try:
         handler = resolve_handler(cfg["handler"])
     except Exception as exc:
