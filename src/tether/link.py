@@ -386,8 +386,9 @@ class Link:
 
         A relay uses it to pass a stream's end on *before* the bookkeeping of
         `receive_data`: on loopback the next hop wakes as soon as it is written, so
-        everything a hop does before that write is on the path of the close, and little
-        of what it does after is (docs/benchmarks.md, "Where close latency goes")."""
+        everything a hop does before that write is on the path of the close (and, where
+        the hops share one CPU, much of what it does after: docs/benchmarks.md, "Where
+        close latency goes")."""
         if len(data) != wire.HEADER.size or not self._decoder.at_boundary or (
                 self.state is not LinkState.OPEN and self.state is not LinkState.DRAINING):
             return None
