@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -57,3 +59,39 @@ def test_a_link_measured_slow_is_bounded_until_the_kernel_sees_it_fast(
             got += len(b.recv(1 << 20))
     assert not bound.exceeded()
     assert bound.cap == 0
+
+
+_SMALL_SEGMENTS = r"""
+import socket, struct, subprocess, time
+from tether.inflight import InflightBound
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+listener = socket.create_server(("127.0.0.1", 0))
+port = listener.getsockname()[1]
+a = socket.create_connection(("127.0.0.1", port))
+b, _ = listener.accept()
+a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rules = ("table inet t {\n chain o {\n type filter hook output priority 0;\n"
+         " tcp sport %d drop\n }\n}\n")
+subprocess.run(["nft", "-f", "-"], input=(rules % port).encode(), check=True)  # b's ACKs
+for _ in range(20):
+    a.send(b"x" * 100)
+    time.sleep(0.002)  # a segment each
+info = a.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+unacked, mss = struct.unpack_from("I", info, 24)[0], struct.unpack_from("I", info, 16)[0]
+print(InflightBound(a).held(), unacked, mss)
+"""
+
+
+def test_the_bytes_held_are_counted_exactly_not_as_segments_times_mss() -> None:
+    """Twenty 100-byte segments that the peer never acknowledges (its ACKs dropped by nft,
+    in a network namespace of the test's own): the socket holds 2,000 bytes, which is
+    what the bound counts; TCP_INFO's unacknowledged segments times the MSS (what it
+    counted before) is ~180 times that on loopback (MSS 32 KiB), ~14 times on Ethernet."""
+    from hosts.rig import require_netns  # the same skip, for the same reason
+
+    require_netns()
+    out = subprocess.run(["unshare", "-n", sys.executable, "-c", _SMALL_SEGMENTS],
+                         capture_output=True, text=True, timeout=30, check=True)
+    held, unacked, mss = (int(x) for x in out.stdout.split())
+    assert held == 2000, out.stdout
+    assert unacked * mss >= 10 * held, out.stdout  # the old estimate: far off

@@ -21,13 +21,18 @@ with a short round trip the floor dominates, and it bounds only the standing que
 not the throughput: with an empty queue, `floor / min_rtt` is far above the link's
 rate. The kernel's own delivery rate is read at each check, so a link that became
 fast again is left to its TCP.
-Linux only (TCP_INFO); elsewhere nothing is bounded.
+The bytes held are the socket's send queue, sent and unacknowledged or not yet sent
+(SIOCOUTQ), counted exactly: TCP_INFO only gives the unacknowledged *segments*, and
+segments times the MSS overestimates a queue of small frames many times over.
+Linux only (TCP_INFO, SIOCOUTQ); elsewhere nothing is bounded.
 """
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import struct
+import termios
 from typing import Final
 
 __all__ = ["InflightBound", "cap_for"]
@@ -39,7 +44,9 @@ _TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
 _INFO_SIZE: Final = 168
 _U32: Final = struct.Struct("I")
 _U64: Final = struct.Struct("Q")
-_SND_MSS, _UNACKED, _RTT, _NOTSENT, _MIN_RTT, _DELIVERY_RATE = 16, 24, 68, 144, 148, 160
+_INT: Final = struct.Struct("i")
+_RTT, _MIN_RTT, _DELIVERY_RATE = 68, 148, 160
+_SIOCOUTQ: Final = termios.TIOCOUTQ  # the same request on sockets (linux/sockios.h)
 _QUEUE_SLACK_US: Final = 10_000  # a smoothed RTT this far above twice the smallest: a queue
 
 
@@ -67,6 +74,16 @@ class InflightBound:
             return None
         return info if len(info) >= _DELIVERY_RATE + 8 else None
 
+    def held(self) -> int | None:
+        """The bytes the socket holds: sent and not yet acknowledged, or not yet sent
+        (SIOCOUTQ); None if the kernel does not say."""
+        try:
+            out = fcntl.ioctl(self._sock.fileno(), _SIOCOUTQ, bytes(_INT.size))
+        except OSError:  # the socket is going away, or not Linux
+            return None
+        held: int = _INT.unpack(out)[0]
+        return held
+
     def follow(self, rate: float) -> None:
         """The link was measured draining `rate` bytes/s: bound it if that is slow."""
         info = self._info() if rate < FAST else None
@@ -87,6 +104,5 @@ class InflightBound:
         if _U32.unpack_from(info, _RTT)[0] < 2 * _U32.unpack_from(info, _MIN_RTT)[0] \
                 + _QUEUE_SLACK_US:
             return False  # no standing queue to keep short: loss, or a long path
-        held: int = (_U32.unpack_from(info, _UNACKED)[0] * _U32.unpack_from(info, _SND_MSS)[0]
-                     + _U32.unpack_from(info, _NOTSENT)[0])
-        return held > self.cap
+        held = self.held()
+        return held is not None and held > self.cap
