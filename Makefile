@@ -20,7 +20,7 @@ demo-core: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench fuzz examples
-	$(BIN)/mypy --strict src tests
+	$(BIN)/mypy --strict src tests bench
 	$(BIN)/pytest -q
 
 bench: $(STAMP)

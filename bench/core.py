@@ -30,7 +30,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 try:
     from tether import wire
@@ -240,7 +239,8 @@ def bench_wheel(impl: str, n: int, sim: float, warmup: float, tick: float) -> fl
     try:
         rss0 = _rss()
         t_build = time.process_time()
-        mon: Any = LivenessMonitor(tick=tick, now=0.0) if impl == "wheel" else HeapLiveness(tick)
+        mon: LivenessMonitor[int] | HeapLiveness = (
+            LivenessMonitor(tick=tick, now=0.0) if impl == "wheel" else HeapLiveness(tick))
         add = mon.add
         # key i joins at its phase i*dt (as if it just exchanged a frame then)
         for i in range(n):

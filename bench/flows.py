@@ -288,7 +288,8 @@ class Bench:
 
     async def _bulk_tether(self, total: int) -> float:
         loop = asyncio.get_running_loop()
-        self.fsrv.sink_done = done = loop.create_future()
+        done: asyncio.Future[tuple[float, int]] = loop.create_future()
+        self.fsrv.sink_done = done
         self.fsrv.sink_expected = total
         flow = await self.client.alloc("sink")
         chunk = b"\x5a" * CHUNK
@@ -302,7 +303,8 @@ class Bench:
 
     async def _bulk_tcp(self, port: int, total: int) -> float:
         loop = asyncio.get_running_loop()
-        self.tcp.sink_done = done = loop.create_future()
+        done: asyncio.Future[tuple[float, int]] = loop.create_future()
+        self.tcp.sink_done = done
         self.tcp.sink_expected = total
         _, writer = await asyncio.open_connection(HOST, port)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -133,10 +133,10 @@ async def _serve(kind: str, port: int, idle: float | None, fanout: int) -> None:
         else:
             send_batch = hub.send_batch
             async for events in hub.batches(grouped=True):
-                for event in events:
-                    if type(event) is Messages:
+                for grouped in events:
+                    if type(grouped) is Messages:
                         try:  # noqa: SIM105
-                            send_batch(event.id, event.messages)
+                            send_batch(grouped.id, grouped.messages)
                         except FlowClosed:
                             pass
 

@@ -63,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from benchlib import HOST, ROOT, cpu_of, cpu_pressure, emit, set_pad, source_rev, start_relay
@@ -337,7 +337,7 @@ def redis_rps(port: int, n: int) -> dict[str, float]:
 class Path:
     """A way from the client to the three servers (bulk sink, closer, redis)."""
 
-    def __init__(self, name: str, ports: dict[str, int], procs: list[Proc],
+    def __init__(self, name: str, ports: Mapping[str, int], procs: list[Proc],
                  hops: int, note: str = "") -> None:
         self.name = name
         self.ports = ports
@@ -386,7 +386,8 @@ def start_paths(args: argparse.Namespace, servers: dict[str, int | None],
 
 
 def start_socat(tcp: dict[str, int], started: list[Proc]) -> Path:
-    ports, procs = {}, []
+    ports: dict[str, int] = {}
+    procs: list[Proc] = []
     for kind in ("bulk", "close"):
         port = free_port()
         proc = Proc(f"socat {kind}", ["socat", f"TCP-LISTEN:{port},bind={HOST},fork,"
@@ -443,7 +444,7 @@ def start_tether(args: argparse.Namespace, name: str, gateways: int, tcp: dict[s
     profile = os.path.join(args.profile, name) if args.profile else None
     if profile:
         os.makedirs(profile, exist_ok=True)
-    kinds = [k for k in ("bulk", "close", "redis") if k in tcp]
+    kinds: list[str] = [k for k in ("bulk", "close", "redis") if k in tcp]
     gws: list[Proc] = []
     addresses: list[str] = []
     admin = 0
@@ -490,7 +491,7 @@ sys.exit(main())
 """
 
 
-def wait_services(admin_port: int, services: list[str], gw: Proc) -> None:
+def wait_services(admin_port: int, services: Sequence[str], gw: Proc) -> None:
     """Wait until the gateway's /status lists every service (whatever its log level)."""
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
