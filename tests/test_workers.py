@@ -15,7 +15,10 @@ import json
 import logging
 import os
 import resource
+import select
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,6 +42,7 @@ from tether.framing import Lines
 from tether.hub import FlowsClosed, Hub
 from tether.ids import FlowId
 from tether.mesh import Mesh
+from tether.tlsfiles import ServerTLS
 from tether.workers import WorkerPool, WorkersFailed, pool_of
 from tether.workers_link import LocalLink, Router
 from tether.workers_wire import (
@@ -143,8 +147,10 @@ def test_configuration_errors_are_clear(tls: Any) -> None:
         Hub(workers=2, handler="no-colon")
     with pytest.raises(ValueError, match="module-level function"):
         Hub(workers=2, handler=lambda hub: _handler(hub))
-    with pytest.raises(ValueError, match="TLS"):
+    with pytest.raises(ValueError, match=r"takes TLS as files, tls=tether\.ServerTLS"):
         Hub(workers=2, handler=APP, tls=tls.server_context())
+    with pytest.raises(FileNotFoundError):  # a bad file fails at once, not in a worker
+        Hub(workers=2, handler=APP, tls=ServerTLS(str(tls.server_cert) + ".missing"))
     hub = Hub(workers=2, handler=_handler, framing=Lines(b"\r\n", 100))
     pool = pool_of(hub)
     assert isinstance(pool, WorkerPool)
@@ -312,8 +318,8 @@ class Client:
         self.writer.close()
 
 
-async def connect(port: int) -> Client:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def connect(port: int, tls: ssl.SSLContext | None = None) -> Client:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     writer.write(b"ID\n")
     line = await asyncio.wait_for(reader.readline(), TIMEOUT)
     assert line.startswith(b"ID "), line
@@ -321,10 +327,11 @@ async def connect(port: int) -> Client:
 
 
 async def spread(port: int, workers: int, each: int = 1, start: int = 8,
-                 limit: int = 400) -> tuple[list[Client], dict[int, list[Client]]]:
+                 limit: int = 400, tls: ssl.SSLContext | None = None
+                 ) -> tuple[list[Client], dict[int, list[Client]]]:
     """Connect until every worker holds at least ``each`` of the clients (the kernel
     spreads connections over the workers by a hash)."""
-    clients = [await connect(port) for _ in range(start)]
+    clients = [await connect(port, tls) for _ in range(start)]
     while True:
         by: dict[int, list[Client]] = {w: [] for w in range(1, workers + 1)}
         for c in clients:
@@ -332,7 +339,7 @@ async def spread(port: int, workers: int, each: int = 1, start: int = 8,
         if all(len(v) >= each for v in by.values()):
             return clients, by
         assert len(clients) < limit, f"the kernel sent nothing to some worker: {by.keys()}"
-        clients.append(await connect(port))
+        clients.append(await connect(port, tls))
 
 
 @contextlib.asynccontextmanager
@@ -398,6 +405,29 @@ async def test_cross_worker_send_and_close_in_order() -> None:
         assert routing["routed_in"] >= 306 and routing["closes_out"] == 1
         for cl in clients:
             cl.close()
+
+
+async def test_every_worker_serves_tls_from_files(tls: Any) -> None:
+    """`Hub(workers=2, tls=ServerTLS(...))`: every worker serves TLS (each holds some of
+    the clients) and ids route across workers as without it; with `client_ca`, a client
+    without a certificate is refused in its handshake and one with a certificate is
+    served."""
+    async with running(2, tls=ServerTLS(str(tls.server_cert), str(tls.server_key))) as hub:
+        clients, by = await spread(hub.port, 2, tls=tls.client_context())
+        a, b = by[1][0], by[2][0]
+        a.send(f"SEND {b.id} over tls")
+        assert await b.line() == "over tls"
+        for c in clients:
+            c.close()
+    mutual = ServerTLS(str(tls.server_cert), str(tls.server_key), client_ca=str(tls.ca))
+    async with running(2, tls=mutual) as hub:
+        for _ in range(4):  # (whichever worker the kernel picks)
+            with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
+                await connect(hub.port, tls.client_context())  # no client certificate
+        clients, by = await spread(hub.port, 2, tls=tls.client_context(cert=True))
+        assert await by[2][0].ask("ID") == f"ID {by[2][0].id}"
+        for c in clients:
+            c.close()
 
 
 async def test_send_many_fans_out_with_one_message_per_worker() -> None:
@@ -648,6 +678,57 @@ def test_tether_hub_command_serves_reports_and_drains() -> None:
                         os.kill(pid, signal.SIGKILL)
                 raise AssertionError(f"workers {pids} outlived the command")
             time.sleep(0.02)
+
+
+def _socat_line(socat: str, address: str, line: bytes) -> bytes:
+    """Send `line` with socat to `address` (a socat address) and return the first line
+    that comes back within TIMEOUT (b"" if none); then close socat's input."""
+    client = subprocess.Popen([socat, "-", address], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        client.stdin.write(line)
+        client.stdin.flush()
+        got = b""
+        deadline = time.monotonic() + TIMEOUT
+        while not got.endswith(b"\n"):
+            ready, _, _ = select.select([client.stdout], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            chunk = os.read(client.stdout.fileno(), 4096) if ready else b""
+            if not chunk:
+                break
+            got += chunk
+        return got
+    finally:
+        client.stdin.close()
+        try:
+            client.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait()
+        client.stdout.close()
+
+
+def test_tether_hub_command_serves_tls_to_socat(tls: Any) -> None:
+    """`tether hub --workers 2 --tls-cert --tls-key`: socat, a TLS client no one here
+    wrote, gets its lines echoed by whichever worker the kernel picks; a plain TCP client
+    gets nothing back (its bytes are no TLS handshake)."""
+    socat = shutil.which("socat")
+    if socat is None:
+        pytest.skip("socat is not installed (.ci/run installs it)")
+    with ProcGroup() as procs:
+        proc = procs.start("tether hub", [
+            sys.executable, "-m", "tether.workers", "hub", "--workers", "2",
+            "--listen", "127.0.0.1:0", "--admin", "none", "--name", "tls",
+            "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)])
+        port = int(proc.expect(r"^hub tls listening on port (\d+) with 2 worker", stream="stderr")
+                   [0].group(1))
+        for i in range(6):
+            line = b"over tls %d\n" % i
+            assert _socat_line(socat, f"OPENSSL:127.0.0.1:{port},cafile={tls.ca}", line) == line
+        assert _socat_line(socat, f"TCP:127.0.0.1:{port}", b"in clear\n") == b""
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0
 
 
 # --- 4 workers x 15,000 connections ----------------------------------------------------

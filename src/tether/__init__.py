@@ -28,6 +28,7 @@ from .hub import Closed, Data, FlowsClosed, Hub, HubClosed, HubStats, Messages, 
 from .ids import FlowId
 from .mesh import Failure, Mesh, Message, PeerInfo, PeerState, QueueFull
 from .node import Node
+from .tlsfiles import ServerTLS
 from .workers import WorkerPool, WorkersFailed, serve
 
 __version__ = "0.1.0"
@@ -67,6 +68,7 @@ __all__ = [
     "QueueFull",
     "Raw",
     "RemoteProtocolError",
+    "ServerTLS",
     "SocketOptions",
     "TetherError",
     "WorkerPool",

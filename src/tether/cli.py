@@ -24,6 +24,7 @@ from .errors import TetherError
 from .gateway import Gateway
 from .heap import keep_heap_pages
 from .relay import Agent, Connector, parse_forward, parse_service
+from .tlsfiles import ServerTLS, add_server_tls_arguments
 from .workers import add_hub_subcommand
 
 __all__ = ["main"]
@@ -32,14 +33,8 @@ log = logging.getLogger("tether.cli")
 
 
 def _tls_server_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not args.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(args.tls_cert, args.tls_key)
-    if args.tls_client_ca:
-        ctx.load_verify_locations(args.tls_client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    tls = ServerTLS.from_args(args)
+    return tls.context() if tls is not None else None
 
 
 async def _until_signalled(stop: asyncio.Event) -> None:
@@ -206,10 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--name", default="gw", help="this gateway's node name (default gw)")
     gw.add_argument("--token", default=None,
                     help="shared secret every node must present in its HELLO")
-    gw.add_argument("--tls-cert", metavar="PEM", help="serve links over TLS with this cert")
-    gw.add_argument("--tls-key", metavar="PEM", help="private key for --tls-cert")
-    gw.add_argument("--tls-client-ca", metavar="PEM",
-                    help="require client certificates signed by this CA (mutual TLS)")
+    add_server_tls_arguments(gw, "links")
     gw.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
                     help="PING a link after this long with nothing sent (default 5)")
     gw.add_argument("--link-timeout", type=float, default=15.0, metavar="SECONDS",

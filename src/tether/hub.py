@@ -54,6 +54,7 @@ from .errors import FlowClosed, TetherError
 from .framing import Decoder, Framing, Lines, MessageTooLarge
 from .ids import FlowId
 from .liveness import TimingWheel
+from .tlsfiles import ServerTLS
 
 if TYPE_CHECKING:
     from .workers import Handler, WorkerPool
@@ -315,7 +316,9 @@ class Hub:
     :meth:`set_idle_timeout`). ``backlog``, ``reuse_port`` and ``sockopts`` (a
     :class:`~tether.SocketOptions`, applied to the listening socket and inherited by
     accepted ones) configure the listening socket; ``tls`` is an ``ssl.SSLContext``
-    for TLS. ``name`` is the node part of every id.
+    or a :class:`~tether.ServerTLS` (files: what ``workers`` need, since a context
+    cannot be handed to another process) for TLS. ``name`` is the node part of every
+    id.
 
     Bounds: ``queue_high``/``queue_low`` are the data queue's watermarks in bytes
     (payload plus about 120 bytes of overhead per message); ``max_write_buffer`` bounds
@@ -384,6 +387,7 @@ class Hub:
         "_timer",
         "_timer_at",
         "_tls",
+        "_tls_files",
         "_w_any",
         "_w_close",
         "_w_data",
@@ -404,7 +408,7 @@ class Hub:
         backlog: int = 4096,
         reuse_port: bool = False,
         sockopts: SocketOptions | None = None,
-        tls: ssl.SSLContext | None = None,
+        tls: ssl.SSLContext | ServerTLS | None = None,
         handshake_timeout: float = 10.0,
         name: str = "hub",
         worker: int = 0,
@@ -453,7 +457,8 @@ class Hub:
         self._backlog = backlog
         self._reuse_port = reuse_port
         self._sockopts = sockopts
-        self._tls = tls
+        self._tls_files = tls if isinstance(tls, ServerTLS) else None  # (for workers)
+        self._tls = tls.context() if isinstance(tls, ServerTLS) else tls
         self._handshake_timeout = handshake_timeout
         self._name = name
         self._worker = worker

@@ -49,6 +49,7 @@ from .framing import Framing, LengthPrefixed, Lines, Raw
 from .hub import Hub, HubStats, Messages
 from .ids import FlowId
 from .mesh import Mesh, PeerState
+from .tlsfiles import ServerTLS, add_server_tls_arguments
 from .workers_link import LocalLink, LocalLinkError, Router
 from .workers_proc import ENV_WORKER, EXIT_BAD_HANDLER, framing_spec, rss_bytes, worker_main
 from .workers_wire import (
@@ -207,8 +208,10 @@ class WorkerPool:
         if isinstance(workers, bool) or not isinstance(workers, int) \
                 or not 1 <= workers <= 0xFFFF:
             raise ValueError(f"workers must be an int in [1, 65535], got {workers!r}")
-        if hub._tls is not None:
-            raise ValueError("TLS is not supported with workers yet")
+        if hub._tls is not None and hub._tls_files is None:
+            raise ValueError("Hub(workers=N) takes TLS as files, tls=tether.ServerTLS(cert, "
+                             "key, client_ca): an ssl.SSLContext cannot be handed to the "
+                             "worker processes")
         framing_spec(hub._framing)  # the framing must cross the process boundary
         self.hub = hub
         self.workers = workers
@@ -270,6 +273,7 @@ class WorkerPool:
                 "queue_low": hub._low, "max_write_buffer": hub._wlimit,
                 "slow_consumer": "drop" if hub._slow_drop else "disconnect",
                 "linger": hub._linger, "close_timeout": hub._close_timeout,
+                "tls": hub._tls_files.to_json() if hub._tls_files is not None else None,
             },
         }
 
@@ -949,7 +953,8 @@ async def hub_command(args: argparse.Namespace) -> int:
     """``tether hub``: run the hub until SIGINT/SIGTERM."""
     host, port = parse_address(args.listen)
     hub = Hub(host, port, framing=args.framing, workers=args.workers, handler=args.handler,
-              name=args.name, idle_timeout=args.idle_timeout, max_message=args.max_message)
+              name=args.name, idle_timeout=args.idle_timeout, max_message=args.max_message,
+              tls=ServerTLS.from_args(args))
     if args.mesh_listen or args.mesh_peer:
         peers = {}
         for text in args.mesh_peer:
@@ -989,6 +994,7 @@ def add_hub_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="largest message accepted (default: the framing's)")
     p.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM, let connections flush this long (default 5)")
+    add_server_tls_arguments(p, "connections")
     p.add_argument("--admin", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="admin endpoint for `tether status` and /metrics "
                         "(default 127.0.0.1:0, 'none' to disable)")

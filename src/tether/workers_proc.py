@@ -30,6 +30,7 @@ from . import daemonlog
 from .aio import SocketOptions, run
 from .framing import Framing, LengthPrefixed, Lines, Raw
 from .hub import Hub
+from .tlsfiles import ServerTLS
 from .workers_link import LocalLink, Router
 from .workers_wire import (
     KIND_DOWN,
@@ -126,6 +127,8 @@ def hub_from_config(cfg: dict[str, Any], index: int, floor: int) -> Hub:
     opts["framing"] = framing_from_spec(opts["framing"])
     if opts.get("sockopts") is not None:
         opts["sockopts"] = SocketOptions(**opts["sockopts"])
+    if opts.get("tls") is not None:
+        opts["tls"] = ServerTLS.from_json(opts["tls"])
     hub = Hub(cfg["host"], cfg["port"], reuse_port=True, name=cfg["name"], worker=index,
               **opts)
     hub._next_serial = floor + 1
