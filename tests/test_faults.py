@@ -505,6 +505,9 @@ def _edge_silent_server(make_rig: MakeRig) -> None:
         f"(keepalive {EDGE_KEEPALIVE:g}s)"
     co.proc.expect(r"flow \S+: the server at \S+ stopped answering \(no answer to TCP "
                    r"keepalive or retransmissions\): flow reset$", stream="stderr")
+    _, told = ag.proc.expect(r"flow \S+ reset: .*the server stopped answering",
+                             stream="stderr")
+    assert rig["server"].ip not in told.text, told.text  # the address stays at the connector
     assert co.status()["edge_timeouts"] == 1
     assert ag.status()["edge_timeouts"] == 0
     _wait_no_flows(daemons)

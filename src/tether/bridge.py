@@ -288,8 +288,8 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._socket_done = True
         self._lost_exc = exc
         if not self._flow_done and self._flow is not None:
-            if isinstance(exc, TimeoutError):
-                self._flow.reset_nowait(f"{self.label} {self.peer} stopped answering: {exc}")
+            if isinstance(exc, TimeoutError):  # (its address stays in this side's log)
+                self._flow.reset_nowait(f"the {self.label} stopped answering: {exc}")
             elif exc is not None:
                 self._flow.reset_nowait(f"connection reset: {exc}")
             else:
