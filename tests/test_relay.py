@@ -37,6 +37,7 @@ from relayrig import (
     EchoServer,
     Rig,
     Server,
+    free_port,
     get_status,
     need,
     reset_close,
@@ -701,6 +702,22 @@ def test_unknown_service_resets_the_application(rig: Rig) -> None:
     gw.wait_log(r"agent asked for unknown service 'nosuch'")
     assert gw.status()["no_such_service"] == 1
     assert ag.status()["refused"] == 1
+    rig.wait_idle(gw, co, ag)
+
+
+def test_unreachable_server_resets_the_application_without_its_address(rig: Rig) -> None:
+    """The connector serves a service whose server is not listening: the application's
+    connection is reset at once; the agent hears why ("Connection refused") but not
+    where, which only the connector's log says; the connector counts the refusal."""
+    gw = rig.gateway()
+    port = free_port()  # nobody listens there
+    co = rig.connector(gw, {"down": port})
+    ag = rig.agent(gw, ["down"])
+    assert _expect_reset(ag.ports["down"]) < 2
+    co.wait_log(rf"flow \S+: cannot connect to service down at 127\.0\.0\.1:{port}: ")
+    told = ag.wait_log(r"flow \S+ reset: cannot connect to service down: Connection refused$")
+    assert str(port) not in told, told
+    assert co.status()["refused"] == 1
     rig.wait_idle(gw, co, ag)
 
 

@@ -360,7 +360,7 @@ class Node:
             log.warning("flow %s down: %s", flow.id, event.reason.removeprefix("down: "))
         else:
             self.counters["reset"] += 1
-            log.warning("flow %s reset: %s", flow.id, event.reason)
+            log.warning("flow %s reset: %s", flow.id, event.reason.removeprefix("reset: "))
 
 
 def _open_error(flow: Flow, event: FlowEnded) -> TetherError:

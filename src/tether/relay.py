@@ -270,10 +270,14 @@ class Connector(_Edge):
                                    self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             self.counters["refused"] += 1
-            why = f"cannot connect to service {flow.service} at {host}:{port}: " \
-                  f"{str(exc) or 'timed out'}"
-            log.warning("connector %s: %s", self.name, why)
-            flow.reset_nowait(why, ErrorCode.UNREACHABLE)
+            log.warning("connector %s: flow %s: cannot connect to service %s at %s:%d: %s",
+                        self.name, flow.id, flow.service, host, port,
+                        str(exc) or "timed out")
+            # The far end hears why, not where: the address stays in this log line.
+            cause = "timed out" if isinstance(exc, TimeoutError) else \
+                exc.strerror or type(exc).__name__
+            flow.reset_nowait(f"cannot connect to service {flow.service}: {cause}",
+                              ErrorCode.UNREACHABLE)
             return
         log.info("flow %s connected service=%s to %s:%d", flow.id, flow.service, host, port)
         if bridge.on_done is None:  # the whole flow already ended while connecting
