@@ -164,6 +164,7 @@ class LossyRun:
     bulk_downs: list[str]
     gaps: dict[str, float] = field(default_factory=dict)  # "a->b" -> longest gap (s)
     kernel: dict[str, list[str]] = field(default_factory=dict)  # tuned TCP: how each ended
+    ends: list[str] = field(default_factory=list)  # links that ended, resets: the daemons'
 
     def describe(self) -> str:
         return "; ".join(
@@ -171,12 +172,16 @@ class LossyRun:
             + [f"bulk: { {k: v for k, v in self.bulk.items() if 'sha' not in k} } "
                f"{self.bulk_downs[:1]}",
                f"longest gap in what TCP delivered, per link direction: {self.gaps}"]
-            + [f"plain TCP, {label}: {outcomes}" for label, outcomes in self.kernel.items()])
+            + [f"plain TCP, {label}: {outcomes}" for label, outcomes in self.kernel.items()]
+            + [f"links ended and flows reset, as logged: {self.ends}"])
 
 
 LOSSY_HOSTS = ["agent", "gw", "connector", "server"]
 # A flow that went DOWN (the node's line, whatever the reason), or whose allocation did.
 DOWN_LINE = re.compile(r"flow \S+ down: (?!resetting ).*$|refused: allocation of .*$")
+# A link that ended (at a node or the gateway), a flow reset: what explains a failure.
+END_LINE = re.compile(r"link to \S+ ended: .*$|link from .* closed: .*$|"
+                      r"node \S+ disconnected: .*$|flow \S+ reset: .*$")
 
 
 def _link_gaps(rig: Rig, gw: Daemon, since: float, until: float) -> dict[str, float]:
@@ -205,16 +210,21 @@ def _lossy_run(rig: Rig, *, loss: int, idle: float, groups: dict[str, float],
                bulk_liveness: float, kernel: dict[str, float] | None = None,
                bulk_bytes: int = 128 << 10) -> LossyRun:
     """Agents, a gateway, connectors and an echo server on four hosts (LOSSY_HOSTS); 200
-    ms ± 50 ms each way on each of the three links (agent-gateway, gateway-connector,
-    connector-server); `loss`% of the packets dropped at random on the input of every
-    host. For each of `groups` (label -> liveness T), an agent with six flows: five idle
-    (one line each way, then nothing for `idle` seconds, then one more line), one chatty
-    (a request every 0.5 s for `idle` seconds). A bulk transfer (`bulk_bytes` echoed,
+    ms ± 50 ms each way on each link between hosts; `loss`% of the packets dropped at
+    random on the input of every host. The flows' echo server runs on the connector's
+    host: the scenario is about tether's links (agent-gateway, gateway-connector), and
+    a plain TCP hop to a lossy server failed the test on its own now and then (a connect
+    that took over the connector's 5 s, an echo whose retransmissions the server's
+    backed-off timer put 60 s away: ~3 % of runs, tether behaving as it should). For
+    each of `groups` (label -> liveness T), an agent with six flows: five idle (one line
+    each way, then nothing for `idle` seconds, then one more line), one chatty (a
+    request every 0.5 s for `idle` seconds). A bulk transfer (`bulk_bytes` echoed,
     liveness `bulk_liveness`) through an agent and a connector of its own, so that the
     idle flows' keepalives never wait behind its data (that head-of-line blocking is
     scenario 5's). With `kernel` (label -> T), five plain TCP connections per label, from
-    the agent's host to the server's (one link), keepalive and TCP_USER_TIMEOUT tuned
-    to T as in bench/faults.py, blocked in a read: which ones the kernel aborts.
+    the agent's host to the echo server on the server's host (one lossy link),
+    keepalive and TCP_USER_TIMEOUT tuned to T as in bench/faults.py, blocked in a read:
+    which ones the kernel aborts.
 
     The delay is a packet delay line (tests/hosts/delayline.py) on the links of the
     gateway's and the server's hosts: every link crosses exactly one, and tether's own
@@ -226,9 +236,10 @@ def _lossy_run(rig: Rig, *, loss: int, idle: float, groups: dict[str, float],
         delay = 0.2 if host.name in ("gw", "server") else 0.0
         host.delay(delay, delay / 4, seed=seed)
     gw = rig["gw"].gateway()
-    echo = rig["server"].echo_server()
-    rig["connector"].connector(gw, {"echo": echo.address})
-    cob = rig["connector"].connector(gw, {"bulk": echo.address}, name="connector-bulk")
+    echo = rig["server"].echo_server()  # for the plain TCP connections
+    local = rig["connector"].echo_server()  # for the flows: over the host's loopback
+    co = rig["connector"].connector(gw, {"echo": local.address})
+    cob = rig["connector"].connector(gw, {"bulk": local.address}, name="connector-bulk")
     agents = {label: rig["agent"].agent(gw, ["echo"], name=f"agent-{i}", liveness=T)
               for i, (label, T) in enumerate(groups.items())}
     agb = rig["agent"].agent(gw, ["bulk"], name="agent-bulk", liveness=bulk_liveness)
@@ -281,8 +292,10 @@ def _lossy_run(rig: Rig, *, loss: int, idle: float, groups: dict[str, float],
                                   summaries[label])
     bulk_downs = [ln.text for ln in agb.proc.lines("stderr") if DOWN_LINE.search(ln.text)]
     bulk_downs += [ln.text for ln in cob.proc.lines("stderr") if DOWN_LINE.search(ln.text)]
+    ends = [f"{d.name}: {m.group(0)}" for d in (gw, co, cob, agb, *agents.values())
+            for ln in d.proc.lines("stderr") if (m := END_LINE.search(ln.text))]
     return LossyRun(result, bulk_summary, bulk_downs, _link_gaps(rig, gw, began, until),
-                    kernel_outcomes)
+                    kernel_outcomes, ends)
 
 
 def _check_group(run: LossyRun, label: str) -> None:
