@@ -546,12 +546,36 @@ def _edge_stopped_server(make_rig: MakeRig) -> None:
     _wait_no_flows(daemons)
 
 
+def _edge_connect_timeout(make_rig: MakeRig) -> None:
+    """The server's host is silent before the flow opens: the connector's connect gets
+    no answer, and the flow is reset after `--connect-timeout` (1 s), "timed out"."""
+    rig = make_rig(["relay", "server"])
+    gw = rig["relay"].gateway()
+    echo = rig["server"].echo_server()
+    co = rig["relay"].connector(gw, {"echo": echo.address}, args=["--connect-timeout", "1"])
+    ag = rig["relay"].agent(gw, ["echo"])
+    rig["server"].silence()
+    app = rig["relay"].tool("app", "app", "--connect", f"127.0.0.1:{ag.ports['echo']}",
+                            stdin=True)
+    _, connected = app.expect(r"^connected ")
+    _, line = app.expect(r"^(eof|reset|closed) ", timeout=10)
+    assert line.text.startswith("reset "), app.output()
+    elapsed = _t(line.text) - _t(connected.text)
+    assert 1 - SLACK <= elapsed <= 1 + 1 + SLACK, f"reset {elapsed:.3f}s after connecting"
+    ag.proc.expect(r"flow \S+ reset: cannot connect to service echo: timed out$",
+                   stream="stderr")
+    assert co.status()["refused"] == 1
+    _wait_no_flows([ag, gw, co])
+
+
 def test_edge_keepalive_resets_a_flow_whose_server_vanished(make_rig: MakeRig) -> None:
     """TCP keepalive on the relay's edge sockets (`--keepalive`): a flow whose server's
     host vanished while the flow was idle does not stay open for ever; a server merely
-    frozen keeps its flow. Two rigs at once."""
+    frozen keeps its flow; a server that never answers the connect is given up after
+    `--connect-timeout`. Three rigs at once."""
     _concurrently(lambda: _edge_silent_server(make_rig),
-                  lambda: _edge_stopped_server(make_rig))
+                  lambda: _edge_stopped_server(make_rig),
+                  lambda: _edge_connect_timeout(make_rig))
 
 
 # 5. backpressure across a slow link ---------------------------------------------------------------

@@ -134,7 +134,7 @@ async def _connector(args: argparse.Namespace) -> int:
     connector = Connector(args.gateway, services, name=args.name, token=args.token or b"",
                           tls=_tls_client_context(args), liveness=args.liveness,
                           fin_timeout=args.fin_timeout, window=args.window,
-                          keepalive=args.keepalive)
+                          keepalive=args.keepalive, connect_timeout=args.connect_timeout)
     await connector.start()
     print(f"connector {args.name} serving {', '.join(s for s, _, _ in services)}",
           file=sys.stderr, flush=True)
@@ -249,6 +249,9 @@ def _parser() -> argparse.ArgumentParser:
     _edge_options(co, "connector")
     co.add_argument("--service", action="append", required=True, metavar="NAME=HOST:PORT",
                     help="serve NAME by connecting to HOST:PORT (repeatable)")
+    co.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="reset a flow whose server does not accept its connection within "
+                         "this long (default 5)")
     co.set_defaults(func=_connector)
 
     st = sub.add_parser("status", help="print a daemon's links, flows and counters",
