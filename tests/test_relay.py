@@ -561,6 +561,31 @@ class Unbounded(AssertionError):
     """A daemon took in (and held) far more than its bounded buffers allow."""
 
 
+def _keepalive_timers(filter_: str) -> list[str]:
+    """`ss`'s lines for the established TCP sockets matching `filter_` (an ss filter),
+    with their timers: "timer:(keepalive,...)" where TCP keepalive is on."""
+    out = subprocess.run(["ss", "-Htno", "state", "established", filter_],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def test_both_edge_sockets_have_tcp_keepalive(rig: Rig) -> None:
+    """The daemons as deployed: the agent's socket for the application (inherited from
+    its listening socket) and the connector's socket to the server both run a TCP
+    keepalive timer, as `ss` shows it (`--keepalive`, default 60 s: probes after 30 s)."""
+    echo = rig.echo_server()
+    gw, co, ag = rig.relay({"echo": echo.port})
+    port = ag.ports["echo"]
+    with socket.create_connection((HOST, port), timeout=5) as app:
+        app.sendall(b"ping\n")
+        assert app.recv(100) == b"ping\n"
+        agent_side = _keepalive_timers(f"sport = :{port}")
+        server_side = _keepalive_timers(f"dport = :{echo.port}")
+        assert len(agent_side) == 1 and "timer:(keepalive," in agent_side[0], agent_side
+        assert len(server_side) == 1 and "timer:(keepalive," in server_side[0], server_side
+    rig.wait_idle(gw, co, ag)
+
+
 def test_agent_holds_little_before_the_flow_is_allocated(rig: Rig) -> None:
     """While the gateway is frozen, the agent cannot allocate a flow for a new connection.
     An application that writes as fast as it can meanwhile must be held back by TCP

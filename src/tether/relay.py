@@ -167,6 +167,8 @@ class Agent(_Edge):
             for host, port, service in self.forwards:
                 server = await loop.create_server(self._factory(service), host, port)
                 self.servers.append(server)
+                for sock in server.sockets:  # accepted sockets inherit them: no per-accept cost
+                    self.sockopts.apply(sock)
                 log.info("agent %s: forwarding %s:%d to service %s", self.name, host,
                          server.sockets[0].getsockname()[1], service)
         except BaseException:
@@ -176,8 +178,7 @@ class Agent(_Edge):
     def _factory(self, service: str) -> Callable[[], SocketBridge]:
         def bridge() -> SocketBridge:
             return SocketBridge(None, label="application", on_done=self._done,
-                                on_connect=lambda b: self._connected(b, service),
-                                sockopts=self.sockopts)
+                                on_connect=lambda b: self._connected(b, service))
         return bridge
 
     def ports(self) -> list[int]:
