@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -44,6 +45,7 @@ from relayrig import (
     rss_bytes,
     wait_reset_after_eof,
 )
+from tether.relay import Connector, connect_failure
 
 # Bounds for subprocess clients: generous for a loaded 2-CPU machine, never hit when
 # the relay works (each finishes in well under a second).
@@ -561,29 +563,53 @@ class Unbounded(AssertionError):
     """A daemon took in (and held) far more than its bounded buffers allow."""
 
 
-def _keepalive_timers(filter_: str) -> list[str]:
-    """`ss`'s lines for the established TCP sockets matching `filter_` (an ss filter),
-    with their timers: "timer:(keepalive,...)" where TCP keepalive is on."""
-    out = subprocess.run(["ss", "-Htno", "state", "established", filter_],
-                         capture_output=True, text=True, timeout=10, check=True).stdout
-    return [line for line in out.splitlines() if line.strip()]
+def _keepalive_timer(filter_: str) -> str:
+    """`ss`'s line for the one established TCP socket matching `filter_` (an ss filter)
+    once it shows a keepalive timer ("timer:(keepalive,...)"; until the last ACK it
+    shows the retransmission timer), or the last line seen after 2 s."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        out = subprocess.run(["ss", "-Htno", "state", "established", filter_],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert len(lines) == 1, lines
+        if "timer:(keepalive," in lines[0] or time.monotonic() > deadline:
+            return lines[0]
+        time.sleep(0.05)
 
 
 def test_both_edge_sockets_have_tcp_keepalive(rig: Rig) -> None:
     """The daemons as deployed: the agent's socket for the application (inherited from
     its listening socket) and the connector's socket to the server both run a TCP
     keepalive timer, as `ss` shows it (`--keepalive`, default 60 s: probes after 30 s)."""
+    need("ss")
     echo = rig.echo_server()
     gw, co, ag = rig.relay({"echo": echo.port})
     port = ag.ports["echo"]
     with socket.create_connection((HOST, port), timeout=5) as app:
         app.sendall(b"ping\n")
         assert app.recv(100) == b"ping\n"
-        agent_side = _keepalive_timers(f"sport = :{port}")
-        server_side = _keepalive_timers(f"dport = :{echo.port}")
-        assert len(agent_side) == 1 and "timer:(keepalive," in agent_side[0], agent_side
-        assert len(server_side) == 1 and "timer:(keepalive," in server_side[0], server_side
+        agent_side = _keepalive_timer(f"sport = :{port}")
+        server_side = _keepalive_timer(f"dport = :{echo.port}")
+        assert "timer:(keepalive," in agent_side, agent_side
+        assert "timer:(keepalive," in server_side, server_side
     rig.wait_idle(gw, co, ag)
+
+
+def test_a_failed_connect_is_told_without_the_address() -> None:
+    """What the agent's side hears of a server the connector cannot reach: the error,
+    never the address that asyncio's own loop puts in its message; and a connect timeout
+    that is not positive is refused at once."""
+    refused = OSError(errno.ECONNREFUSED, "Connect call failed ('10.0.0.5', 8080)")
+    assert connect_failure(refused) == "Connection refused"
+    assert connect_failure(TimeoutError()) == "timed out"
+    assert connect_failure(OSError("Multiple exceptions: [Errno 111] Connect call "
+                                   "failed ('10.0.0.5', 8080)")) == "OSError"
+    assert connect_failure(socket.gaierror(socket.EAI_NONAME, "Name or service not known")) \
+        == "Name or service not known"
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="connect_timeout"):
+            Connector("127.0.0.1:1", [], connect_timeout=bad)
 
 
 def test_agent_holds_little_before_the_flow_is_allocated(rig: Rig) -> None:

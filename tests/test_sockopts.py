@@ -110,8 +110,13 @@ def test_edge_keepalive_is_split_in_whole_seconds() -> None:
             and opts.rto_max is None
     for off in (None, 0, 0.0):
         assert not SocketOptions.for_edge(off).keepalive
-    with pytest.raises(ValueError, match="keepalive"):
-        SocketOptions.for_edge(-1)
+    longest = SocketOptions.for_edge(65533)  # what the kernel takes, and no more
+    with socket.socket() as sock:
+        longest.apply(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 32767
+    for bad in (-1, 65534, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="keepalive"):
+            SocketOptions.for_edge(bad)
 
 
 async def test_both_edges_of_a_bridge_get_keepalive_and_no_user_timeout() -> None:

@@ -19,7 +19,7 @@ def _args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def test_the_options_make_the_files_or_nothing(tls: Any) -> None:
+def test_the_options_make_the_files_or_nothing() -> None:
     assert ServerTLS.from_args(_args()) is None
     files = ServerTLS.from_args(_args("--tls-cert", "c.pem", "--tls-key", "k.pem",
                                       "--tls-client-ca", "ca.pem"))

@@ -87,6 +87,11 @@ def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, i
     return host, int(port)
 
 
+# The longest `SocketOptions.for_edge`: Linux takes TCP_KEEPIDLE up to 32767 s, and the
+# split gives idle about half of it.
+_KEEPALIVE_MAX = 65533
+
+
 @dataclass(slots=True)
 class SocketOptions:
     """Socket options applied to every link socket. Times in seconds.
@@ -143,8 +148,9 @@ class SocketOptions:
         holds. Nor the link-only options (`notsent_lowat`, `rto_max`)."""
         if not keepalive:
             return cls(keepalive=False, notsent_lowat=None, rto_max=None)
-        if keepalive < 0:
-            raise ValueError(f"keepalive must be positive seconds or None, got {keepalive!r}")
+        if not 0 < keepalive <= _KEEPALIVE_MAX:  # (NaN and infinity included)
+            raise ValueError(f"keepalive must be within (0, {_KEEPALIVE_MAX}] seconds or "
+                             f"None, got {keepalive!r}")
         whole = max(1, round(keepalive))
         interval = max(1, whole // 6)
         return cls(keepalive=True, keepidle=max(1, whole - 3 * interval),

@@ -116,6 +116,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         "_readbuf",
         "_sending",
         "_socket_done",
+        "_timed_out",
         "_unconsumed",
         "_write_paused",
         "bytes_at_reap",
@@ -157,6 +158,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         self.opened_at = self._loop.time()
         self.half_closed_at: float | None = None  # for the fin timeout
         self._lost_exc: Exception | None = None
+        self._timed_out = False
         self.bytes_at_reap = 0
         self._coalescer = coalesce.current()
         self._readbuf = readbuf.current()
@@ -173,9 +175,20 @@ class SocketBridge(asyncio.BufferedProtocol):
 
     @property
     def timed_out(self) -> bool:
-        """The kernel ended the socket because its peer stopped answering (ETIMEDOUT:
-        TCP keepalive, see `SocketOptions.for_edge`, or retransmissions)."""
-        return isinstance(self._lost_exc, TimeoutError)
+        """The flow was reset because the kernel ended the socket, its peer having
+        stopped answering (ETIMEDOUT: TCP keepalive, see `SocketOptions.for_edge`, or
+        retransmissions); not when the flow had ended before."""
+        return self._timed_out
+
+    def _end_flow_for_socket(self, flow: Flow, exc: Exception | None) -> None:
+        """The socket is gone: end `flow` the same way (a close, a reset, a timeout)."""
+        if isinstance(exc, TimeoutError):  # (its address stays in this side's log)
+            self._timed_out = True
+            flow.reset_nowait(f"the {self.label} stopped answering: {exc}")
+        elif exc is not None:
+            flow.reset_nowait(f"connection reset: {exc}")
+        else:
+            flow.dealloc_nowait()
 
     @property
     def has_flow(self) -> bool:
@@ -186,10 +199,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         """Join the socket to `flow` and start reading it."""
         self._flow = flow
         if self._socket_done:  # the application left while the flow was being set up
-            if self._lost_exc is not None:
-                flow.reset_nowait(f"connection reset: {self._lost_exc}")
-            else:
-                flow.dealloc_nowait()
+            self._end_flow_for_socket(flow, self._lost_exc)
             self._flow_done = True
             self._maybe_done()
             return
@@ -217,7 +227,11 @@ class SocketBridge(asyncio.BufferedProtocol):
         if sock is not None:
             self._fd = sock.fileno()
             if self.sockopts is not None:
-                self.sockopts.apply(sock)  # (TCP only)
+                try:
+                    self.sockopts.apply(sock)  # (TCP only)
+                except OSError as exc:  # pragma: no cover - depends on the platform
+                    log.warning("%s %s: cannot set socket options: %s", self.label,
+                                self.peer, exc)
             elif sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._flow is not None:
@@ -288,12 +302,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._socket_done = True
         self._lost_exc = exc
         if not self._flow_done and self._flow is not None:
-            if isinstance(exc, TimeoutError):  # (its address stays in this side's log)
-                self._flow.reset_nowait(f"the {self.label} stopped answering: {exc}")
-            elif exc is not None:
-                self._flow.reset_nowait(f"connection reset: {exc}")
-            else:
-                self._flow.dealloc_nowait()
+            self._end_flow_for_socket(self._flow, exc)
         self._maybe_done()
 
     def pause_writing(self) -> None:

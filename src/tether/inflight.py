@@ -29,11 +29,15 @@ Linux only (TCP_INFO, SIOCOUTQ); elsewhere nothing is bounded.
 
 from __future__ import annotations
 
-import fcntl
 import socket
 import struct
-import termios
 from typing import Final
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - not POSIX: nothing is bounded
+    fcntl = termios = None  # type: ignore[assignment]
 
 __all__ = ["InflightBound", "cap_for"]
 
@@ -46,7 +50,8 @@ _U32: Final = struct.Struct("I")
 _U64: Final = struct.Struct("Q")
 _INT: Final = struct.Struct("i")
 _RTT, _MIN_RTT, _DELIVERY_RATE = 68, 148, 160
-_SIOCOUTQ: Final = termios.TIOCOUTQ  # the same request on sockets (linux/sockios.h)
+# SIOCOUTQ: the same request as TIOCOUTQ on sockets (linux/sockios.h)
+_SIOCOUTQ: Final = getattr(termios, "TIOCOUTQ", None)
 _QUEUE_SLACK_US: Final = 10_000  # a smoothed RTT this far above twice the smallest: a queue
 
 
@@ -77,6 +82,8 @@ class InflightBound:
     def held(self) -> int | None:
         """The bytes the socket holds: sent and not yet acknowledged, or not yet sent
         (SIOCOUTQ); None if the kernel does not say."""
+        if _SIOCOUTQ is None:  # pragma: no cover - not POSIX
+            return None
         try:
             out = fcntl.ioctl(self._sock.fileno(), _SIOCOUTQ, bytes(_INT.size))
         except OSError:  # the socket is going away, or not Linux

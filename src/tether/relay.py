@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +30,7 @@ from .errors import ErrorCode, TetherError
 from .flowstate import FlowState
 from .node import Node
 
-__all__ = ["Agent", "Connector", "parse_forward", "parse_service"]
+__all__ = ["Agent", "Connector", "connect_failure", "parse_forward", "parse_service"]
 
 log = logging.getLogger("tether.relay")
 _CASCADE = {"half": "half-close", "full": "cascade"}
@@ -41,6 +43,20 @@ def parse_forward(text: str) -> tuple[str, int, str]:
         raise ValueError(f"--forward {text!r}: expected LISTEN_HOST:PORT=SERVICE")
     host, port = parse_address(address)
     return host, port, service
+
+
+def connect_failure(exc: OSError) -> str:
+    """Why a connection to a server failed, without where: what a connector tells the
+    far end ("Connection refused", "timed out"). The exception's own text may name the
+    address (asyncio's loop: "Connect call failed ('10.0.0.5', 8080)"), which a relay
+    must not hand to its clients; its error number does not."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return exc.strerror or "name resolution failed"
+    if isinstance(exc.errno, int) and exc.errno > 0:
+        return os.strerror(exc.errno)
+    return type(exc).__name__
 
 
 def parse_service(text: str) -> tuple[str, str, int]:
@@ -165,10 +181,12 @@ class Agent(_Edge):
         loop = asyncio.get_running_loop()
         try:
             for host, port, service in self.forwards:
-                server = await loop.create_server(self._factory(service), host, port)
+                server = await loop.create_server(self._factory(service), host, port,
+                                                  start_serving=False)
                 self.servers.append(server)
-                for sock in server.sockets:  # accepted sockets inherit them: no per-accept cost
-                    self.sockopts.apply(sock)
+                for sock in server.sockets:  # accepted sockets inherit them: no per-accept
+                    self.sockopts.apply(sock)  # cost (set before the first accept)
+                await server.start_serving()
                 log.info("agent %s: forwarding %s:%d to service %s", self.name, host,
                          server.sockets[0].getsockname()[1], service)
         except BaseException:
@@ -229,6 +247,8 @@ class Connector(_Edge):
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
                  fin_timeout: float = 60.0, connect_timeout: float = 5.0,
                  window: int = 256 * 1024, keepalive: float | None = 60.0) -> None:
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be positive seconds, got {connect_timeout!r}")
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
                          fin_timeout=fin_timeout, cascade="half", window=window,
                          keepalive=keepalive)
@@ -274,11 +294,8 @@ class Connector(_Edge):
             log.warning("connector %s: flow %s: cannot connect to service %s at %s:%d: %s",
                         self.name, flow.id, flow.service, host, port,
                         str(exc) or "timed out")
-            # The far end hears why, not where: the address stays in this log line.
-            cause = "timed out" if isinstance(exc, TimeoutError) else \
-                exc.strerror or type(exc).__name__
-            flow.reset_nowait(f"cannot connect to service {flow.service}: {cause}",
-                              ErrorCode.UNREACHABLE)
+            flow.reset_nowait(f"cannot connect to service {flow.service}: "
+                              f"{connect_failure(exc)}", ErrorCode.UNREACHABLE)
             return
         log.info("flow %s connected service=%s to %s:%d", flow.id, flow.service, host, port)
         if bridge.on_done is None:  # the whole flow already ended while connecting
