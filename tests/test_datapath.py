@@ -212,6 +212,30 @@ async def test_a_queue_that_drains_during_a_send_does_not_strand_the_sender() ->
             await peer.dealloc()
 
 
+async def test_a_write_that_finds_the_queue_full_sees_the_room_its_own_flush_made() -> None:
+    """`Flow.write` into a link queue that another flow filled: its first send takes
+    nothing, and the flush inside that same call drains the queue and hands the room out
+    (a WindowUpdated) while the writer is not waiting yet. The write must notice it (the
+    re-check before it parks) rather than wait for a wake-up that already came: it
+    completes at once, and both flows' bytes arrive."""
+    async with gateway() as gw, \
+            tether.Node("server", gateway=address(gw)) as server, \
+            tether.Node("client", gateway=address(gw)) as client:
+        a, a_peer = await _served_pair(gw, server, client)
+        b, b_peer = await _served_pair(gw, server, client)
+        conn = client._conn
+        assert conn is not None
+        conn.link.queue_limit = 4096
+        filler = bytes(range(256)) * 16  # 4 KiB: b fills the queue, and nothing flushes it
+        assert conn.link.send_data(b.stream, filler, conn.now) == len(filler)
+        assert a.send_credit() == 0  # a is starved until the queue drains
+        await asyncio.wait_for(a.write(b"y" * 1000), 2)
+        assert await read_exactly(a_peer, 1000) == b"y" * 1000
+        assert await read_exactly(b_peer, len(filler)) == filler
+        for flow in (a, b):
+            await flow.dealloc()
+
+
 # --- a stream's end is passed on before the link's bookkeeping ---------------------------
 
 
