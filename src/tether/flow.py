@@ -283,14 +283,12 @@ class Flow:
     def _on_fin(self) -> None:
         self._eof = True
         self._set_state()
-        if self._sink is not None and not self._fin_told:
-            self._fin_told = True
-            self._sink.flow_fin()
+        self._end_ahead()  # (unless the sink heard it ahead already)
         self._wake_reader()
 
     def _end_ahead(self) -> None:
         """The peer's FIN or CLOSE is about to be applied (`Node.stream_end_ahead`): an
-        attached sink hears `flow_fin` now, so that it passes the end on first (a
+        attached sink hears `flow_fin` now, once, so that it passes the end on first (a
         CLOSE ends the peer's sending too); the events follow as usual."""
         if self._sink is not None and not self._fin_told:
             self._fin_told = True
