@@ -569,6 +569,9 @@ class Hub:
             self._state = "closed"
             self._ended = True
             raise
+        if self._state != "starting":  # aclose() was called meanwhile
+            server.close()
+            raise RuntimeError("the hub was closed while starting")
         self._server = server
         if self._sockopts is not None:
             for sock in server.sockets:
@@ -1053,7 +1056,7 @@ class Hub:
                 if self._lingering:
                     self._handed((event,))
                 return event
-            if self._ended:
+            if self._ended and not self._deferred:  # a deferred one waits for its data
                 raise HubClosed("the hub is closed")
             await self._wait(self._w_close)
 
@@ -1191,7 +1194,11 @@ class Hub:
         serial = conn.fid.serial
         del self._conns[serial]
         conn.paused = False
-        self._ended_conn(conn, reason)
+        if conn.state == _LINGER:  # its Closed("peer") is queued already: not another
+            self._lingering.pop(serial, None)
+            log.info("hub %s: closing %s (its peer closed): %s", self._name, conn.fid, reason)
+        else:
+            self._ended_conn(conn, reason)
         pending = conn.pending
         conn.pending = None
         transport = conn.transport

@@ -20,7 +20,8 @@ in a background thread. Any number of threads may call its methods at once::
 raising ``TimeoutError``) and raise :class:`~tether.hub.HubClosed` once the hub is shut
 down and their queue is empty. The same guarantees as the asyncio hub hold: a
 connection's ``Closed`` is returned only after all its data was taken by
-``recv_data``; opens and closes are never held back by unread data; only data is
+``recv_data`` (and, the order being kept with one counter, the data of other
+connections queued before it); opens are never held back by unread data; only data is
 subject to backpressure (the sockets stop being read while too much waits here).
 
 ``send`` checks the id and frames the message in the calling thread (so ``FlowClosed``
@@ -104,6 +105,7 @@ class Hub:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._stopped = False
+        self._handed: set[FlowId] = set()  # Closed("peer") returned, loop not told yet
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -218,15 +220,31 @@ class Hub:
                 if over:
                     self._pump_paused = True
                     resume.clear()
-            if over and not hub.closed:
-                await resume.wait()
+            while over and not hub.closed and not resume.is_set():
+                # opens are never held back by unread data: hand them over meanwhile
+                with self._lock:
+                    if hub._opens:
+                        self._opens.extend(hub._opens)
+                        hub._opens.clear()
+                        self._c_open.notify_all()
+                loop = asyncio.get_running_loop()
+                woken: asyncio.Future[None] = loop.create_future()
+                hub._w_open.append(woken)
+                resumed = loop.create_task(resume.wait())
+                await asyncio.wait((woken, resumed), return_when=asyncio.FIRST_COMPLETED)
+                resumed.cancel()
+                if not woken.done():
+                    woken.cancel()
+                    with contextlib.suppress(ValueError):
+                        hub._w_open.remove(woken)
 
     # --- receiving ---------------------------------------------------------------------
 
     def _wait(self, cond: threading.Condition, queue: deque[Any],
-              timeout: float | None) -> None:
-        """Wait (holding the lock) until ``queue`` has an item; raise at the end."""
-        if not cond.wait_for(lambda: queue or self._ended, timeout):
+              timeout: float | None, pending: deque[Any] | None = None) -> None:
+        """Wait (holding the lock) until ``queue`` has an item; raise at the end (once
+        ``pending``, what may still move into ``queue``, is empty too)."""
+        if not cond.wait_for(lambda: queue or (self._ended and not pending), timeout):
             raise TimeoutError("no event within the timeout")
         if not queue:
             raise HubClosed("the hub is closed")
@@ -259,7 +277,8 @@ class Hub:
                 self._pump_paused = False
                 resume = self._resume
                 if resume is not None:
-                    self._call(resume.set)
+                    with contextlib.suppress(HubClosed):  # the pump is gone: no one to resume
+                        self._call(resume.set)
             return _data(group.id, message)
 
     def recv_close(self, timeout: float | None = None) -> Closed:
@@ -267,9 +286,10 @@ class Hub:
         up to ``timeout`` seconds. A connection whose peer closed stays writable until
         its ``Closed`` is returned here."""
         with self._c_close:
-            self._wait(self._c_close, self._closes, timeout)
+            self._wait(self._c_close, self._closes, timeout, self._deferred)
             event = self._closes.popleft()
         if event.reason == "peer":
+            self._handed.add(event.id)  # send raises FlowClosed from now on
             with contextlib.suppress(HubClosed):  # a stopped hub closed it already
                 self._post(_LINGER_DONE, event.id, None, 0)
         return event
@@ -281,7 +301,7 @@ class Hub:
             conn = self._hub._conns.get(id.serial)
         except AttributeError:
             raise TypeError(f"expected a FlowId, got {type(id).__name__}") from None
-        if conn is None or conn.fid != id:
+        if conn is None or conn.fid != id or id in self._handed:
             raise FlowClosed(f"connection {id} is closed or unknown")
 
     def send(self, id: FlowId, data: bytes) -> None:
@@ -397,5 +417,6 @@ class Hub:
                     hub.set_idle_timeout(target, payload)
                 else:
                     hub._linger_done(target)
+                    self._handed.discard(target)
             except FlowClosed:
                 continue  # closed since the call: its Closed event reports it
