@@ -280,6 +280,9 @@ class Mesh:
         # This run of the process: lets peers tell a restart from a reconnect.
         self.incarnation = secrets.randbits(64) or 1
         self._peers: dict[str, _Peer] = {}
+        # Sequencing state of removed peers, by name: a peer added again under the same
+        # name continues both numberings (the other node still remembers them).
+        self._retired: dict[str, tuple[Inbox, int, int]] = {}
         for peer_name, address in (peers or {}).items():
             if peer_name != name:
                 self._add(peer_name, address)
@@ -410,6 +413,9 @@ class Mesh:
         if not name or len(name.encode()) > 255:
             raise ValueError(f"node name {name!r} must be 1 to 255 bytes")
         peer = _Peer(name, address, self.queue_bytes)
+        retired = self._retired.pop(name, None)
+        if retired is not None:
+            peer.inbox, peer.outbox.next_seq, peer.outbox.peer_incarnation = retired
         self._peers[name] = peer
         return peer
 
@@ -434,6 +440,14 @@ class Mesh:
         self._cancel_timer(peer)
         if peer.outbox:
             self._fail_all(peer, f"peer {name} removed")
+        # Its messages not yet handed out are not consumed: drop them here (the sender
+        # still holds them, and re-sends them if the peer is added again).
+        if self._taken_from is peer:
+            self._commit()
+        if any(entry[0] is peer for entry in self._inbox):
+            self._inbox = deque(e for e in self._inbox if e[0] is not peer)
+        peer.inbox.received = peer.inbox.taken = peer.inbox.consumed
+        self._retired[name] = (peer.inbox, peer.outbox.next_seq, peer.outbox.peer_incarnation)
         if peer.dialer is not None:
             peer.dialer.cancel()
         for conn in [peer.link, *peer.pending]:
@@ -505,6 +519,8 @@ class Mesh:
             finally:
                 if not waiter.done():
                     waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    peer.space_waiters.remove(waiter)
             if self._stopping:
                 raise LocalProtocolError(f"mesh {self.name} closed while waiting to send")
             if peer.removed:
@@ -746,9 +762,12 @@ class Mesh:
                     peer.outbox.peer_closing(closing.incarnation,
                                              closing.known == self.incarnation,
                                              closing.consumed)
-                    peer.last_error = "peer shut down"
-                    peer.wake_space()
                     log.info("mesh %s: peer %s is shutting down", self.name, peer.name)
+                    if peer.up:  # it delivers nothing more: transmit nothing more to it
+                        self._session_lost(peer, "peer shut down", logging.INFO)
+                    else:
+                        peer.last_error = "peer shut down"
+                    peer.wake_space()
             else:
                 log.warning("mesh %s: ignored control message kind %#x from %s", self.name,
                             event.kind, peer.name)
