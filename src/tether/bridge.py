@@ -379,6 +379,7 @@ class SocketBridge(asyncio.BufferedProtocol):
             if state is FlowState.CLOSED:
                 self.write_deferred()
                 transport.close()  # after the data already written
+                self._half_closed()  # (what it still holds drains under the fin timeout)
             else:
                 log.info("flow %s %s: resetting %s socket (%s)", self.flow.id,
                          state.name.lower(), self.label, error)
@@ -390,9 +391,24 @@ class SocketBridge(asyncio.BufferedProtocol):
             done, self.on_done = self.on_done, None
             done(self)
 
+    @property
+    def unsent(self) -> int:
+        """Bytes of the flow's handed to the socket but not yet taken by the kernel."""
+        transport = self.transport
+        held = self._out_bytes
+        if transport is not None and not self._socket_done:
+            held += transport.get_write_buffer_size()
+        return held
+
+    @property
+    def socket_done(self) -> bool:
+        """The socket is gone (`connection_lost`)."""
+        return self._socket_done
+
     def abort(self, reason: str, code: int = ErrorCode.RESET) -> None:
-        """End both sides now: reset the flow and the socket."""
+        """End both sides now: reset the flow and the socket (also a socket already
+        closing, still waiting to write what it holds)."""
         if self._flow is not None:
             self._flow.reset_nowait(reason, code)
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self._socket_done:
             reset_socket(self.transport)

@@ -168,7 +168,9 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--liveness", type=float, default=30.0, metavar="SECONDS",
                    help="liveness timeout of each flow (default 30)")
     p.add_argument("--fin-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="reset a connection half-closed for longer than this (default 60)")
+                   help="reset a connection half-closed, or ended with bytes its "
+                        "application does not read, and not moving for longer than this "
+                        "(default 60)")
     p.add_argument("--keepalive", type=float, default=60.0, metavar="SECONDS",
                    help="reset an idle connection whose application or server stopped "
                         "answering for about this long (TCP keepalive; default 60, 0 to "

@@ -83,6 +83,7 @@ class _Edge:
         self.fin_timeout = fin_timeout
         self.mode = _CASCADE[cascade]
         self.bridges: set[SocketBridge] = set()
+        self.arriving: set[SocketBridge] = set()  # accepted, flow not allocated yet
         self.tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.TimerHandle | None = None
         self.counters: dict[str, int] = dict.fromkeys(
@@ -121,15 +122,25 @@ class _Edge:
             since = bridge.half_closed_at
             if since is None:
                 continue
-            moved = bridge.bytes_up + bridge.bytes_down
+            unsent = bridge.unsent
+            moved = bridge.bytes_up + bridge.bytes_down - unsent  # (what the socket took)
             if moved != bridge.bytes_at_reap:  # still transferring: the timeout restarts
                 bridge.bytes_at_reap = moved
                 bridge.half_closed_at = since = now
-            if now - since >= self.fin_timeout and bridge.has_flow \
-                    and bridge.flow.state is not FlowState.CLOSED:
+            if now - since < self.fin_timeout or not bridge.has_flow:
+                continue
+            if bridge.flow.state is not FlowState.CLOSED:
                 self.counters["fin_timeouts"] += 1
                 log.warning("flow %s half-closed for %.1fs (fin timeout): resetting",
                             bridge.flow.id, now - since)
+                bridge.abort(f"fin timeout ({self.fin_timeout:g}s)")
+            elif unsent and not bridge.socket_done:
+                # The flow has ended, but the socket still holds bytes its peer does not
+                # take: closing waits for them for ever unless this ends it.
+                self.counters["fin_timeouts"] += 1
+                log.warning("flow %s ended, but the %s at %s took none of its last %d "
+                            "bytes for %.1fs (fin timeout): resetting", bridge.flow.id,
+                            bridge.label, bridge.peer, unsent, now - since)
                 bridge.abort(f"fin timeout ({self.fin_timeout:g}s)")
         self._reaper = None
         if self.bridges:
@@ -142,9 +153,12 @@ class _Edge:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.node.aclose()
-        for bridge in list(self.bridges):
-            if bridge.transport is not None and not bridge.transport.is_closing():
+        # every socket still there: adopted, still being allocated (its task was just
+        # cancelled), or closing but still holding bytes for its peer
+        for bridge in [*self.bridges, *self.arriving]:
+            if bridge.transport is not None and not bridge.socket_done:
                 reset_socket(bridge.transport)
+        self.arriving.clear()
 
     def stats(self) -> dict[str, Any]:
         """Counters, the node's view, and every open connection with age and bytes."""
@@ -220,18 +234,21 @@ class Agent(_Edge):
         await self.aclose()
 
     def _connected(self, bridge: SocketBridge, service: str) -> None:
+        self.arriving.add(bridge)
         spawn_owned(self.tasks, self._allocate(bridge, service))
 
     async def _allocate(self, bridge: SocketBridge, service: str) -> None:
         try:
             flow = await self.node.alloc(service, mode=self.mode)
         except TetherError as exc:
+            self.arriving.discard(bridge)
             self.counters["refused"] += 1
             log.warning("agent %s: connection from %s to %s refused: %s", self.name,
                         bridge.peer, service, exc)
             if bridge.transport is not None and not bridge.transport.is_closing():
                 reset_socket(bridge.transport)
             return
+        self.arriving.discard(bridge)
         log.info("flow %s allocated service=%s for %s", flow.id, service, bridge.peer)
         self._adopt(bridge)
         bridge.set_flow(flow)
