@@ -30,11 +30,12 @@ from typing import Any, TypeVar
 import pytest
 
 from hosts.rig import Daemon, HostProc, Rig, Server, require_netns
+from tether.link import LinkConfig
 
 pytestmark = pytest.mark.netns
 
 SLACK = 0.25
-TICK = 0.01
+TICK = LinkConfig(name="-").tick
 MakeRig = Callable[[Sequence[str]], Rig]
 
 

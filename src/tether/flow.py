@@ -49,7 +49,7 @@ class Flow:
     """One flow, as seen by the application. Made by `Node.alloc` and `Node.accept`."""
 
     __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_eof", "_fin_told", "_reader", "_sink",
-                 "_state", "_writer", "id", "peer", "service", "stream")
+                 "_state", "_wlock", "_writer", "id", "peer", "service", "stream")
 
     def __init__(self, fid: FlowId, conn: LinkConnection, stream: int, service: str,
                  peer: str) -> None:
@@ -65,6 +65,7 @@ class Flow:
         self._end: FlowError | None = None
         self._reader: asyncio.Future[None] | None = None
         self._writer: asyncio.Future[None] | None = None
+        self._wlock: asyncio.Lock | None = None  # writes one at a time (made on first use)
         self._sink: FlowSink | None = None
         self._fin_told = False  # the sink heard `flow_fin`
 
@@ -140,7 +141,15 @@ class Flow:
     # writing --------------------------------------------------------------------------
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Send all of `data`, waiting for the peer's credit as needed."""
+        """Send all of `data`, waiting for the peer's credit as needed. Concurrent
+        writes go one after the other, each one's bytes together."""
+        lock = self._wlock
+        if lock is None:
+            lock = self._wlock = asyncio.Lock()
+        async with lock:
+            await self._write(data)
+
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data).cast("B")
         conn = self._conn
         while True:

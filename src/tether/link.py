@@ -113,7 +113,9 @@ class LinkConfig:
     heartbeat_interval: float = 5.0
     link_timeout: float = 15.0
     handshake_timeout: float = 10.0
-    tick: float = 0.01
+    # the liveness wheel's resolution: a keepalive goes out up to a tick late, so it
+    # must be well below the shortest timeout's remaining 3/4 (10 ms: 7.5 ms)
+    tick: float = 0.0025
     max_flows: int = 100_000
     relay_streams: bool = False
     authorize: Callable[[str, bytes], bool] | None = None
@@ -173,6 +175,12 @@ class _Stream:
         self.unacked = 0
         self.send_credit = 0
         self.relay = relay
+
+
+def _check_liveness(liveness: float | None) -> None:
+    if liveness is not None and not liveness >= LivenessMonitor.MIN_TIMEOUT:  # (NaN too)
+        raise ValueError(f"liveness {liveness}s is below the minimum "
+                         f"{LivenessMonitor.MIN_TIMEOUT}s")
 
 
 def _liveness_ms(liveness: float | None) -> int:
@@ -447,9 +455,7 @@ class Link:
         if len(self._streams) >= self.config.max_flows:
             raise LocalProtocolError(f"link already carries {len(self._streams)} flows "
                                      f"(max_flows={self.config.max_flows})")
-        if liveness is not None and liveness < LivenessMonitor.MIN_TIMEOUT:
-            raise ValueError(f"liveness {liveness}s is below the minimum "
-                             f"{LivenessMonitor.MIN_TIMEOUT}s")
+        _check_liveness(liveness)
         sid = self._next_local_id
         if sid > wire.MAX_STREAM_ID:
             raise LocalProtocolError("stream ids exhausted on this link; open a new link")
@@ -587,6 +593,7 @@ class Link:
     def set_liveness(self, stream: int, liveness: float | None, now: float) -> None:
         """Change this side's liveness timeout of a stream (None: no liveness)."""
         s = self._stream(stream)
+        _check_liveness(liveness)  # before anything changes: a refusal leaves it as it was
         s.liveness = liveness
         self._liveness.remove(stream)
         self._track(s, now)

@@ -215,9 +215,11 @@ class Node:
             result = await waiter
         except BaseException:
             self._pending.pop((conn, sid), None)
-            if not waiter.done() or waiter.cancelled():
-                conn.link.dealloc(sid, conn.now)
-                conn.flush()
+            # Not answered yet, or answered (OPEN_OK) in the very iteration in which this
+            # task was cancelled: either way the flow is nobody's, end it. (A no-op for a
+            # stream already ended: refused, DOWN.)
+            conn.link.dealloc(sid, conn.now)
+            conn.flush()
             raise
         self.counters["allocated"] += 1
         log.info("flow %s allocated service=%s", flow.id, service)
@@ -243,6 +245,12 @@ class Node:
             self._accepters.append(waiter)
             try:
                 await waiter
+            except BaseException:
+                # Woken for a flow, then cancelled before running: pass the flow on to
+                # another acceptor, or it waits in the backlog while one waits.
+                if waiter.done() and not waiter.cancelled() and self._incoming:
+                    self._wake_accepter()
+                raise
             finally:
                 if waiter in self._accepters:
                     self._accepters.remove(waiter)
@@ -325,6 +333,9 @@ class Node:
             conn.link.reject_flow(event.stream, ErrorCode.NO_SUCH_SERVICE,
                                   f"no such service: {event.service!r}", now)
             return
+        if len(self._incoming) >= self.accept_backlog:  # drop those that ended waiting
+            self._incoming = deque(e for e in self._incoming
+                                   if e[1].state is FlowState.OPENING)
         if len(self._incoming) >= self.accept_backlog or self._closing:
             self.counters["refused"] += 1
             why = "shutting down" if self._closing else \
@@ -334,6 +345,9 @@ class Node:
             return
         flow = self._new_flow(conn, event.stream, event.service, event.origin)
         self._incoming.append((conn, flow))
+        self._wake_accepter()
+
+    def _wake_accepter(self) -> None:
         while self._accepters:
             waiter = self._accepters.popleft()
             if not waiter.done():
