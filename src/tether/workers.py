@@ -369,6 +369,8 @@ class WorkerPool:
         slot.pid = proc.pid
         slot.watcher = self._spawn_task(self._watch(slot, proc))
         slot.timer = loop.call_later(self.start_timeout, self._not_ready, slot, proc)
+        if self._stopping:  # aclose() came while this process was being started
+            _kill(proc.pid, signal.SIGTERM)
         log.debug("hub %s: worker %d started (pid %d)", self.hub.name, slot.index, proc.pid)
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
