@@ -404,6 +404,8 @@ class WorkerPool:
             slot.ready.set_exception(WorkersFailed(
                 f"worker {slot.index} of hub {self.hub.name} ({self.handler_text}) exited "
                 f"before it was ready: {how}"))
+            if self._stopping:  # stopped while starting: start() may not look (handled)
+                slot.ready.exception()
             return
         self._down(slot, f"exited ({how})")
         if self._stopping:
