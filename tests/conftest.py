@@ -30,6 +30,8 @@ import pytest
 import pytest_asyncio
 import uvloop
 
+from test_hub_support import LOOPS, Run, runner_for
+
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 LOOP_FACTORIES: dict[str, LoopFactory] = {
@@ -49,6 +51,13 @@ def pytest_asyncio_loop_factories(config: pytest.Config,
 # How long teardown waits for tasks that are already finishing (a cancelled task needs a
 # few loop iterations to unwind) before calling them leaked.
 _TASK_GRACE = 0.2
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def arun(request: pytest.FixtureRequest) -> Run:
+    """Runs a coroutine to completion under asyncio's loop, then under uvloop (the
+    hub tests' runner, `test_hub_support.runner_for`)."""
+    return runner_for(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,8 @@ is a strict xfail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -79,49 +81,52 @@ async def test_alloc_cancelled_as_the_accept_arrives_does_not_leak_the_flow() ->
 # -- concurrent writers on one flow --------------------------------------------------------
 
 
-async def test_two_writers_waiting_for_credit_both_finish() -> None:
-    window = 16 * 1024
+@contextlib.asynccontextmanager
+async def _served_flow(window: int) -> AsyncIterator[tuple[tether.Flow, tether.Flow]]:
+    """A flow from a client node to a server node (no gateway between), both ends
+    accepted, with `window` bytes of credit each way and no liveness."""
     async with tether.Node("server", listen="127.0.0.1:0", window=window) as server:
         server.register(SERVICE)
         async with tether.Node("client", gateway=f"127.0.0.1:{server.port}",
                                window=window) as client:
             flow, peer = await asyncio.wait_for(
                 asyncio.gather(client.alloc(SERVICE, liveness=None), server.accept()), 2)
-            size = 4 * window
-            writers = [asyncio.create_task(flow.write(bytes([i]) * size)) for i in (1, 2)]
-            await asyncio.sleep(0.05)  # both wait for credit now
+            yield flow, peer
 
-            async def read_all() -> None:
-                got = 0
-                while got < 2 * size:
-                    got += len(await peer.read())
 
-            reader = asyncio.create_task(read_all())
-            _, pending = await asyncio.wait([*writers, reader], timeout=3)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            assert not pending, "a writer waiting for credit was never woken"
+async def test_two_writers_waiting_for_credit_both_finish() -> None:
+    window = 16 * 1024
+    async with _served_flow(window) as (flow, peer):
+        size = 4 * window
+        writers = [asyncio.create_task(flow.write(bytes([i]) * size)) for i in (1, 2)]
+        await asyncio.sleep(0.05)  # both wait for credit now
+
+        async def read_all() -> None:
+            got = 0
+            while got < 2 * size:
+                got += len(await peer.read())
+
+        reader = asyncio.create_task(read_all())
+        _, pending = await asyncio.wait([*writers, reader], timeout=3)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        assert not pending, "a writer waiting for credit was never woken"
 
 
 async def test_peer_dealloc_wakes_every_writer_waiting_for_credit() -> None:
     window = 16 * 1024
-    async with tether.Node("server", listen="127.0.0.1:0", window=window) as server:
-        server.register(SERVICE)
-        async with tether.Node("client", gateway=f"127.0.0.1:{server.port}",
-                               window=window) as client:
-            flow, peer = await asyncio.wait_for(
-                asyncio.gather(client.alloc(SERVICE, liveness=None), server.accept()), 2)
-            writers = [asyncio.create_task(flow.write(b"x" * 4 * window)) for _ in range(2)]
-            await asyncio.sleep(0.05)
-            await peer.dealloc()
-            done, pending = await asyncio.wait(writers, timeout=2)
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            errors = [t.exception() for t in done]
-            assert not pending, "a writer hangs after the peer's dealloc"
-            assert all(isinstance(e, tether.FlowClosed) for e in errors), errors
+    async with _served_flow(window) as (flow, peer):
+        writers = [asyncio.create_task(flow.write(b"x" * 4 * window)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        await peer.dealloc()
+        done, pending = await asyncio.wait(writers, timeout=2)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        errors = [t.exception() for t in done]
+        assert not pending, "a writer hangs after the peer's dealloc"
+        assert all(isinstance(e, tether.FlowClosed) for e in errors), errors
 
 
 # -- accept(): a woken acceptor that is cancelled must pass the flow on -----------------

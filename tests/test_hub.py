@@ -8,26 +8,16 @@ import contextlib
 import socket
 import ssl
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from test_hub_support import LOOPS, Recorder, connect, reset, runner_for, until
+from test_hub_support import Recorder, Run, connect, reset, until
 from tether.aio import SocketOptions
 from tether.errors import FlowClosed, LocalProtocolError
 from tether.framing import LengthPrefixed, Lines, Raw
 from tether.hub import Closed, Data, FlowsClosed, Hub, HubClosed, Messages, Opened
 from tether.ids import FlowId
-
-Run = Callable[..., Any]
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def arun(request: pytest.FixtureRequest) -> Run:
-    """Each test runs under asyncio's loop and under uvloop."""
-    return runner_for(request.param)
 
 
 def test_echo_events_in_order_and_ids_round_trip(arun: Run) -> None:

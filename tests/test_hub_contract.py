@@ -12,22 +12,14 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from test_hub_support import LOOPS, connect, runner_for, until
+from test_hub_support import Run, connect, until
 from tether.errors import FlowClosed
 from tether.hub import Closed, Data, Hub, HubClosed, Opened
 from tether.sync import Hub as SyncHub
-
-Run = Callable[..., Any]
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def arun(request: pytest.FixtureRequest) -> Run:
-    return runner_for(request.param)
 
 
 # 1. A connection whose peer half-closed (lingering) gets a second Closed when a

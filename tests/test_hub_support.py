@@ -20,6 +20,7 @@ from tether.ids import FlowId
 T = TypeVar("T")
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+Run = Callable[..., Any]  # what the `arun` fixture (conftest) gives
 
 
 def runner_for(kind: str) -> Callable[..., Any]:

@@ -6,21 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from pathlib import Path
 
+from test_workers import APP, _zombie_or_other
 from tether.hub import Hub
 from tether.workers import pool_of
 
-APP = "test_workers_apps:commands"
-
 
 def _ours(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0] != "Z" and int(fields[1]) == os.getpid()
+    """A live child of this process (not gone, a zombie, or a reused PID)."""
+    return not _zombie_or_other(pid)
 
 
 async def test_aclose_while_a_worker_is_being_respawned_stops_it() -> None:

@@ -130,18 +130,18 @@ class _Edge:
             if now - since < self.fin_timeout or not bridge.has_flow:
                 continue
             if bridge.flow.state is not FlowState.CLOSED:
-                self.counters["fin_timeouts"] += 1
                 log.warning("flow %s half-closed for %.1fs (fin timeout): resetting",
                             bridge.flow.id, now - since)
-                bridge.abort(f"fin timeout ({self.fin_timeout:g}s)")
             elif unsent and not bridge.socket_done:
                 # The flow has ended, but the socket still holds bytes its peer does not
                 # take: closing waits for them for ever unless this ends it.
-                self.counters["fin_timeouts"] += 1
                 log.warning("flow %s ended, but the %s at %s took none of its last %d "
                             "bytes for %.1fs (fin timeout): resetting", bridge.flow.id,
                             bridge.label, bridge.peer, unsent, now - since)
-                bridge.abort(f"fin timeout ({self.fin_timeout:g}s)")
+            else:
+                continue
+            self.counters["fin_timeouts"] += 1
+            bridge.abort(f"fin timeout ({self.fin_timeout:g}s)")
         self._reaper = None
         if self.bridges:
             self._schedule_reaper()
