@@ -298,6 +298,39 @@ def test_silent_peer_takes_flow_down_after_its_timeout_not_before() -> None:
     assert end.reason == "down: unresponsive peer"
 
 
+def test_an_open_the_peer_never_answers_goes_down_within_the_liveness() -> None:
+    """The acceptor is alive (its link heartbeats) but never accepts: it sends no
+    keepalive for the unanswered stream, so the opener's wait ends at its liveness, with
+    a reason that says what did not happen; the acceptor hears why from the RESET."""
+    p = Pair()
+    p.handshake()
+    sid = p.client.open_flow("svc", p.now, liveness=1.0)
+    p.transfer()
+    p.take("server")  # FlowOpenRequested, never answered
+    opened_at = p.now
+    p.advance(opened_at + 0.999)
+    assert p.client.flow_state(sid) is FlowState.OPENING
+    assert p.server.stats.keepalives_sent == 0
+    p.advance(opened_at + 1.0 + p.client.config.tick)
+    end = ended(p.take("client"))[sid]
+    assert (end.state, end.code) == (FlowState.DOWN, ErrorCode.FLOW_PEER)
+    assert end.reason == "down: open not answered within 1s"
+    peer_end = ended(p.take("server"))[sid]
+    assert peer_end.reason.endswith("open not answered within 1s"), peer_end.reason
+    assert p.client.is_open and p.server.is_open  # only that flow ended
+
+
+def test_an_accepted_stream_is_kept_alive_by_its_acceptor() -> None:
+    """Keepalives start with the answer: after accept_flow, the acceptor keeps an idle
+    flow alive like the opener does."""
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open(liveness=1.0)
+    p.advance(p.now + 5.0)
+    assert p.server.flow_state(sid) is FlowState.OPEN
+    assert p.server.stats.keepalives_sent >= 15
+
+
 def test_application_not_reading_is_not_a_dead_peer() -> None:
     p = Pair(server=LinkConfig(name="s", initial_window=1024))
     p.handshake()

@@ -377,16 +377,25 @@ class Link:
         keepalives, expired = self._liveness.poll(now)
         for sid in keepalives:
             s = self._streams.get(sid)
-            if s is not None:
+            # A stream the peer opened and this side has not answered yet gets none: its
+            # OPEN_OK (or OPEN_ERR) is the answer the opener waits for, within its
+            # liveness, and a keepalive would let an application that never accepts
+            # hold the opener's alloc for ever.
+            if s is not None and not (s.fsm.state is FlowState.OPENING
+                                      and self._is_peer_id(sid)):
                 self.stats.keepalives_sent += 1
                 self._emit_raw(wire.encode_empty(wire.FrameType.KEEPALIVE, sid), now,
                                urgent=True)
         for sid in expired:
             s = self._streams.get(sid)
-            if s is not None and s.fsm.process(FlowInput.LIVENESS_EXPIRED):
-                self._emit(wire.Reset(stream=sid, code=ErrorCode.FLOW_PEER,
-                                      reason="unresponsive peer"), now)
-                self._ended(s, ErrorCode.FLOW_PEER, "down: unresponsive peer", "link")
+            if s is None:
+                continue
+            unanswered = s.fsm.state is FlowState.OPENING and not self._is_peer_id(sid)
+            if s.fsm.process(FlowInput.LIVENESS_EXPIRED):
+                why = f"open not answered within {s.liveness:g}s" if unanswered \
+                    else "unresponsive peer"
+                self._emit(wire.Reset(stream=sid, code=ErrorCode.FLOW_PEER, reason=why), now)
+                self._ended(s, ErrorCode.FLOW_PEER, f"down: {why}", "link")
 
     def peek_stream_end(self, data: bytes | memoryview) -> tuple[int, int] | None:
         """`(frame type, stream)` if `data` is exactly one FIN or CLOSE frame that
