@@ -153,18 +153,22 @@ def _still_carries_data(w: World) -> None:
 
 CASES = [
     Case("application closes", _close, "app", None, EOF, finish=_server_closes_too,
-         logs=(("agent", "ended: CLOSED"), ("connector", "ended: CLOSED")),
+         logs=(("agent", "ended: CLOSED, first EOF from the application,"),
+               ("connector", r"ended: CLOSED, first FIN from \S+,")),
          why="the application's FIN becomes a FIN on the flow (half-close, the default): "
              "the server reads EOF and may still answer"),
     Case("server closes", _close, "server", EOF, None, finish=_app_closes_too,
-         logs=(("agent", "ended: CLOSED"), ("connector", "ended: CLOSED")),
+         logs=(("agent", r"ended: CLOSED, first FIN from \S+,"),
+               ("connector", "ended: CLOSED, first EOF from the server,")),
          why="the server's FIN travels back the same way: the application reads EOF"),
     Case("application resets", _reset, "app", None, RESET,
-         logs=(("connector", "reset: connection reset"),),
+         logs=(("connector", "reset: connection reset"),
+               ("agent", "ended: RESET, first reset by the application,")),
          why="an RST from the application resets the flow, and the connector resets the "
              "server's socket (SO_LINGER 0): a reset stays a reset end to end"),
     Case("server resets", _reset, "server", RESET, None,
-         logs=(("agent", "reset: connection reset"),),
+         logs=(("agent", "reset: connection reset"),
+               ("connector", "ended: RESET, first reset by the server,")),
          why="the same the other way"),
     Case("agent killed", _kill, "agent", KERNEL, RESET,
          logs=(("connector", "down: link lost"),),
@@ -172,7 +176,8 @@ CASES = [
              "the gateway sees the agent's link end and relays a DOWN, so the connector "
              "resets the server's socket"),
     Case("gateway killed", _kill, "gateway", RESET, RESET,
-         logs=(("agent", "down: link lost"), ("connector", "down: link lost")),
+         logs=(("agent", "down: link lost"), ("connector", "down: link lost"),
+               ("agent", "ended: DOWN, first flow down,")),
          why="both edges see their link end: every flow on it goes DOWN, and each edge "
              "resets its socket"),
     Case("connector killed", _kill, "connector", RESET, KERNEL,

@@ -122,6 +122,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         "bytes_at_reap",
         "bytes_down",
         "bytes_up",
+        "first_end",
         "half_closed_at",
         "label",
         "on_connect",
@@ -157,6 +158,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._fd: int | None = None  # the socket's descriptor, for `shutdown_write`
         self.opened_at = self._loop.time()
         self.half_closed_at: float | None = None  # for the fin timeout
+        self.first_end: str | None = None  # what ended first, for the flow's log line
         self._lost_exc: Exception | None = None
         self._timed_out = False
         self.bytes_at_reap = 0
@@ -296,11 +298,17 @@ class SocketBridge(asyncio.BufferedProtocol):
         else:
             self._flow.fin_nowait()  # first: the FIN leaves before any bookkeeping
         self._half_closed()
+        if self.first_end is None:
+            self.first_end = f"EOF from the {self.label}"
         return True  # keep our write side open: TCP half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._socket_done = True
         self._lost_exc = exc
+        if self.first_end is None:
+            self.first_end = f"the {self.label} stopped answering" if isinstance(
+                exc, TimeoutError) else f"reset by the {self.label}" if exc is not None \
+                else f"the {self.label} closed"
         if not self._flow_done and self._flow is not None:
             self._end_flow_for_socket(self._flow, exc)
         self._maybe_done()
@@ -362,6 +370,8 @@ class SocketBridge(asyncio.BufferedProtocol):
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
             shutdown_write(transport, self._fd)
         self._half_closed()
+        if self.first_end is None:
+            self.first_end = f"FIN from {self.flow.peer}"
 
     def flow_credit(self) -> None:
         if self._sending:
@@ -374,6 +384,9 @@ class SocketBridge(asyncio.BufferedProtocol):
 
     def flow_ended(self, state: FlowState, error: FlowError) -> None:
         self._flow_done = True
+        if self.first_end is None:
+            self.first_end = f"CLOSE from {self.flow.peer}" if state is FlowState.CLOSED \
+                else f"flow {state.name.lower()}"
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if state is FlowState.CLOSED:

@@ -222,7 +222,7 @@ class Node:
             conn.flush()
             raise
         self.counters["allocated"] += 1
-        log.info("flow %s allocated service=%s", flow.id, service)
+        log.debug("flow %s allocated service=%s", flow.id, service)
         return result
 
     async def accept(self) -> Flow:
@@ -236,7 +236,7 @@ class Node:
                 flow._opened()
                 conn.flush()
                 self.counters["accepted"] += 1
-                log.info("flow %s accepted service=%s from %s", flow.id, flow.service,
+                log.debug("flow %s accepted service=%s from %s", flow.id, flow.service,
                          flow.peer)
                 return flow
             if self._closing:
@@ -287,7 +287,7 @@ class Node:
             flow = self._flows.get((conn, event.stream))
             if flow is not None:
                 flow._on_fin()  # pass the end on first; the log line can wait
-                log.info("partial deallocation of flow %s by %s", flow.id, flow.peer)
+                log.debug("partial deallocation of flow %s by %s", flow.id, flow.peer)
         elif isinstance(event, FlowEnded):
             self._on_flow_ended(conn, event)
         elif isinstance(event, FlowAccepted):
@@ -366,9 +366,9 @@ class Node:
         if event.state is FlowState.CLOSED:
             self.counters["closed"] += 1
             if event.initiator == "peer":
-                log.info("flow %s deallocated by %s", flow.id, flow.peer)
+                log.debug("flow %s deallocated by %s", flow.id, flow.peer)
             else:
-                log.info("flow %s deallocated", flow.id)
+                log.debug("flow %s deallocated", flow.id)
         elif event.state is FlowState.DOWN:
             self.counters["down"] += 1
             log.warning("flow %s down: %s", flow.id, event.reason.removeprefix("down: "))

@@ -107,8 +107,9 @@ class _Edge:
             log.warning("flow %s: the %s at %s stopped answering (no answer to TCP "
                         "keepalive or retransmissions): flow reset", bridge.flow.id,
                         bridge.label, bridge.peer)
-        log.info("flow %s ended: %s, %d bytes up, %d bytes down, %.3fs", bridge.flow.id,
-                 bridge.flow.state.name, bridge.bytes_up, bridge.bytes_down,
+        log.info("flow %s ended: %s, first %s, %d bytes up, %d bytes down, %.3fs",
+                 bridge.flow.id, bridge.flow.state.name, bridge.first_end or "?",
+                 bridge.bytes_up, bridge.bytes_down,
                  asyncio.get_running_loop().time() - bridge.opened_at)
 
     def _schedule_reaper(self) -> None:
