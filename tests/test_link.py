@@ -298,6 +298,32 @@ def test_silent_peer_takes_flow_down_after_its_timeout_not_before() -> None:
     assert end.reason == "down: unresponsive peer"
 
 
+def test_changing_the_liveness_does_not_restart_the_silence_clock() -> None:
+    """An application that keeps adjusting the timeout of a flow whose peer is gone
+    still sees it go DOWN: the silence so far counts against the new timeout."""
+    p = Pair(LinkConfig(name="c", heartbeat_interval=50, link_timeout=100))
+    p.handshake()
+    sid, _ = p.open(liveness=1.0)
+    last_heard = p.now
+    p.cut = True
+    for step in range(1, 4):  # 0.4, 0.8, 1.2 s into the silence
+        p.advance(last_heard + 0.4 * step)
+        if p.client.flow_state(sid) is not FlowState.OPEN:
+            break
+        p.client.set_liveness(sid, 1.0, p.now)
+    end = ended(p.take("client"))[sid]
+    assert end.state is FlowState.DOWN
+    p2 = Pair(LinkConfig(name="c", heartbeat_interval=50, link_timeout=100))
+    p2.handshake()
+    sid2, _ = p2.open(liveness=10.0)
+    last_heard = p2.now
+    p2.cut = True
+    p2.advance(last_heard + 2.0)
+    p2.client.set_liveness(sid2, 1.0, p2.now)  # already silent for longer than that
+    p2.advance(p2.now + 2 * p2.client.config.tick)
+    assert ended(p2.take("client"))[sid2].reason == "down: unresponsive peer"
+
+
 def test_an_open_the_peer_never_answers_goes_down_within_the_liveness() -> None:
     """The acceptor is alive (its link heartbeats) but never accepts: it sends no
     keepalive for the unanswered stream, so the opener's wait ends at its liveness, with

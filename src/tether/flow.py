@@ -83,7 +83,9 @@ class Flow:
         return self._conn.link.liveness_of(self.stream)
 
     def set_liveness(self, seconds: float | None) -> None:
-        """Change this side's liveness timeout (10 ms to years; None for none)."""
+        """Change this side's liveness timeout (10 ms to years; None for none). The
+        peer's silence so far counts against the new timeout: setting it again and again
+        never keeps a dead peer's flow alive."""
         if self._state in (FlowState.CLOSED, FlowState.DOWN, FlowState.RESET):
             raise self._closed_error()
         self._conn.link.set_liveness(self.stream, seconds, self._conn.now)

@@ -600,12 +600,18 @@ class Link:
                            urgent=True)
 
     def set_liveness(self, stream: int, liveness: float | None, now: float) -> None:
-        """Change this side's liveness timeout of a stream (None: no liveness)."""
+        """Change this side's liveness timeout of a stream (None: no liveness). The
+        peer's silence so far still counts: a timeout shorter than it ends the stream at
+        the next timer, and changing the timeout does not restart the clock (a stream
+        that had no liveness starts it now)."""
         s = self._stream(stream)
         _check_liveness(liveness)  # before anything changes: a refusal leaves it as it was
         s.liveness = liveness
-        self._liveness.remove(stream)
-        self._track(s, now)
+        if stream in self._liveness and liveness is not None and not math.isinf(liveness):
+            self._liveness.set_timeout(stream, liveness, now)
+        else:
+            self._liveness.remove(stream)
+            self._track(s, now)
 
     # ------------------------------------------------------------------ mesh and link
 
