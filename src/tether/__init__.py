@@ -26,7 +26,7 @@ from .framing import LengthPrefixed, Lines, MessageTooLarge, Raw
 from .gateway import Gateway
 from .hub import Closed, Data, FlowsClosed, Hub, HubClosed, HubStats, Messages, Opened
 from .ids import FlowId
-from .mesh import Failure, Mesh, Message, PeerInfo, PeerState, QueueFull
+from .mesh import Failure, FailuresNotTaken, Mesh, Message, PeerInfo, PeerState, QueueFull
 from .node import Node
 from .tlsfiles import ServerTLS
 from .workers import WorkerPool, WorkersFailed, serve
@@ -38,6 +38,7 @@ __all__ = [
     "Data",
     "ErrorCode",
     "Failure",
+    "FailuresNotTaken",
     "Flow",
     "FlowClosed",
     "FlowDown",

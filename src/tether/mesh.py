@@ -17,17 +17,21 @@ or it is returned in a `Failure`: when the peer stays unreachable for
 closes, or when the peer *restarted* before acknowledging messages it may have
 received (those are counted in `Failure.unconfirmed`: the dead process may have
 delivered some of them; tether never re-sends them blindly). Nothing is dropped
-silently. `docs/mesh.md` has the whole contract and its one limitation.
+silently. A call that raises (`QueueFull`, `FailuresNotTaken`, ...) accepted nothing.
+Memory is bounded per peer by `queue_bytes`, whether or not the application reads its
+failure reports, and whatever the peer sends. `docs/mesh.md` has the whole contract
+and its one limitation.
 
 **How.** One link (`tether.link` over `tether.aio`) per pair of nodes, dialled on
 demand by whichever side has something to send; when both dial at once, the node
 whose name sorts first (the *leader* of the pair) keeps the newest link and closes
 the other. On each new link the two nodes exchange SESSION control messages (their
-incarnation and what they have received and consumed), after which the sender
-re-sends what is missing; messages carry sequence numbers, the receiver drops
-duplicates, and acknowledges (cumulatively, once per loop turn) what its
-application has consumed. The sequencing arithmetic is `tether.meshstate`, without
-I/O. A silent peer is found by the link heartbeat within `liveness` seconds.
+incarnation, what they have received and consumed, and their receive window), after
+which the sender re-sends what is missing, with never more in flight than the window;
+messages carry sequence numbers, the receiver drops duplicates, and acknowledges
+(cumulatively, once per loop turn) what its application has consumed. The sequencing
+arithmetic is `tether.meshstate`, without I/O. A silent peer is found by the link
+heartbeat within `liveness` seconds.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ __all__ = [
     "KIND_CLOSING",
     "KIND_SESSION",
     "Failure",
+    "FailuresNotTaken",
     "Mesh",
     "Message",
     "PeerInfo",
@@ -100,7 +105,11 @@ _BAD_INPUT: Final = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.FRAME_TOO_LAR
                                ErrorCode.HANDSHAKE_FAILED})
 _QUIET_ENDS: Final = frozenset({ErrorCode.NO_ERROR, ErrorCode.SHUTDOWN})
 _PEER_COUNTERS: Final = ("connects", "disconnects", "connect_errors", "sent", "received",
-                         "retransmits", "duplicates", "failures", "failure_reports")
+                         "retransmits", "duplicates", "failures", "failure_reports",
+                         "refused_sends", "refused_sessions")
+# Log lines that a flood could repeat (a message per line) are limited to one per this
+# many seconds per peer and kind of line; the next one tells how many were held back.
+_LOG_INTERVAL: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +153,15 @@ class PeerInfo:
 
     `down_since` is a wall-clock time (`time.time()`), None while up or never
     contacted. `queued` counts the messages not yet acknowledged (sent or not),
-    `queued_bytes` their cost against the queue bound. `incarnation` is the peer's
-    current run as last seen (None before the first session). `counters`: connects,
-    disconnects, connect_errors, sent, received, retransmits, duplicates, failures
-    (messages), failure_reports.
+    `queued_bytes` their cost against the queue bound. `failed_bytes` is the cost of
+    the messages to the peer in failure reports the application has not taken yet,
+    `unread_bytes` that of the messages received from it and not yet taken (both
+    bounded by `queue_bytes`, see `Mesh`). `incarnation` is the peer's current run as
+    last seen (None before the first session). `counters`: connects, disconnects,
+    connect_errors, sent, received, retransmits, duplicates, failures (messages),
+    failure_reports, refused_sends (messages refused by `FailuresNotTaken`),
+    refused_sessions (a new incarnation of the peer refused while too many messages
+    of its previous ones are unread).
     """
 
     name: str
@@ -158,6 +172,8 @@ class PeerInfo:
     queued_bytes: int
     incarnation: int | None
     last_error: str | None
+    failed_bytes: int = 0
+    unread_bytes: int = 0
     counters: dict[str, int] = field(default_factory=dict)
 
 
@@ -167,20 +183,33 @@ class QueueFull(TetherError):
     code = ErrorCode.REFUSED
 
 
+class FailuresNotTaken(QueueFull):
+    """A message was refused, not queued: the failure reports for one of its
+    destinations that the application has not taken from `Mesh.failures()` hold more
+    than `queue_bytes`. Take them, and send again.
+
+    Raised by `send` (also when waiting for room) and by the broadcasts (which then
+    queue the message for no one). The message was never accepted: the application
+    still has it, and no report will name it."""
+
+
 class _Peer:
     """Everything the mesh knows about one peer."""
 
     __slots__ = ("address", "change_waiters", "counters", "dialer", "down_since", "flaps",
                  "host", "inbox", "last_error", "link", "link_max", "name", "outbox",
-                 "pending", "port", "removed", "space_waiters", "stalled_since", "timer",
-                 "unflushed", "up", "up_since")
+                 "pending", "port", "removed", "space_waiters", "stale_bytes",
+                 "stalled_since", "timer", "unflushed", "up", "up_since")
 
     def __init__(self, name: str, address: str, queue_bytes: int) -> None:
         self.name = name
         self.address = address
         self.host, self.port = parse_address(address)
         self.outbox = Outbox(queue_bytes)
-        self.inbox = Inbox()
+        self.inbox = Inbox(queue_bytes)
+        # received from earlier incarnations of the peer, not yet taken by the app (the
+        # current one's are `inbox.held`)
+        self.stale_bytes = 0
         self.link: LinkConnection | None = None  # the link the session lives on
         self.up = False  # SESSIONs exchanged on `link`
         self.link_max = 0  # the largest body `link` carries
@@ -197,6 +226,11 @@ class _Peer:
         self.counters = dict.fromkeys(_PEER_COUNTERS, 0)
         self.removed = False
         self.unflushed = 0  # bytes of messages given to `link` since it was last written
+
+    @property
+    def unread_bytes(self) -> int:
+        """Messages received from the peer (any incarnation), not yet taken."""
+        return self.inbox.held + self.stale_bytes
 
     @property
     def state(self) -> PeerState:
@@ -242,8 +276,10 @@ class Mesh:
     for it before they are failed, `liveness` how soon a silent peer is declared
     down. `token` is the shared secret every node presents and requires. `tls` is
     the client context used to dial, `server_tls` the server context to listen with.
-    `queue_bytes` bounds each peer's outgoing queue (a message costs its body plus
-    64 bytes); `max_message` bounds a body.
+    `queue_bytes` bounds, per peer, the outgoing queue (a message costs its body plus
+    64 bytes), the failure reports not taken (beyond it, sends to the peer raise
+    `FailuresNotTaken`) and the messages received and not taken (the receive window
+    announced to the peer); `max_message` bounds a body.
     """
 
     def __init__(self, name: str, listen: str | None = None,
@@ -294,8 +330,12 @@ class Mesh:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._inbox: deque[tuple[_Peer, int, int, Message]] = deque()
         self._msg_waiters: list[asyncio.Future[None]] = []
-        self._failures: deque[Failure] = deque()
+        self._failures: deque[tuple[Failure, int]] = deque()  # (report, its cost)
         self._failure_waiters: list[asyncio.Future[None]] = []
+        # Peer name -> the cost of its messages in reports not taken yet (0: absent).
+        self._failed_bytes: dict[str, int] = {}
+        # (peer, kind of line) -> (loop time of the last line, lines held back since).
+        self._quiet: dict[tuple[str, str], tuple[float, int]] = {}
         # The peer of the message the application took last, until it asks for the next
         # one (there is never more than one such message: every take commits the last).
         self._taken_from: _Peer | None = None
@@ -446,7 +486,8 @@ class Mesh:
             self._commit()
         if any(entry[0] is peer for entry in self._inbox):
             self._inbox = deque(e for e in self._inbox if e[0] is not peer)
-        peer.inbox.received = peer.inbox.taken = peer.inbox.consumed
+        peer.inbox.drop_unread()
+        peer.stale_bytes = 0
         self._retired[name] = (peer.inbox, peer.outbox.next_seq, peer.outbox.peer_incarnation)
         if peer.dialer is not None:
             peer.dialer.cancel()
@@ -463,7 +504,10 @@ class Mesh:
                                down_since=p.down_since, queued=len(p.outbox),
                                queued_bytes=p.outbox.bytes,
                                incarnation=p.inbox.incarnation or None,
-                               last_error=p.last_error, counters=dict(p.counters))
+                               last_error=p.last_error,
+                               failed_bytes=self._failed_bytes.get(name, 0),
+                               unread_bytes=p.unread_bytes,
+                               counters=dict(p.counters))
                 for name, p in self._peers.items()}
 
     def stats(self) -> dict[str, Any]:
@@ -472,6 +516,8 @@ class Mesh:
                 "links": len(self._conn_peer), **self.counters,
                 "peers": {name: {"state": i.state.value, "down_since": i.down_since,
                                  "queued": i.queued, "queued_bytes": i.queued_bytes,
+                                 "failed_bytes": i.failed_bytes,
+                                 "unread_bytes": i.unread_bytes,
                                  "last_error": i.last_error, **i.counters}
                           for name, i in self.peers().items()}}
 
@@ -503,10 +549,14 @@ class Mesh:
                    *, nowait: bool = False) -> None:
         """Queue `body` for `remote`; it is delivered once, in order, or returned in a
         `Failure`. Raises `PeerUnreachable` at once if `remote` is not a peer. When the
-        peer's queue is full, waits for room, or raises `QueueFull` with `nowait`."""
+        peer's queue is full, waits for room, or raises `QueueFull` with `nowait`.
+        Raises `FailuresNotTaken` (queuing nothing) while the failure reports for
+        `remote` not taken from `failures()` hold more than `queue_bytes`."""
         peer = self._target(remote)
         data = self._check(body, kind)
         cost = len(data) + MESSAGE_OVERHEAD
+        if self._failed_bytes:
+            self._refuse_if_reports_pile_up([peer])
         while not peer.outbox.fits(cost):
             if nowait:
                 raise QueueFull(f"outgoing queue to {remote} is full ({peer.outbox.bytes} of "
@@ -525,6 +575,8 @@ class Mesh:
                 raise LocalProtocolError(f"mesh {self.name} closed while waiting to send")
             if peer.removed:
                 raise PeerUnreachable(f"peer {remote} was removed while waiting to send")
+            if self._failed_bytes:
+                self._refuse_if_reports_pile_up([peer])
         written = self._enqueue(peer, kind, data)
         if written is not None:  # a batch went out: honour the socket's backpressure,
             await written.drain()  # and let the loop run (ACKs, other tasks)
@@ -544,7 +596,9 @@ class Mesh:
         """Queue `body` for each of `names` (raises `PeerUnreachable`, queuing nothing, if
         one is not a peer). Does not wait: a peer whose queue is full gets the message
         back at once in a `Failure` ("outgoing queue full"). Returns the names it was
-        queued for."""
+        queued for. Raises `FailuresNotTaken`, queuing nothing, while the failure
+        reports not taken from `failures()` for one of `names` hold more than
+        `queue_bytes`."""
         return self._multicast(list(dict.fromkeys(names)), body, kind)
 
     def _multicast(self, names: list[str], body: bytes | bytearray | memoryview,
@@ -552,6 +606,8 @@ class Mesh:
         peers = [self._target(n) for n in names]
         data = self._check(body, kind)
         cost = len(data) + MESSAGE_OVERHEAD
+        if self._failed_bytes:
+            self._refuse_if_reports_pile_up(peers)
         queued = []
         for peer in peers:
             if peer.outbox.fits(cost):
@@ -560,23 +616,60 @@ class Mesh:
             else:
                 self._report(peer, [Message(peer.name, kind, data)],
                              f"outgoing queue full ({peer.outbox.bytes} of "
-                             f"{peer.outbox.limit} bytes)", 0)
+                             f"{peer.outbox.limit} bytes)", 0, quiet="queue full")
         return queued
+
+    def _refuse_if_reports_pile_up(self, peers: list[_Peer]) -> None:
+        """Refuse a message (`FailuresNotTaken`) if the reports not taken for one of
+        its destinations hold more than `queue_bytes`: the mesh does not accept what it
+        could neither deliver nor hand back within its bounds."""
+        over = [p for p in peers if self._failed_bytes.get(p.name, 0) > self.queue_bytes]
+        if not over:
+            return
+        for peer in over:
+            peer.counters["refused_sends"] += 1
+            self._log_limited(peer.name, "refused", logging.WARNING,
+                              "mesh %s: refused a message to %s: %d bytes of its failure "
+                              "reports not taken from failures()", self.name, peer.name,
+                              self._failed_bytes[peer.name])
+        first = over[0]
+        raise FailuresNotTaken(
+            f"mesh {self.name} refused the message: the failure reports for {first.name} "
+            f"not taken from failures() hold {self._failed_bytes[first.name]} bytes, more "
+            f"than queue_bytes {self.queue_bytes}; take them, then send again")
+
+    def _log_limited(self, name: str, what: str, level: int, msg: str,
+                     *args: object) -> None:
+        """Log one line, unless a line of the same kind about the same peer was logged
+        less than `_LOG_INTERVAL` ago: then count it, and tell the count in the next."""
+        assert self._loop is not None
+        now = self._loop.time()
+        key = (name, what)
+        last, held = self._quiet.get(key, (-_LOG_INTERVAL, 0))
+        if now - last < _LOG_INTERVAL:
+            self._quiet[key] = (last, held + 1)
+            return
+        self._quiet[key] = (now, 0)
+        if held:
+            msg += " (and %d more like it in the last %.1fs)"
+            args = (*args, held, now - last)
+        log.log(level, msg, *args)
 
     def _enqueue(self, peer: _Peer, kind: int, data: bytes) -> LinkConnection | None:
         """Queue a message, and transmit it if a session is up. Returns the link if it
         was just written (a batch of `_FLUSH_BYTES` was reached)."""
         outbox = peer.outbox
-        entry = outbox.push(kind, data)
         peer.counters["sent"] += 1
         conn = peer.link
         if peer.up and conn is not None:
             if len(data) <= peer.link_max:
-                conn.link.send_message(kind, entry.seq, data, conn.now)
-                outbox.sent_high = entry.seq  # entries are transmitted in order
+                entry = outbox.push_transmitted(kind, data)
+                if entry is not None:  # else it waits for ACKs to open the window
+                    conn.link.send_message(kind, entry.seq, data, conn.now)
             else:
-                self._transmit(peer, conn, entry)
-            peer.unflushed += entry.cost
+                outbox.push(kind, data)
+                self._transmit_window(peer, conn)  # (reports it, in its turn)
+            peer.unflushed += len(data) + MESSAGE_OVERHEAD
             if peer.unflushed >= _FLUSH_BYTES:
                 peer.unflushed = 0
                 conn.flush()
@@ -584,20 +677,37 @@ class Mesh:
             self._dirty_conns.add(conn)
             self._schedule_flush()
         else:
+            outbox.push(kind, data)
             self._stall(peer)
             self._ensure_dialing(peer)
         return None
 
     def _transmit(self, peer: _Peer, conn: LinkConnection, entry: Entry) -> None:
+        """Write `entry`, which the outbox counts as transmitted already (or fail it,
+        if it is larger than the peer accepts)."""
         link = conn.link
         if len(entry.body) > link.max_payload:  # the peer accepts less than max_message
             peer.outbox.remove(entry)
             self._report(peer, [Message(peer.name, entry.kind, entry.body)],
                          f"message body of {len(entry.body)} bytes exceeds the maximum "
-                         f"payload {link.max_payload} of the link to {peer.name}", 0)
+                         f"payload {link.max_payload} of the link to {peer.name}", 0,
+                         quiet="too large")
             return
         link.send_message(entry.kind, entry.seq, entry.body, conn.now)
-        peer.outbox.transmitted(entry)
+
+    def _transmit_window(self, peer: _Peer, conn: LinkConnection) -> bool:
+        """Transmit the waiting messages the peer's receive window has room for.
+        Returns whether any was."""
+        outbox = peer.outbox
+        before = outbox.retransmits
+        sent = False
+        while (entry := outbox.sendable()) is not None:
+            outbox.transmitted(entry)
+            self._transmit(peer, conn, entry)
+            sent = True
+        if outbox.retransmits != before:
+            peer.counters["retransmits"] += outbox.retransmits - before
+        return sent
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and self._loop is not None:
@@ -666,19 +776,30 @@ class Mesh:
                 self._on_control(peer, conn, event)
             elif conn is peer.link and peer.up:
                 inbox = peer.inbox
-                if inbox.accept(event.seq):
+                body = event.body
+                cost = len(body) + MESSAGE_OVERHEAD
+                try:
+                    fresh = inbox.accept(event.seq, cost)
+                except RemoteProtocolError as exc:  # beyond the window this node announced
+                    self._protocol_error(conn, peer, str(exc))
+                    self._session_lost(peer, f"protocol error: {exc}")  # (the rest of
+                    return  # this read is ignored; LinkTerminated follows)
+                if fresh:
                     peer.counters["received"] += 1
                     self._inbox.append((peer, inbox.incarnation, event.seq,
-                                        _message(peer.name, event.kind, event.body)))
+                                        _message(peer.name, event.kind, body)))
                     if self._msg_waiters:
                         _wake(self._msg_waiters)
                 else:
                     peer.counters["duplicates"] += 1
-            elif conn is peer.link or conn in peer.pending:
+            elif (conn is peer.link or conn in peer.pending) and not conn.link.is_closed:
                 self._protocol_error(conn, peer, "MSG before SESSION")
         elif isinstance(event, AckReceived):
             peer = self._conn_peer.get(conn)
             if peer is not None and conn is peer.link and peer.up and peer.outbox.ack(event.seq):
+                if peer.outbox.waiting and self._transmit_window(peer, conn):
+                    self._dirty_conns.add(conn)  # the window opened: written this turn
+                    self._schedule_flush()
                 peer.wake_space()
         elif isinstance(event, HandshakeCompleted):
             self._on_handshake(conn, event, dialled)
@@ -738,7 +859,7 @@ class Mesh:
     def _send_session(self, peer: _Peer, conn: LinkConnection) -> None:
         inbox = peer.inbox
         info = SessionInfo(self.incarnation, inbox.incarnation, inbox.consumed,
-                           inbox.received)
+                           inbox.received, inbox.window)
         conn.link.send_message(KIND_SESSION, 0, info.encode(), conn.now)
         inbox.acked = max(inbox.acked, inbox.consumed)
 
@@ -748,12 +869,21 @@ class Mesh:
                 info = SessionInfo.decode(event.body)
                 if conn.link.is_closed:
                     return  # it ended in the same read (its LinkTerminated follows)
+                if info.window < conn.link.max_payload + MESSAGE_OVERHEAD:
+                    raise RemoteProtocolError(
+                        f"SESSION window {info.window} cannot hold one message of the "
+                        f"link's maximum payload {conn.link.max_payload} (+"
+                        f"{MESSAGE_OVERHEAD})")
                 if self.name < peer.name:
                     if conn is not peer.link or peer.up:
                         return  # a link this side replaced already
                 elif conn is peer.link and peer.up:
                     raise RemoteProtocolError("second SESSION on a link")
-                else:
+                if (info.incarnation != peer.inbox.incarnation
+                        and peer.unread_bytes > self.queue_bytes):
+                    self._refuse_session(peer, conn)
+                    return
+                if self.name > peer.name:
                     self._adopt(peer, conn)
                 self._session_up(peer, conn, info)
             elif event.kind == KIND_CLOSING:
@@ -774,11 +904,26 @@ class Mesh:
         except RemoteProtocolError as exc:
             self._protocol_error(conn, peer, str(exc))
 
+    def _refuse_session(self, peer: _Peer, conn: LinkConnection) -> None:
+        """A new incarnation of `peer` would open a new receive window while the
+        messages of its earlier ones not yet taken hold more than one: refuse it (it
+        dials again with backoff, and fails its messages after its establish_timeout
+        if this node's application still does not read)."""
+        peer.counters["refused_sessions"] += 1
+        reason = (f"{peer.unread_bytes} bytes of messages from an earlier incarnation of "
+                  f"{peer.name} not yet read by mesh {self.name}'s application")
+        self._log_limited(peer.name, "refused session", logging.WARNING,
+                          "mesh %s: refused a session with a new incarnation of %s: %s",
+                          self.name, peer.name, reason)
+        conn.close(reason, ErrorCode.REFUSED)
+
     def _session_up(self, peer: _Peer, conn: LinkConnection, info: SessionInfo) -> None:
         previous = peer.inbox.incarnation
+        if info.incarnation != previous:  # what its last one sent us and we hold is stale
+            peer.stale_bytes += peer.inbox.held
         restarted = peer.inbox.session(info.incarnation) and previous != 0
         result = peer.outbox.session(info.incarnation, info.known == self.incarnation,
-                                     info.consumed, info.received)
+                                     info.consumed, info.received, info.window)
         if self.name > peer.name:  # the follower answers the leader's SESSION
             self._send_session(peer, conn)
         peer.up = True
@@ -987,16 +1132,34 @@ class Mesh:
                      unconfirmed)
 
     def _report(self, peer: _Peer, messages: list[Message], reason: str,
-                unconfirmed: int) -> None:
+                unconfirmed: int, quiet: str | None = None) -> None:
+        """Hand `messages` back in a `Failure`. With `quiet` (a kind of report that may
+        come once per message), its log line is limited (`_log_limited`)."""
         if not messages:
             return
-        self._failures.append(Failure(peer.name, reason, messages, unconfirmed))
+        cost = sum(len(m.body) for m in messages) + MESSAGE_OVERHEAD * len(messages)
+        self._failures.append((Failure(peer.name, reason, messages, unconfirmed), cost))
+        self._failed_bytes[peer.name] = self._failed_bytes.get(peer.name, 0) + cost
         peer.counters["failures"] += len(messages)
         peer.counters["failure_reports"] += 1
-        log.warning("mesh %s: %d message(s) to %s failed (%d unconfirmed): %s", self.name,
-                    len(messages), peer.name, unconfirmed, reason)
+        line = "mesh %s: %d message(s) to %s failed (%d unconfirmed): %s"
+        args = (self.name, len(messages), peer.name, unconfirmed, reason)
+        if quiet is None:
+            log.warning(line, *args)
+        else:
+            self._log_limited(peer.name, quiet, logging.WARNING, line, *args)
         _wake(self._failure_waiters)
         peer.wake_space()
+
+    def _failure_taken(self) -> Failure:
+        """The application takes the oldest report."""
+        failure, cost = self._failures.popleft()
+        left = self._failed_bytes[failure.remote] - cost
+        if left:
+            self._failed_bytes[failure.remote] = left
+        else:
+            del self._failed_bytes[failure.remote]
+        return failure
 
 
 _new = object.__new__
@@ -1044,8 +1207,11 @@ class _MessageStream:
                 raise StopAsyncIteration
             if mesh._inbox:
                 peer, incarnation, seq, message = mesh._inbox.popleft()
-                if peer.inbox.take(incarnation, seq):
+                cost = len(message.body) + MESSAGE_OVERHEAD
+                if peer.inbox.take(incarnation, seq, cost):
                     mesh._taken_from = peer
+                elif incarnation != peer.inbox.incarnation:
+                    peer.stale_bytes -= cost
                 return message
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             mesh._msg_waiters.append(waiter)
@@ -1073,7 +1239,7 @@ class _FailureStream:
         mesh = self._mesh
         while True:
             if mesh._failures:
-                return mesh._failures.popleft()
+                return mesh._failure_taken()
             if mesh._closed:
                 raise StopAsyncIteration
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -48,7 +48,7 @@ from .errors import FlowClosed, LocalProtocolError, PeerUnreachable, ProtocolErr
 from .framing import Framing, LengthPrefixed, Lines, Raw
 from .hub import Hub, HubStats, Messages
 from .ids import FlowId
-from .mesh import Mesh, PeerState
+from .mesh import Mesh, PeerState, QueueFull
 from .tlsfiles import ServerTLS, add_server_tls_arguments
 from .workers_link import LocalLink, LocalLinkError, Router
 from .workers_proc import ENV_WORKER, EXIT_BAD_HANDLER, framing_spec, rss_bytes, worker_main
@@ -670,7 +670,8 @@ class WorkerPool:
         for body in bodies:
             try:
                 mesh.custom_broadcast([node], body, kind=HUB_ROUTE)
-            except (PeerUnreachable, LocalProtocolError, ValueError) as exc:
+            except (PeerUnreachable, LocalProtocolError, ValueError, QueueFull) as exc:
+                # (QueueFull: FailuresNotTaken, reports piling up faster than read)
                 self._mesh_counters["mesh_refused"] += 1
                 log.debug("hub %s: cannot route to node %s: %s", self.hub.name, node, exc)
 
