@@ -17,6 +17,7 @@ import pytest
 from test_mesh import FAST, Receiver, _Collect, cluster, eventually, free_port, next_failure
 from tether.aio import LinkConnection, open_link
 from tether.errors import ErrorCode
+from tether.events import LinkTerminated
 from tether.link import LinkConfig
 from tether.mesh import Failure, FailuresNotTaken, Mesh, PeerState
 from tether.meshstate import KIND_SESSION, MESSAGE_OVERHEAD, MIN_WINDOW, SessionInfo
@@ -375,3 +376,32 @@ async def test_graceful_restart_under_load_reports_nothing_unconfirmed() -> None
         await fa.stop()
         unconfirmed = [(f.unconfirmed, f.reason) for f in fa.got if f.unconfirmed]
         assert not unconfirmed, unconfirmed
+
+
+# 7. A link whose SESSION never comes: the HELLO exchange completed, but the peer sends
+#    no SESSION. Bad input like a handshake that never completes: the link ends with a
+#    clear reason to the peer, a log line and a counter, whichever side leads the pair
+#    and whether or not this node has anything to send (then nothing dials, so no
+#    dialer's timeout ends it).
+
+@pytest.mark.parametrize("name", ["a", "z"])  # "a" leads the pair with "b", "z" follows
+async def test_a_link_whose_session_never_comes_is_ended_logged_and_counted(
+        name: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tether.mesh")
+    async with Mesh(name, listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    **FAST) as m:  # type: ignore[arg-type]
+        events = _Collect()
+        conn = await open_link("127.0.0.1", m.port, LinkConfig(name="b"), events)
+        try:
+            limit = m._handshake_timeout + 1.0
+            await eventually(lambda: conn.link.is_closed, timeout=limit,
+                             what="the link without a SESSION is ended")
+            ends = [e for e in events.events if isinstance(e, LinkTerminated)]
+            assert ends and ends[0].code == ErrorCode.HANDSHAKE_FAILED, ends
+            assert "SESSION" in ends[0].reason, ends[0].reason
+            assert m.counters["session_timeouts"] == 1, m.counters
+            assert any("no SESSION" in r.getMessage() for r in caplog.records), \
+                [r.getMessage() for r in caplog.records]
+            assert m.peers()["b"].state is not PeerState.UP
+        finally:
+            conn.close()

@@ -346,7 +346,10 @@ class Mesh:
         self._closing = False  # past the drain: links are being closed
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
-            ("links_accepted", "links_dialled", "refused", "protocol_errors"), 0)
+            ("links_accepted", "links_dialled", "refused", "protocol_errors",
+             "session_timeouts"), 0)
+        # links past HELLO whose session is not up yet: the deadline of their SESSION
+        self._session_deadlines: dict[LinkConnection, asyncio.TimerHandle] = {}
 
     def __repr__(self) -> str:
         return f"<Mesh {self.name} peers={sorted(self._peers)}>"
@@ -421,6 +424,9 @@ class Mesh:
                 self._fail_all(peer, f"shutdown: mesh {self.name} closed before {peer.name} "
                                      "acknowledged")
         self._inbox.clear()
+        for deadline in self._session_deadlines.values():
+            deadline.cancel()
+        self._session_deadlines.clear()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -838,6 +844,8 @@ class Mesh:
         self.counters["links_dialled" if conn.role is Role.CLIENT else "links_accepted"] += 1
         if conn.link.is_closed:
             return  # HELLO and the end in one read: its LinkTerminated follows
+        self._session_deadlines[conn] = conn.loop.call_later(
+            self._handshake_timeout, self._session_expired, peer, conn)
         if self.name < name:  # leader of the pair: the newest link wins
             self._adopt(peer, conn)
             self._send_session(peer, conn)
@@ -917,7 +925,23 @@ class Mesh:
                           self.name, peer.name, reason)
         conn.close(reason, ErrorCode.REFUSED)
 
+    def _session_expired(self, peer: _Peer, conn: LinkConnection) -> None:
+        """The SESSION exchange on `conn` did not complete in time: the peer answered
+        HELLO but sent no SESSION (or none this side could take). Bad input, like a
+        handshake that never completes: only that link ends."""
+        self._session_deadlines.pop(conn, None)
+        if conn.link.is_closed or (conn is peer.link and peer.up) or self._closing:
+            return
+        self.counters["session_timeouts"] += 1
+        log.warning("mesh %s: link with %s (%s) closed: no SESSION within %gs", self.name,
+                    peer.name, conn.peer_address, self._handshake_timeout)
+        conn.close(f"no SESSION within {self._handshake_timeout:g}s",
+                   ErrorCode.HANDSHAKE_FAILED)
+
     def _session_up(self, peer: _Peer, conn: LinkConnection, info: SessionInfo) -> None:
+        deadline = self._session_deadlines.pop(conn, None)
+        if deadline is not None:
+            deadline.cancel()
         previous = peer.inbox.incarnation
         if info.incarnation != previous:  # what its last one sent us and we hold is stale
             peer.stale_bytes += peer.inbox.held
@@ -974,6 +998,9 @@ class Mesh:
                        dialled: _Peer | None) -> None:
         self._conns.discard(conn)
         self._dirty_conns.discard(conn)
+        deadline = self._session_deadlines.pop(conn, None)
+        if deadline is not None:
+            deadline.cancel()
         peer = self._conn_peer.pop(conn, None)
         if peer is None:
             if conn.role is Role.SERVER and event.code in _BAD_INPUT:
@@ -1024,15 +1051,12 @@ class Mesh:
         try:
             while not self._closing and not peer.removed and not peer.up and peer.outbox:
                 if peer.link is not None or peer.pending:
-                    # A session is being set up on some link: give it its time.
+                    # A session is being set up on some link: give it its time (a link
+                    # whose SESSION does not come is ended by `_session_expired`).
                     waiter: asyncio.Future[None] = loop.create_future()
                     peer.change_waiters.append(waiter)
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(waiter, self._handshake_timeout)
-                    except TimeoutError:
-                        for conn in [peer.link, *peer.pending]:
-                            if conn is not None and not peer.up:
-                                conn.close("no SESSION in time", ErrorCode.HANDSHAKE_FAILED)
                     continue
                 if attempt:
                     await asyncio.sleep(self._backoff(attempt))
