@@ -424,8 +424,8 @@ class Mesh:
                 self._fail_all(peer, f"shutdown: mesh {self.name} closed before {peer.name} "
                                      "acknowledged")
         self._inbox.clear()
-        for deadline in self._session_deadlines.values():
-            deadline.cancel()
+        for handle in self._session_deadlines.values():
+            handle.cancel()
         self._session_deadlines.clear()
         for task in list(self._tasks):
             task.cancel()
