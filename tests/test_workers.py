@@ -411,7 +411,8 @@ async def test_every_worker_serves_tls_from_files(tls: Any) -> None:
     """`Hub(workers=2, tls=ServerTLS(...))`: every worker serves TLS (each holds some of
     the clients) and ids route across workers as without it; with `client_ca`, a client
     without a certificate is refused in its handshake and one with a certificate is
-    served."""
+    served; each refusal is counted by the worker that made it, and `hub.stats()` sums
+    them (``handshakes_failed``)."""
     async with running(2, tls=ServerTLS(str(tls.server_cert), str(tls.server_key))) as hub:
         clients, by = await spread(hub.port, 2, tls=tls.client_context())
         a, b = by[1][0], by[2][0]
@@ -421,9 +422,16 @@ async def test_every_worker_serves_tls_from_files(tls: Any) -> None:
             c.close()
     mutual = ServerTLS(str(tls.server_cert), str(tls.server_key), client_ca=str(tls.ca))
     async with running(2, tls=mutual) as hub:
-        for _ in range(4):  # (whichever worker the kernel picks)
+        pool = pool_of(hub)
+        refused = 0
+        while refused < 4 or not all(  # until both workers refused some (kernel's pick)
+                s.stats and s.stats["hub"]["handshakes_failed"] for s in pool._slots):
+            assert refused < 40, [s.stats for s in pool._slots]
             with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
                 await connect(hub.port, tls.client_context())  # no client certificate
+            refused += 1
+            stats = await pool.refresh_stats()
+        assert (stats.handshakes_failed, stats.opened) == (refused, 0), stats
         clients, by = await spread(hub.port, 2, tls=tls.client_context(cert=True))
         assert await by[2][0].ask("ID") == f"ID {by[2][0].id}"
         for c in clients:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
@@ -33,11 +35,13 @@ __all__ = [
     "LinkConnection",
     "LinkHandler",
     "SocketOptions",
+    "TLSServer",
     "new_event_loop",
     "open_link",
     "parse_address",
     "run",
     "serve_links",
+    "serve_tls",
 ]
 
 log = logging.getLogger("tether.link")
@@ -537,7 +541,8 @@ class _ServerTLS:
 
     asyncio's `create_server(ssl=...)` swallows a failed TLS handshake (a wrong client
     certificate, a client that speaks plain TCP) before the protocol exists, and
-    uvloop's server-side `start_tls` does not complete on these transports; doing TLS
+    uvloop's server-side `start_tls` does not complete on these transports (uvloop has
+    read the ClientHello before it could be called: see `TLSServer`); doing TLS
     here gives the gateway its log line and counter for every refused handshake.
     """
 
@@ -634,6 +639,207 @@ async def serve_links(host: str, port: int, config_factory: Callable[[], LinkCon
 
     return await loop.create_server(factory, host, port, backlog=backlog,
                                     reuse_port=reuse_port or None)
+
+
+# TLS servers that see their handshakes fail ------------------------------------------
+
+# accept() failing for want of resources (file descriptors, memory): stop accepting for
+# this long, as asyncio's own server does (Linux keeps the listening socket readable)
+_ACCEPT_RETRY = 1.0
+_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_server_log = logging.getLogger("tether.aio")
+
+
+class TLSServer:
+    """A TCP listener that runs the TLS handshake of each connection it accepts in a
+    task of its own, and reports every handshake that fails or does not complete in
+    time to ``on_failure(peer, why)`` (:func:`serve_tls` makes one).
+
+    ``loop.create_server(ssl=...)`` ends such a handshake inside the loop's SSL layer,
+    before the application's protocol exists, and drops the error (asyncio logs it in
+    debug mode only). ``loop.start_tls`` called from a task that a plain protocol starts
+    in ``connection_made`` works under asyncio, which honours ``pause_reading()`` there,
+    but not under uvloop: uvloop starts reading once ``connection_made`` has returned,
+    whatever the protocol did, so the client's ClientHello is read by the plain protocol
+    before the task runs, and the handshake stalls until its timeout (uvloop 0.23: its
+    transport calls ``_start_reading()`` after ``connection_made``; tried, it stalled
+    every time). Here the socket is accepted by this object and handed untouched to
+    ``loop.connect_accepted_socket(ssl=...)``: the loop's own SSL layer (uvloop's is in
+    C) reads its first byte and raises the handshake's error to the task. One task per
+    handshake is also what asyncio's own server runs per connection.
+
+    The tasks are owned: :meth:`close` stops accepting and cancels the handshakes under
+    way (nothing is reported for them); :meth:`wait_closed` awaits them. Once a
+    handshake completed, the connection is the loop's ordinary TLS transport and
+    protocol, as with ``create_server(ssl=...)``: nothing of this object is left on it.
+    """
+
+    __slots__ = ("_batch", "_context", "_factory", "_loop", "_on_failure", "_retry",
+                 "_serving", "_tasks", "_timeout", "_unstarted", "sockets")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket],
+                 factory: Callable[[], asyncio.BaseProtocol], context: ssl.SSLContext,
+                 handshake_timeout: float, on_failure: Callable[[Any, str], None],
+                 batch: int) -> None:
+        """Serve on listening, non-blocking ``sockets`` (taken over: closed by
+        :meth:`close`); accept up to ``batch`` connections each time one is readable."""
+        self.sockets = sockets
+        self._loop = loop
+        self._factory = factory
+        self._context = context
+        self._timeout = handshake_timeout
+        self._on_failure = on_failure
+        self._batch = max(1, batch)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unstarted: set[socket.socket] = set()  # accepted; their task has not run yet
+        self._retry: asyncio.TimerHandle | None = None
+        self._serving = True
+        self._start_accepting()
+
+    def is_serving(self) -> bool:
+        """Whether it accepts connections (until :meth:`close`)."""
+        return self._serving
+
+    def handshakes(self) -> int:
+        """Handshakes under way."""
+        return len(self._tasks)
+
+    def close(self) -> None:
+        """Stop accepting, close the listening sockets, and end the handshakes under
+        way (their connections are aborted; none is reported as failed)."""
+        if self._serving:
+            self._serving = False
+            self._stop_accepting()
+            for sock in self.sockets:
+                sock.close()
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
+        for sock in self._unstarted:
+            sock.close()
+        self._unstarted.clear()
+        for task in self._tasks:
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        """After :meth:`close`: wait until the handshake tasks have ended."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _start_accepting(self) -> None:
+        for sock in self.sockets:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _stop_accepting(self) -> None:
+        for sock in self.sockets:
+            self._loop.remove_reader(sock.fileno())
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(self._batch):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # nothing more to accept (or that client is gone already)
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_EXHAUSTED:
+                    _server_log.warning("TLS server %s: accept failed: %s",
+                                        listener.getsockname(), exc)
+                    return
+                _server_log.warning("TLS server %s: accept failed: %s; accepting again "
+                                    "in %g s", listener.getsockname(), exc, _ACCEPT_RETRY)
+                self._stop_accepting()
+                self._retry = self._loop.call_later(_ACCEPT_RETRY, self._resume)
+                return
+            sock.setblocking(False)
+            self._unstarted.add(sock)
+            task = self._loop.create_task(self._handshake(sock, peer))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._serving:
+            self._start_accepting()
+
+    async def _handshake(self, sock: socket.socket, peer: Any) -> None:
+        # (a task cancelled before it ran never gets here: close() closes its socket)
+        self._unstarted.discard(sock)
+        started = self._loop.time()
+        try:
+            await self._loop.connect_accepted_socket(
+                self._factory, sock, ssl=self._context, ssl_handshake_timeout=self._timeout)
+        except Exception as exc:  # (not CancelledError: close() is no failure)
+            self._on_failure(peer, _handshake_failure(exc, self._loop.time() - started,
+                                                      self._timeout))
+
+
+def _handshake_failure(exc: Exception, elapsed: float, timeout: float) -> str:
+    """Why a server-side TLS handshake failed, in a few words, for a log line."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason or 'certificate verify failed'}: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc.strerror or exc)
+    if isinstance(exc, ConnectionAbortedError) and elapsed >= 0.9 * timeout:
+        return f"timed out after {timeout:g} s"  # (the loop's SSL layer aborted it)
+    if isinstance(exc, ConnectionResetError) and not exc.args:  # EOF in the handshake
+        return "closed by the peer during the handshake"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+async def _listening_sockets(host: str | None, port: int, backlog: int,
+                             reuse_port: bool) -> list[socket.socket]:
+    """Non-blocking listening sockets on every address of ``host`` (every interface for
+    ``""`` or None), made as ``loop.create_server`` makes them."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # (no duplicates)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this host lacks (IPv6 off)
+                continue
+            sockets.append(sock)
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # one socket per family, as asyncio does
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(exc.errno, f"error while attempting to bind on address "
+                              f"{address!r}: {(exc.strerror or '').lower()}") from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+        if not sockets:
+            raise OSError(f"cannot listen on {host!r}: no usable address")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def serve_tls(factory: Callable[[], asyncio.BaseProtocol], host: str | None, port: int,
+                    context: ssl.SSLContext, *, handshake_timeout: float,
+                    on_failure: Callable[[Any, str], None], backlog: int = 100,
+                    reuse_port: bool = False) -> TLSServer:
+    """Listen on ``host:port`` for TLS: like ``loop.create_server(factory, host, port,
+    ssl=context, ssl_handshake_timeout=handshake_timeout)``, but every handshake that
+    fails or does not complete within ``handshake_timeout`` seconds of its accept is
+    reported to ``on_failure(peer, why)`` (``peer`` as ``accept()`` gave it, ``why`` a
+    few words: ``"HTTP_REQUEST"``, ``"timed out after 10 s"``); see :class:`TLSServer`.
+    """
+    if not handshake_timeout > 0:
+        raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
+    sockets = await _listening_sockets(host, port, backlog, reuse_port)
+    return TLSServer(asyncio.get_running_loop(), sockets, factory, context,
+                     handshake_timeout, on_failure, backlog)
 
 
 def spawn_owned(tasks: set[asyncio.Task[Any]], coro: Awaitable[Any]) -> asyncio.Task[Any]:

@@ -10,7 +10,8 @@ application can keep them in an external store and route to them later.
 How it stays fast and bounded (see docs/hub.md):
 
 * one :class:`asyncio.Protocol` per connection with ``__slots__`` and no task, no
-  future, no timer of its own;
+  future, no timer of its own (a TLS hub runs each handshake in a task, until the
+  connection is open: :class:`~tether.aio.TLSServer`);
 * events go into the hub's queues and wake the consumer once per loop iteration; the
   consumer takes everything queued at once (``hub.batches()``), or one event at a time
   from that batch (``async for event in hub``);
@@ -49,7 +50,7 @@ from typing import (
     overload,
 )
 
-from .aio import SocketOptions
+from .aio import SocketOptions, TLSServer, serve_tls
 from .errors import FlowClosed, TetherError
 from .framing import Decoder, Framing, Lines, MessageTooLarge
 from .ids import FlowId
@@ -185,6 +186,10 @@ class HubStats:
     """Messages dropped by the ``"drop"`` slow-consumer policy."""
     incomplete: int
     """Connections that ended with an incomplete message buffered (discarded)."""
+    handshakes_failed: int = 0
+    """TLS handshakes that failed or did not complete within ``handshake_timeout``
+    (each logged with the peer's address and why); such a connection is never opened,
+    so it is in no other counter."""
 
     @property
     def closed_total(self) -> int:
@@ -218,6 +223,54 @@ def _reason_of(exc: Exception | None) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"error: {exc.strerror.lower()}"
     return f"error: {exc}"
+
+
+# A flood of failed TLS handshakes (a scanner, a misconfigured fleet) must not flood the
+# log: at most _HANDSHAKE_LOG_BURST lines per _HANDSHAKE_LOG_WINDOW seconds, then one
+# line for the rest of that window.
+_HANDSHAKE_LOG_BURST: Final = 10
+_HANDSHAKE_LOG_WINDOW: Final = 10.0
+
+
+class _HandshakeLog:
+    """The log lines of a hub's failed TLS handshakes, throttled (see above)."""
+
+    __slots__ = ("ends", "hub", "last", "logged", "quiet", "timer")
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.ends = 0.0  # when the current window ends
+        self.logged = 0  # lines logged in it
+        self.quiet = 0  # failures not logged one by one in it
+        self.last = ""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def failed(self, peer: str, why: str) -> None:
+        """Log a failed handshake, or count it for the window's summary line."""
+        hub = self.hub
+        now = hub._time()
+        if now >= self.ends:
+            self.ends = now + _HANDSHAKE_LOG_WINDOW
+            self.logged = 0
+        if self.logged < _HANDSHAKE_LOG_BURST:
+            self.logged += 1
+            log.info("hub %s: TLS handshake with %s failed: %s", hub._name, peer, why)
+            return
+        self.quiet += 1
+        self.last = f"{peer}: {why}"
+        if self.timer is None and hub._loop is not None:
+            self.timer = hub._loop.call_at(self.ends, self.flush)
+
+    def flush(self) -> None:
+        """Log the failures of the window that were not logged one by one."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.quiet:
+            log.info("hub %s: %d more TLS handshakes failed within %g s (not logged one "
+                     "by one); the last: %s", self.hub._name, self.quiet,
+                     _HANDSHAKE_LOG_WINDOW, self.last)
+            self.quiet = 0
 
 
 class _Conn(asyncio.Protocol):
@@ -317,8 +370,10 @@ class Hub:
     :class:`~tether.SocketOptions`, applied to the listening socket and inherited by
     accepted ones) configure the listening socket; ``tls`` is an ``ssl.SSLContext``
     or a :class:`~tether.ServerTLS` (files: what ``workers`` need, since a context
-    cannot be handed to another process) for TLS. ``name`` is the node part of every
-    id.
+    cannot be handed to another process) for TLS; a TLS handshake that fails or does
+    not complete within ``handshake_timeout`` seconds of its accept ends only that
+    connection, which is never opened: it is logged (peer, why; a flood is summed up)
+    and counted in ``stats().handshakes_failed``. ``name`` is the node part of every id.
 
     Bounds: ``queue_high``/``queue_low`` are the data queue's watermarks in bytes
     (payload plus about 120 bytes of overhead per message); ``max_write_buffer`` bounds
@@ -355,7 +410,9 @@ class Hub:
         "_finishing",
         "_flushing",
         "_framing",
+        "_handshake_log",
         "_handshake_timeout",
+        "_handshakes_failed",
         "_high",
         "_host",
         "_idle_timeout",
@@ -446,6 +503,8 @@ class Hub:
             raise ValueError(f"max_write_buffer must be positive, got {max_write_buffer!r}")
         if not linger >= 0 or not close_timeout >= 0:
             raise ValueError("linger and close_timeout must be >= 0")
+        if tls is not None and not handshake_timeout > 0:
+            raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
         FlowId(node=name, serial=0, worker=worker)  # validates name and worker
         self._host = host
         self._port = port
@@ -469,7 +528,7 @@ class Hub:
         self._linger = linger
         self._close_timeout = close_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | TLSServer | None = None
         self._state = "new"
         self._shutdown_done: asyncio.Future[None] | None = None
         self._ended = False
@@ -511,6 +570,8 @@ class Hub:
         self._msgs_out = 0
         self._dropped = 0
         self._incomplete = 0
+        self._handshakes_failed = 0
+        self._handshake_log = _HandshakeLog(self)
         # Hub(workers=N): the ids of other workers are routed (tether.workers)
         self._router: _Router | None = None
         self._pool: WorkerPool | None = None
@@ -560,11 +621,19 @@ class Hub:
         self._time = loop.time
         self._call_soon = loop.call_soon
         self._state = "starting"
+        factory = functools.partial(_Conn, self)
+        server: asyncio.Server | TLSServer
         try:
-            server = await loop.create_server(
-                functools.partial(_Conn, self), self._host, self._port, backlog=self._backlog,
-                reuse_port=self._reuse_port or None, ssl=self._tls,
-                ssl_handshake_timeout=self._handshake_timeout if self._tls else None)
+            if self._tls is None:
+                server = await loop.create_server(
+                    factory, self._host, self._port, backlog=self._backlog,
+                    reuse_port=self._reuse_port or None)
+            else:  # not create_server(ssl=...): it drops failed handshakes (see TLSServer)
+                server = await serve_tls(
+                    factory, self._host, self._port, self._tls,
+                    handshake_timeout=self._handshake_timeout,
+                    on_failure=self._handshake_failed, backlog=self._backlog,
+                    reuse_port=self._reuse_port)
         except BaseException:
             self._state = "closed"
             self._ended = True
@@ -636,6 +705,7 @@ class Hub:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            self._handshake_log.flush()
             self._state = "closed"
             self._ended = True
             self._wake_all()
@@ -1164,6 +1234,11 @@ class Hub:
         if self._router is not None:
             self._router.opened(serial)
 
+    def _handshake_failed(self, peer: object, why: str) -> None:
+        """A TLS handshake failed or timed out (:class:`~tether.aio.TLSServer`)."""
+        self._handshakes_failed += 1
+        self._handshake_log.failed(_format_peer(peer), why)
+
     def _peer_eof(self, conn: _Conn) -> bool:
         """The peer closed its side: its data, then Closed("peer"); stay writable for
         replies until the Closed is handed over (not with TLS: no half-close there)."""
@@ -1362,6 +1437,7 @@ class Hub:
             paused=sum(1 for conn in self._paused if conn.paused),
             dropped=self._dropped,
             incomplete=self._incomplete,
+            handshakes_failed=self._handshakes_failed,
         )
 
 

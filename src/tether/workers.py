@@ -99,7 +99,7 @@ Handler: TypeAlias = "str | Callable[[Hub], Awaitable[None]]"
 (the workers import it by name), called with the worker's hub."""
 
 _SUMMED: Final = ("bytes_in", "bytes_out", "messages_in", "messages_out", "dropped",
-                  "incomplete")
+                  "incomplete", "handshakes_failed")
 _GAUGES: Final = ("queued", "queued_bytes", "paused")
 _FLOOR_STEP: Final = 1 << 24  # a restarted worker's serials start above a multiple of it
 _MESH_TICK: Final = 0.25  # seconds between looks at the mesh's peers
@@ -788,7 +788,7 @@ class WorkerPool:
             queued=sum(int(st["queued"]) for st in live),
             queued_bytes=sum(int(st["queued_bytes"]) for st in live),
             paused=sum(int(st["paused"]) for st in live), dropped=total("dropped"),
-            incomplete=total("incomplete"))
+            incomplete=total("incomplete"), handshakes_failed=total("handshakes_failed"))
 
     def routing_stats(self) -> dict[str, int]:
         """The routing counters (docs/workers.md) summed over every process."""

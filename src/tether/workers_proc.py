@@ -252,7 +252,8 @@ class _Worker:
                     "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
                     "messages_in": s.messages_in, "messages_out": s.messages_out,
                     "queued": s.queued, "queued_bytes": s.queued_bytes, "paused": s.paused,
-                    "dropped": s.dropped, "incomplete": s.incomplete},
+                    "dropped": s.dropped, "incomplete": s.incomplete,
+                    "handshakes_failed": s.handshakes_failed},
             "routing": self.router.counters(), "rss": rss_bytes(),
             "cpu": time.process_time(), "time": time.time()})))
 
