@@ -1114,7 +1114,9 @@ class Hub:
             await self._wait(self._w_data)
 
     async def recv_close(self) -> Closed:
-        """The next ``Closed``, always after all the data of its connection was taken.
+        """The next ``Closed``, always after all the data of its connection was taken
+        (after all the data queued before it, of any connection: one counter orders both
+        queues).
 
         A connection whose peer closed stays writable until the next ``recv_close()``
         call after the one that returned its ``Closed``."""
