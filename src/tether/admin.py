@@ -10,6 +10,7 @@ sink by a misbehaving client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -43,16 +44,39 @@ class _StatsCollector:
         self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        for key, value in flatten(self.stats()):
-            metric = "tether_" + "".join(c if c.isalnum() else "_" for c in key)
+        stats = dict(self.stats())
+        # A gateway's peers are label values, not parts of metric names: "gw-2" and
+        # "gw_2" made the same name twice (a scrape Prometheus rejects), and each peer
+        # and service a metric of its own.
+        peers: dict[str, Any] = stats.pop("peers", None) or {}
+        for key, value in flatten(stats):
+            metric = "tether_" + "".join(c if c.isascii() and c.isalnum() else "_"
+                                         for c in key)
             family = GaugeMetricFamily(metric, f"tether {self.role} {key}",
                                        labels=["role", "node"])
             family.add_metric([self.role, self.name], value)
             yield family
+        if peers:
+            up = GaugeMetricFamily("tether_peer_up", f"tether {self.role}: 1 while the "
+                                   "link to this peer gateway is up",
+                                   labels=["role", "node", "peer"])
+            hops = GaugeMetricFamily("tether_peer_service_hops", f"tether {self.role}: "
+                                     "gateway hops from this peer to the service",
+                                     labels=["role", "node", "peer", "service"])
+            for peer, info in sorted(peers.items()):
+                up.add_metric([self.role, self.name, peer], float(info["up"]))
+                for service, n in sorted(info["services"].items()):
+                    hops.add_metric([self.role, self.name, peer, service], float(n))
+            yield up
+            yield hops
 
 
 class AdminServer:
-    """Serves `/status` and `/metrics` for one daemon. `stats` is called per request."""
+    """Serves `/status` and `/metrics` for one daemon. `stats` is called per request.
+    A client that has not sent its whole request within `request_timeout` seconds gets
+    "408 Request Timeout" and is closed (before, a silent client was held for ever)."""
+
+    request_timeout: float = 10.0
 
     def __init__(self, listen: tuple[str, int], role: str, name: str,
                  stats: Callable[[], dict[str, Any]]) -> None:
@@ -100,12 +124,22 @@ class _AdminProtocol(asyncio.Protocol):
         self.server = server
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.timer = asyncio.get_running_loop().call_later(
+            self.server.request_timeout, self._reply, "408 Request Timeout", "text/plain",
+            b"no request\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
+        if self.transport.is_closing():  # answered already: the rest is not read
+            return
         self.buffer += data
         if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
             if len(self.buffer) > _MAX_REQUEST:
@@ -124,6 +158,8 @@ class _AdminProtocol(asyncio.Protocol):
 
     def _reply(self, status: str, ctype: str, body: bytes) -> None:
         assert self.transport is not None
+        if self.timer is not None:
+            self.timer.cancel()
         head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
         self.transport.write(head.encode() + body)
@@ -133,14 +169,20 @@ class _AdminProtocol(asyncio.Protocol):
 async def fetch_status(host: str, port: int, path: str = "/status",
                        timeout: float = 5.0) -> bytes:
     """GET `path` from an admin endpoint; the body."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        raw = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-        await writer.wait_closed()
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                raw = await reader.read()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except TimeoutError:  # its own text is empty: "tether status: " said nothing
+        raise TimeoutError(f"no answer from {host}:{port} within {timeout:g}s") from None
     head, _, body = raw.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.0 200"):
-        raise OSError(f"admin endpoint answered: {head.splitlines()[0].decode(errors='replace')}")
+        first = head.splitlines()[0].decode(errors="replace") if head else "nothing"
+        raise OSError(f"admin endpoint {host}:{port} answered: {first[:200]}")
     return body

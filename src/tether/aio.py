@@ -85,8 +85,10 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool = False) -> T:
 def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """``"host:port"``, ``":port"`` or ``"[v6]:port"`` -> (host, port)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isascii() or not port.isdigit():
         raise ValueError(f"not an address: {address!r} (expected HOST:PORT)")
+    if int(port) > 65535:  # the loop would bind port % 65536 without a word
+        raise ValueError(f"not an address: {address!r} (port {port} out of [0, 65535])")
     host = host.strip("[]") or default_host
     return host, int(port)
 
@@ -609,11 +611,14 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
     def factory() -> LinkConnection:
         return LinkConnection(Role.CLIENT, config, handler, sockopts)
 
+    # asyncio.timeout, not wait_for: Python 3.11's wait_for, cancelled in the iteration
+    # its connect failed, raises the connect's error and loses the cancellation (a
+    # gateway re-dialling a peer then never stopped: its aclose() hung)
     try:
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(factory, host, port, ssl=ssl_context,
-                                   server_hostname=server_hostname if ssl_context else None),
-            connect_timeout)
+        async with asyncio.timeout(connect_timeout):
+            _, conn = await loop.create_connection(
+                factory, host, port, ssl=ssl_context,
+                server_hostname=server_hostname if ssl_context else None)
     except ssl.SSLError as exc:
         raise HandshakeError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
     except (OSError, TimeoutError) as exc:

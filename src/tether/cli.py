@@ -63,6 +63,14 @@ def _load_json(path: str | None, what: str) -> Any:
         raise ValueError(f"cannot read the {what} file {path}: {exc}") from exc
 
 
+def _names_to(value: Any, what: str, item: Callable[[Any], bool], expected: str) -> None:
+    """Refuse a --tokens or --policy file of the wrong shape (a traceback before, or a
+    policy {"agent": "web"} read as the services "w", "e" and "b")."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and item(v)
+                                              for k, v in value.items()):
+        raise ValueError(f"the {what} file must be a JSON object {expected}")
+
+
 def _parse_peer(text: str) -> tuple[str, str]:
     name, sep, address = text.partition("=")
     if not sep or not name:
@@ -83,8 +91,22 @@ async def _with_admin(args: argparse.Namespace, role: str, name: str,
 
 async def _gateway(args: argparse.Namespace) -> int:
     tokens = _load_json(args.tokens, "tokens")
+    if tokens is not None:
+        _names_to(tokens, "tokens", lambda v: isinstance(v, str) and v != "",
+                  '{"node name": "token", ...} (tokens not empty)')
     policy = _load_json(args.policy, "policy")
-    peers = dict(_parse_peer(p) for p in args.peer)
+    if policy is not None:
+        _names_to(policy, "policy",
+                  lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+                  '{"node name" or "*": ["service", ...], ...}')
+    peers: dict[str, str] = {}
+    for text in args.peer:
+        peer, address = _parse_peer(text)
+        if peer in peers or peer == args.name:
+            raise ValueError(f"--peer {text!r}: {peer} is "
+                             + ("this gateway's own name" if peer == args.name
+                                else "named twice"))
+        peers[peer] = address
     peer_tls = None
     if args.peer_tls_ca:
         peer_tls = ssl.create_default_context(cafile=args.peer_tls_ca)
@@ -94,7 +116,9 @@ async def _gateway(args: argparse.Namespace) -> int:
                  retry_interval=args.retry_interval, peer_tls=peer_tls,
                  tls=_tls_server_context(args), heartbeat=args.heartbeat,
                  link_timeout=args.link_timeout, window=args.window,
-                 tokens={k: str(v).encode() for k, v in tokens.items()} if tokens else None,
+                 # an empty file is a gateway nobody may join, not one without tokens
+                 tokens={k: v.encode() for k, v in tokens.items()}
+                 if tokens is not None else None,
                  policy={k: set(v) for k, v in policy.items()} if policy is not None else None)
     await gw.start()
     print(f"gateway {args.name} listening on port {gw.port}", file=sys.stderr, flush=True)

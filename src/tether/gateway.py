@@ -75,7 +75,10 @@ class Gateway:
     flow for a service it does not serve itself to the nearest peer that reaches it,
     with the same splice. A peer whose link is lost takes its routes with it, and the
     flows through it go DOWN on both ends. Either side may dial; a second link between
-    the same two gateways is harmless (both carry flows and routes).
+    the same two gateways is harmless (both carry flows and routes). The `policy` is
+    enforced where a flow enters the cluster: flows forwarded by a gateway named in
+    `peers` (or dialled by this one) skip it here; those from any other node, one
+    posing as a gateway included, are checked against its name.
     """
 
     def __init__(self, listen: str = "127.0.0.1:7443", *, name: str = "gw",
@@ -116,6 +119,13 @@ class Gateway:
         self.counters: dict[str, int] = dict.fromkeys(
             ("links_accepted", "links_refused", "flows_spliced", "flows_ended",
              "no_such_service", "denied", "protocol_errors"), 0)
+        # Settings a link would refuse are refused here, at once, not by every link later
+        # (a gateway with window 0 printed "listening", then failed each connection).
+        if not retry_interval > 0:
+            raise ValueError(f"retry_interval must be positive seconds, got {retry_interval}")
+        for address in self.peers.values():
+            parse_address(address)
+        self._config()
 
     def _config(self, *, dial: bool = False) -> LinkConfig:
         return LinkConfig(name=self.name, token=(self.token or b"") if dial else b"",
@@ -378,7 +388,12 @@ class Gateway:
     def _on_open(self, conn: LinkConnection, event: FlowOpenRequested) -> None:
         now = conn.now
         who = conn.link.peer_name or "?"
-        from_peer = conn in self._peer_links.get(who, ())
+        # Policy is enforced at the first gateway only, so only a trusted gateway's flows
+        # skip it: one named in `peers`, or one we dialled. Any other node that sends a
+        # SERVICES message is a peer for routes, but does not get past the policy (an
+        # agent that posed as a gateway reached every service).
+        from_peer = conn in self._peer_links.get(who, ()) and (
+            who in self.peers or conn.link.role is Role.CLIENT)
         if not from_peer and not self.allowed(who, event.service):
             self.counters["denied"] += 1
             log.warning("gateway %s: denied %s access to service %s (policy)", self.name, who,
