@@ -243,6 +243,10 @@ async def test_thousand_concurrent_flows() -> None:
         stats = gw.stats()
         assert stats["flows_spliced"] == N_FLOWS, stats
         assert stats["flows_ended"] == N_FLOWS, stats
+        by_how = {how: stats[f"flows_{how}"] for how in ("closed", "refused", "down", "reset")}
+        assert by_how == {"closed": clean, "refused": 0, "down": 0,
+                          "reset": planned["reset"]}, (by_how, planned)
+        assert stats["open_flows"] == [] and stats["bytes_up"] > 0, stats
         assert stats["protocol_errors"] == 0, stats
 
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +45,7 @@ from relayrig import (
     reset_close,
     rss_bytes,
     wait_reset_after_eof,
+    wait_until,
 )
 from tether.relay import Connector, connect_failure
 
@@ -198,9 +200,14 @@ def test_tether_status_prints_json_and_metrics(relay: Shared) -> None:
     assert gw["role"] == "gateway" and gw["name"] == "gw1"
     assert gw["links"] == 2 and gw["flows"] == 1
     assert set(gw["services"]) >= {"web", "cat"} and gw["services"]["cat"] == ["connector"]
-    for key in ("links_accepted", "flows_spliced", "flows_ended", "no_such_service",
-                "denied", "protocol_errors"):
+    for key in ("links_accepted", "flows_spliced", "flows_ended", "flows_closed",
+                "flows_refused", "flows_down", "flows_reset", "bytes_up", "bytes_down",
+                "no_such_service", "denied", "protocol_errors"):
         assert isinstance(gw[key], int), key
+    (spliced,) = gw["open_flows"]
+    assert spliced["service"] == "cat" and spliced["age"] >= 0, spliced
+    assert spliced["from"].startswith("agent#") and spliced["to"].startswith("connector#")
+    assert spliced["bytes_up"] == spliced["bytes_down"] == 1000, spliced  # (cat echoes)
     for doc, mine in ((ag, "bytes_up"), (co, "bytes_down")):
         assert doc["open"] == 1 and doc["node"]["flows"] == 1 and doc["node"]["links"] == 1
         (flow,) = doc["flows"]
@@ -218,6 +225,13 @@ def test_tether_status_prints_json_and_metrics(relay: Shared) -> None:
     assert re.search(r'^tether_flows_spliced\{node="gw1",role="gateway"\} \d+',
                      relay.gw.metrics(), re.M)
     assert get_status(relay.gw.admin_port, "/metrics").count("# TYPE tether_") > 5
+
+    def not_counted() -> dict[str, Any] | None:  # the closed flow, in the gateway's counters
+        now = relay.gw.status()
+        done = (now["flows_closed"] == gw["flows_closed"] + 1 and not now["open_flows"]
+                and now["bytes_up"] >= gw["bytes_up"] + 1000)
+        return None if done else now
+    wait_until(not_counted, 5.0, "the gateway's counters after the close")
 
 
 def test_cascade_full_closes_both_directions(rig: Rig) -> None:

@@ -118,7 +118,8 @@ class Gateway:
         self._serial = 0
         self.counters: dict[str, int] = dict.fromkeys(
             ("links_accepted", "links_refused", "flows_spliced", "flows_ended",
-             "no_such_service", "denied", "protocol_errors"), 0)
+             "flows_closed", "flows_refused", "flows_down", "flows_reset", "bytes_up",
+             "bytes_down", "no_such_service", "denied", "protocol_errors"), 0)
         # Settings a link would refuse are refused here, at once, not by every link later
         # (a gateway with window 0 printed "listening", then failed each connection).
         if not retry_interval > 0:
@@ -240,10 +241,17 @@ class Gateway:
                 for peer in sorted(names)}
 
     def stats(self) -> dict[str, Any]:
-        """Counters, and what is open now."""
-        return {"name": self.name, "links": len(self._conns),
-                "flows": len({id(s) for s, _ in self._ends.values()}),
-                "services": self.services(), "peers": self.cluster(), **self.counters}
+        """Counters (flows ended by how their first side ended, bytes of ended flows),
+        and what is open now: `flows` counts the open flows, `open_flows` lists them
+        with their age and bytes (up: from the allocating side)."""
+        splices = {id(s): s for s, _ in self._ends.values()}.values()
+        now = asyncio.get_running_loop().time()
+        return {"name": self.name, "links": len(self._conns), "flows": len(splices),
+                "services": self.services(), "peers": self.cluster(), **self.counters,
+                "open_flows": [{"id": str(s.id), "service": s.service, "from": repr(s.a),
+                                "to": repr(s.b), "age": round(now - s.opened_at, 3),
+                                "bytes_up": s.bytes_up, "bytes_down": s.bytes_down}
+                               for s in splices]}
 
     # link events ----------------------------------------------------------------------
 
@@ -418,7 +426,8 @@ class Gateway:
             return
         self._serial += 1
         splice = Splice(FlowId(node=self.name, serial=self._serial), event.service,
-                        SpliceEnd(conn, event.stream), SpliceEnd(target, sid), event.mode)
+                        SpliceEnd(conn, event.stream), SpliceEnd(target, sid), event.mode,
+                        now)
         self._ends[(conn, event.stream)] = (splice, splice.a)
         self._ends[(target, sid)] = (splice, splice.b)
         target.flush()
@@ -443,6 +452,7 @@ class Gateway:
         splice, end = entry
         b_refused = end is splice.b and event.reason.startswith("refused")
         if b_refused and not splice.a.ended:
+            splice.note_end(event)
             a = splice.a
             a.ended = True
             end.ended = True
@@ -454,8 +464,14 @@ class Gateway:
             splice.on_end(end, event)
         if splice.finished and not splice.reported:
             splice.reported = True
-            self.counters["flows_ended"] += 1
-            log.info("flow %s ended (%s: %s)", splice.id, end, event.reason)
+            counters = self.counters
+            counters["flows_ended"] += 1
+            counters[f"flows_{splice.first_end or 'closed'}"] += 1
+            counters["bytes_up"] += splice.bytes_up
+            counters["bytes_down"] += splice.bytes_down
+            log.info("flow %s ended (%s: %s), first %s, %d bytes up, %d bytes down, %.3fs",
+                     splice.id, end, event.reason, splice.first_end, splice.bytes_up,
+                     splice.bytes_down, conn.now - splice.opened_at)
 
     def _on_link_terminated(self, conn: LinkConnection, event: LinkTerminated) -> None:
         self._conns.discard(conn)

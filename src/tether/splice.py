@@ -55,18 +55,27 @@ class SpliceEnd:
 
 
 class Splice:
-    """Two `SpliceEnd`s, A (the allocating side) and B (the serving side)."""
+    """Two `SpliceEnd`s, A (the allocating side) and B (the serving side).
 
-    __slots__ = ("a", "b", "id", "mode", "reported", "service")
+    `bytes_up` counts what went from A to B, `bytes_down` from B to A; `opened_at` is
+    the loop time it was made; `first_end` says how the first side to end ended
+    ("closed", "refused", "down", "reset"), for the counters and the log."""
+
+    __slots__ = ("a", "b", "bytes_down", "bytes_up", "first_end", "id", "mode",
+                 "opened_at", "reported", "service")
 
     def __init__(self, fid: FlowId, service: str, a: SpliceEnd, b: SpliceEnd,
-                 mode: int) -> None:
+                 mode: int, opened_at: float = 0.0) -> None:
         self.id = fid
         self.service = service
         self.a = a
         self.b = b
         self.mode = mode
         self.reported = False
+        self.opened_at = opened_at
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.first_end: str | None = None
 
     def other(self, end: SpliceEnd) -> SpliceEnd:
         """The side that is not `end`."""
@@ -81,7 +90,12 @@ class Splice:
 
     def on_data(self, src: SpliceEnd, data: bytes | memoryview) -> None:
         """Bytes arrived on `src`: pass them on as credit allows, hold the rest."""
-        dst = self.other(src)
+        if src is self.a:
+            self.bytes_up += len(data)
+            dst = self.b
+        else:
+            self.bytes_down += len(data)
+            dst = self.a
         if dst.ended:
             src.conn.link.consumed(src.stream, len(data), src.conn.now)
             src.conn.flush()
@@ -123,6 +137,7 @@ class Splice:
 
     def on_end(self, src: SpliceEnd, event: FlowEnded) -> None:
         """`src`'s stream ended: end the other side the same way."""
+        self.note_end(event)
         src.ended = True
         src.pending.clear()
         src.pending_bytes = 0
@@ -136,6 +151,12 @@ class Splice:
             self._reset(dst, code, event.reason.removeprefix("down: "))
         else:
             self._reset(dst, event.code, event.reason.removeprefix("reset: "))
+
+    def note_end(self, event: FlowEnded) -> None:
+        """Remember how the first side to end ended (later ends change nothing)."""
+        if self.first_end is None:
+            self.first_end = "refused" if event.reason.startswith("refused") else \
+                event.state.name.lower()
 
     # internals --------------------------------------------------------------------------
 
