@@ -21,8 +21,13 @@ from prometheus_client.parser import text_string_to_metric_families
 import tether
 from procs import tether_argv
 from relayrig import HOST, Rig, free_port
+from test_mesh import eventually
+from tether import gateway as gateway_module
+from tether import wire
 from tether.admin import AdminServer, fetch_status
-from tether.aio import parse_address
+from tether.aio import LinkConnection, open_link, parse_address
+from tether.events import Event
+from tether.link import LinkConfig
 
 CLI_TIMEOUT = 20.0
 
@@ -111,6 +116,54 @@ async def test_an_empty_tokens_file_lets_no_node_in(tmp_path: Path) -> None:
                 pass
         gw.wait_log(r"link from agent .* closed")
         assert gw.status()["links_refused"] == 1
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("agent", "--forward", "127.0.0.1:0=web", "--liveness", "0"), "below the minimum"),
+    (("agent", "--forward", "127.0.0.1:0=web", "--liveness", "-1"), "below the minimum"),
+    (("agent", "--forward", "127.0.0.1:0=web", "--liveness", "nan"), "below the minimum"),
+    (("agent", "--forward", "127.0.0.1:0=web", "--fin-timeout", "-1"), "fin_timeout"),
+    (("connector", "--service", "web=127.0.0.1:1", "--service", "web=127.0.0.1:2"),
+     "web given more than once"),  # (the last one silently won)
+], ids=["liveness-0", "liveness-negative", "liveness-nan", "fin-timeout-negative",
+        "service-twice"])
+def test_edges_refuse_nonsense_at_start(args: tuple[str, ...], says: str) -> None:
+    """Before, an agent with `--liveness 0` started and then failed every connection's
+    allocation; a negative `--fin-timeout` quietly turned the fin timeout off."""
+    line = tether_fails(args[0], "--gateway", f"{HOST}:{free_port()}", *args[1:])
+    assert says in line, line
+
+
+class _Quiet:
+    def link_event(self, conn: LinkConnection, event: Event) -> None:
+        pass
+
+
+async def test_service_names_a_node_sends_do_not_grow_the_gateway_without_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """UNREGISTER of names never registered, and the services of nodes that left, leave
+    nothing behind in the gateway's table; a node registering more than
+    MAX_SERVICES_PER_NODE is refused (its link closed, a counter, a log line)."""
+    monkeypatch.setattr(gateway_module, "MAX_SERVICES_PER_NODE", 8)
+    async with tether.Gateway("127.0.0.1:0", name="gw1") as gw:
+        conn = await open_link(HOST, gw.port, LinkConfig(name="co"), _Quiet())
+        for i in range(200):
+            conn.link.send_message(wire.KIND_UNREGISTER, 0, b"never-%d" % i, conn.now)
+        for i in range(5):
+            conn.link.send_message(wire.KIND_REGISTER, 0, b"svc-%d" % i, conn.now)
+        conn.flush()
+        await eventually(lambda: len(gw.services()) == 5, what="five services")
+        assert len(gw._services) == 5, sorted(gw._services)  # (no empty entries)
+        conn.close()
+        await eventually(lambda: not gw._services, what="the services of a node that left")
+        flood = await open_link(HOST, gw.port, LinkConfig(name="flood"), _Quiet())
+        for i in range(20):
+            flood.link.send_message(wire.KIND_REGISTER, 0, b"f-%d" % i, flood.now)
+        flood.flush()
+        await eventually(lambda: flood.link.is_closed, what="the flooding node's link closed")
+        assert gw.counters["protocol_errors"] == 1, gw.counters
+        assert len(gw._services) <= 8, len(gw._services)
+        await eventually(lambda: not gw._services, what="its services forgotten")
 
 
 # tether status ----------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--fin-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="reset a connection half-closed, or ended with bytes its "
                         "application does not read, and not moving for longer than this "
-                        "(default 60)")
+                        "(default 60; 0: never)")
     p.add_argument("--keepalive", type=float, default=60.0, metavar="SECONDS",
                    help="reset an idle connection whose application or server stopped "
                         "answering for about this long (TCP keepalive; default 60, 0 to "

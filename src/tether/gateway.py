@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import ssl
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Final
 
 from . import wire
@@ -52,6 +52,9 @@ log = logging.getLogger("tether.gateway")
 # The events a splice handles, tested first (a tuple: `A | B` would build a union per call)
 _SPLICED = (DataReceived, WindowUpdated, FinReceived, KeepAliveReceived)
 _MAX_HOPS: Final = 8
+MAX_SERVICES_PER_NODE: Final = 4096
+"""Services one node may register on its link: one that registers more is refused (its
+link closed), so that no node can grow the gateway's service table without bound."""
 
 
 def _hops(n: int) -> str:
@@ -113,6 +116,7 @@ class Gateway:
         self._advertised: dict[str, int] = {}
         self._conns: set[LinkConnection] = set()
         self._services: dict[str, list[LinkConnection]] = defaultdict(list)
+        self._registered: Counter[LinkConnection] = Counter()  # services per link
         self._rr: dict[str, int] = defaultdict(int)
         self._ends: dict[tuple[LinkConnection, int], tuple[Splice, SpliceEnd]] = {}
         self._serial = 0
@@ -307,15 +311,23 @@ class Gateway:
             self._on_services(conn, event.body)
             return
         if event.kind == wire.KIND_REGISTER or event.kind == wire.KIND_UNREGISTER:
+            if conn.link.is_closed:  # (refused: the rest of its read is not heard)
+                return
             service = event.body.decode(errors="replace")
-            servers = self._services[service]
             if event.kind == wire.KIND_REGISTER:
+                servers = self._services[service]
                 if conn not in servers:
+                    if self._registered[conn] >= MAX_SERVICES_PER_NODE:
+                        if not servers:
+                            del self._services[service]
+                        self._too_many_services(conn)
+                        return
                     servers.append(conn)
+                    self._registered[conn] += 1
                 log.info("gateway %s: %s registered service %s", self.name,
                          conn.link.peer_name, service)
-            elif conn in servers:
-                servers.remove(conn)
+            elif conn in self._services.get(service, ()):
+                self._forget_server(service, conn)
                 log.info("gateway %s: %s unregistered service %s", self.name,
                          conn.link.peer_name, service)
             self._advertise()
@@ -473,13 +485,29 @@ class Gateway:
                      splice.id, end, event.reason, splice.first_end, splice.bytes_up,
                      splice.bytes_down, conn.now - splice.opened_at)
 
+    def _too_many_services(self, conn: LinkConnection) -> None:
+        self.counters["protocol_errors"] += 1
+        why = f"more than {MAX_SERVICES_PER_NODE} services registered on one link"
+        log.warning("gateway %s: %s: %s; link closed", self.name, conn.link.peer_name, why)
+        conn.close(why, ErrorCode.REFUSED)
+
+    def _forget_server(self, service: str, conn: LinkConnection) -> None:
+        """`conn` no longer serves `service` (an entry left empty goes: nodes that come
+        and go with names of their own must not grow the table)."""
+        servers = self._services[service]
+        servers.remove(conn)
+        if not servers:
+            del self._services[service]
+        self._registered[conn] -= 1
+        if not self._registered[conn]:
+            del self._registered[conn]
+
     def _on_link_terminated(self, conn: LinkConnection, event: LinkTerminated) -> None:
         self._conns.discard(conn)
         changed = False
-        for servers in self._services.values():
-            if conn in servers:
-                servers.remove(conn)
-                changed = True
+        for service in [svc for svc, servers in self._services.items() if conn in servers]:
+            self._forget_server(service, conn)
+            changed = True
         peer = conn.link.peer_name or "?"
         if conn in self._peer_links.get(peer, ()):
             self._peer_links[peer].discard(conn)

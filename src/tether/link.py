@@ -49,7 +49,7 @@ from .liveness import LivenessMonitor
 from .sendqueue import MIN_SPLIT as _MIN_SPLIT
 from .sendqueue import SendQueue
 
-__all__ = ["Link", "LinkConfig", "LinkState", "LinkStats", "Role"]
+__all__ = ["Link", "LinkConfig", "LinkState", "LinkStats", "Role", "check_liveness"]
 
 MODE_HALF_CLOSE: Final = 0
 MODE_CASCADE: Final = 1
@@ -177,7 +177,9 @@ class _Stream:
         self.relay = relay
 
 
-def _check_liveness(liveness: float | None) -> None:
+def check_liveness(liveness: float | None) -> None:
+    """Refuse a flow liveness timeout below `LivenessMonitor.MIN_TIMEOUT` (or NaN);
+    None (no liveness) and `math.inf` pass."""
     if liveness is not None and not liveness >= LivenessMonitor.MIN_TIMEOUT:  # (NaN too)
         raise ValueError(f"liveness {liveness}s is below the minimum "
                          f"{LivenessMonitor.MIN_TIMEOUT}s")
@@ -464,7 +466,7 @@ class Link:
         if len(self._streams) >= self.config.max_flows:
             raise LocalProtocolError(f"link already carries {len(self._streams)} flows "
                                      f"(max_flows={self.config.max_flows})")
-        _check_liveness(liveness)
+        check_liveness(liveness)
         sid = self._next_local_id
         if sid > wire.MAX_STREAM_ID:
             raise LocalProtocolError("stream ids exhausted on this link; open a new link")
@@ -605,7 +607,7 @@ class Link:
         the next timer, and changing the timeout does not restart the clock (a stream
         that had no liveness starts it now)."""
         s = self._stream(stream)
-        _check_liveness(liveness)  # before anything changes: a refusal leaves it as it was
+        check_liveness(liveness)  # before anything changes: a refusal leaves it as it was
         s.liveness = liveness
         if stream in self._liveness and liveness is not None and not math.isinf(liveness):
             self._liveness.set_timeout(stream, liveness, now)

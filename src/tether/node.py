@@ -51,7 +51,7 @@ from .events import (
 from .flow import Flow
 from .flowstate import FlowState
 from .ids import FlowId
-from .link import MODE_CASCADE, MODE_HALF_CLOSE, LinkConfig
+from .link import MODE_CASCADE, MODE_HALF_CLOSE, LinkConfig, check_liveness
 
 __all__ = ["Node"]
 
@@ -85,6 +85,7 @@ class Node:
         self.tls = tls
         self.server_hostname = server_hostname
         self.server_tls = server_tls
+        check_liveness(liveness)  # (here, not at the first alloc of each flow)
         self.liveness = liveness
         self.heartbeat = heartbeat
         self.link_timeout = link_timeout

@@ -76,6 +76,9 @@ class _Edge:
                  window: int = 256 * 1024, keepalive: float | None = 60.0) -> None:
         if cascade not in _CASCADE:
             raise ValueError(f"cascade must be 'half' or 'full', not {cascade!r}")
+        if not fin_timeout >= 0:  # (NaN too)
+            raise ValueError(f"fin_timeout must be 0 (none) or positive seconds, not "
+                             f"{fin_timeout}")
         self.sockopts = SocketOptions.for_edge(keepalive)
         self.name = name
         self.node = Node(name, gateway=gateway, token=token, tls=tls, liveness=liveness,
@@ -271,6 +274,10 @@ class Connector(_Edge):
                          fin_timeout=fin_timeout, cascade="half", window=window,
                          keepalive=keepalive)
         self.services = {svc: (host, port) for svc, host, port in services}
+        if len(self.services) != len(services):
+            names = [svc for svc, _, _ in services]
+            twice = sorted({svc for svc in names if names.count(svc) > 1})
+            raise ValueError(f"service {', '.join(twice)} given more than once")
         self.connect_timeout = connect_timeout
 
     async def start(self) -> None:
