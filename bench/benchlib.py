@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 __all__ = ["Downstream", "Side", "cpu_of", "cpu_pressure", "emit", "set_pad", "source_rev",
@@ -193,3 +194,16 @@ async def start_relay(upstream: tuple[str, int]) -> asyncio.Server:
     """Listen on HOST, an ephemeral port; relay every connection to `upstream`."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: Downstream(upstream), HOST, 0, backlog=1024)
+
+
+async def at_a_time(n: int, width: int, one: Callable[[], Awaitable[None]]) -> None:
+    """``n`` calls of ``one``, ``width`` at a time."""
+    left = n
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await one()
+
+    await asyncio.gather(*(worker() for _ in range(width)))

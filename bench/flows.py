@@ -51,7 +51,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import tether
     from tether.aio import run as tether_run
 
-from benchlib import HOST, cpu_of, cpu_pressure, emit, source_rev, start_relay
+from benchlib import HOST, at_a_time, cpu_of, cpu_pressure, emit, source_rev, start_relay
 
 CHUNK = 256 * 1024
 ECHO_SIZE = 16
@@ -429,16 +429,8 @@ class Bench:
     async def _run_many(self, one: Callable[[], Awaitable[None]], n: int,
                         concurrency: int) -> float:
         """Wall time to run `one` `n` times, `concurrency` at a time."""
-        left = n
-
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                await one()
-
         t0 = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), 40)
+        await asyncio.wait_for(at_a_time(n, concurrency, one), 40)
         return time.perf_counter() - t0
 
     # close propagation ---------------------------------------------------------------------

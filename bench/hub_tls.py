@@ -33,11 +33,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from benchlib import HOST, cpu_pressure, emit, source_rev
+from benchlib import HOST, at_a_time, cpu_pressure, emit, source_rev
 
 HERE = Path(__file__).resolve().parent
 SERVER_CPU = 0
@@ -105,18 +105,6 @@ async def refused(port: int) -> None:
         await reader.read()
     writer.close()
 
-
-async def at_a_time(n: int, width: int, one: Callable[[], Awaitable[None]]) -> None:
-    """``n`` calls of ``one``, ``width`` at a time."""
-    left = n
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            await one()
-
-    await asyncio.gather(*(worker() for _ in range(width)))
 
 
 async def echo(port: int, ctx: ssl.SSLContext, seconds: float, conns: int = 20) -> int:
