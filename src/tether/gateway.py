@@ -464,7 +464,7 @@ class Gateway:
         splice, end = entry
         b_refused = end is splice.b and event.reason.startswith("refused")
         if b_refused and not splice.a.ended:
-            splice.note_end(event)
+            splice.note_end(end, event)
             a = splice.a
             a.ended = True
             end.ended = True
@@ -481,9 +481,9 @@ class Gateway:
             counters[f"flows_{splice.first_end or 'closed'}"] += 1
             counters["bytes_up"] += splice.bytes_up
             counters["bytes_down"] += splice.bytes_down
-            log.info("flow %s ended (%s: %s), first %s, %d bytes up, %d bytes down, %.3fs",
-                     splice.id, end, event.reason, splice.first_end, splice.bytes_up,
-                     splice.bytes_down, conn.now - splice.opened_at)
+            log.info("flow %s ended: %s, first %s, %d bytes up, %d bytes down, %.3fs",
+                     splice.id, (splice.first_end or "closed").upper(), splice.first_why,
+                     splice.bytes_up, splice.bytes_down, conn.now - splice.opened_at)
 
     def _too_many_services(self, conn: LinkConnection) -> None:
         self.counters["protocol_errors"] += 1

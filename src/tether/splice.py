@@ -59,10 +59,11 @@ class Splice:
 
     `bytes_up` counts what went from A to B, `bytes_down` from B to A; `opened_at` is
     the loop time it was made; `first_end` says how the first side to end ended
-    ("closed", "refused", "down", "reset"), for the counters and the log."""
+    ("closed", "refused", "down", "reset"), for the counters, and `first_why` which side
+    that was and why, for the log."""
 
-    __slots__ = ("a", "b", "bytes_down", "bytes_up", "first_end", "id", "mode",
-                 "opened_at", "reported", "service")
+    __slots__ = ("a", "b", "bytes_down", "bytes_up", "first_end", "first_why", "id",
+                 "mode", "opened_at", "reported", "service")
 
     def __init__(self, fid: FlowId, service: str, a: SpliceEnd, b: SpliceEnd,
                  mode: int, opened_at: float = 0.0) -> None:
@@ -76,6 +77,7 @@ class Splice:
         self.bytes_up = 0
         self.bytes_down = 0
         self.first_end: str | None = None
+        self.first_why = ""
 
     def other(self, end: SpliceEnd) -> SpliceEnd:
         """The side that is not `end`."""
@@ -137,7 +139,7 @@ class Splice:
 
     def on_end(self, src: SpliceEnd, event: FlowEnded) -> None:
         """`src`'s stream ended: end the other side the same way."""
-        self.note_end(event)
+        self.note_end(src, event)
         src.ended = True
         src.pending.clear()
         src.pending_bytes = 0
@@ -152,9 +154,10 @@ class Splice:
         else:
             self._reset(dst, event.code, event.reason.removeprefix("reset: "))
 
-    def note_end(self, event: FlowEnded) -> None:
-        """Remember how the first side to end ended (later ends change nothing)."""
+    def note_end(self, src: SpliceEnd, event: FlowEnded) -> None:
+        """Remember how the first side to end, `src`, ended (later ends change nothing)."""
         if self.first_end is None:
+            self.first_why = f"{src} {event.reason}"
             self.first_end = "refused" if event.reason.startswith("refused") else \
                 event.state.name.lower()
 
