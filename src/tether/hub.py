@@ -130,6 +130,18 @@ GroupedEvent: TypeAlias = Opened | Messages | Closed
 # Fast construction of the frozen, slotted events on the hot path: the generated
 # __init__ goes through object.__setattr__ twice; the slot descriptors do not.
 _new = object.__new__
+MAX_IDLE_TIMEOUT: Final = 1e9
+"""The largest idle timeout, in seconds (about 31 years): the timing wheel holds
+deadlines only so far ahead (``math.inf`` is refused: None means no timeout)."""
+
+
+def _check_idle_timeout(seconds: float | None, what: str = "idle timeout") -> None:
+    """``ValueError`` unless ``seconds`` is None or within 0.01 s .. MAX_IDLE_TIMEOUT."""
+    if seconds is not None and not 0.01 <= seconds <= MAX_IDLE_TIMEOUT:
+        raise ValueError(f"{what} must be at least 0.01 s and at most {MAX_IDLE_TIMEOUT:g} s, "
+                         f"or None, got {seconds!r}")
+
+
 _DATA_ID: Final[Any] = Data.__dict__["id"].__set__
 _DATA_DATA: Final[Any] = Data.__dict__["data"].__set__
 _MSGS_ID: Final[Any] = Messages.__dict__["id"].__set__
@@ -490,8 +502,7 @@ class Hub:
             if max_message < 1:
                 raise ValueError(f"max_message must be positive, got {max_message!r}")
             framing = framing.with_max_size(max_message)
-        if idle_timeout is not None and not idle_timeout >= 0.01:
-            raise ValueError(f"idle_timeout must be at least 0.01 s or None, got {idle_timeout!r}")
+        _check_idle_timeout(idle_timeout, "idle_timeout")
         if slow_consumer not in ("disconnect", "drop"):
             raise ValueError(f"slow_consumer must be 'disconnect' or 'drop', got {slow_consumer!r}")
         if queue_high < 1:
@@ -942,8 +953,7 @@ class Hub:
             if self._router is None:
                 raise
             conn = None
-        if seconds is not None and not seconds >= 0.01:
-            raise ValueError(f"idle timeout must be at least 0.01 s or None, got {seconds!r}")
+        _check_idle_timeout(seconds)
         if conn is None:
             assert self._router is not None
             self._router.set_idle_timeout(id, seconds)  # held by another worker

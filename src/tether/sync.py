@@ -51,6 +51,7 @@ from .hub import (
     HubStats,
     Messages,
     Opened,
+    _check_idle_timeout,
     _data,
 )
 from .hub import Hub as AsyncHub
@@ -347,8 +348,7 @@ class Hub:
     def set_idle_timeout(self, id: FlowId, seconds: float | None) -> None:
         """Set the inactivity timeout of ``id`` (see the asyncio hub)."""
         self._check(id)
-        if seconds is not None and not seconds >= 0.01:
-            raise ValueError(f"idle timeout must be at least 0.01 s or None, got {seconds!r}")
+        _check_idle_timeout(seconds)
         self._post(_IDLE, id, seconds, 0)
 
     def is_open(self, id: FlowId) -> bool:

@@ -407,7 +407,8 @@ class Router:
         return d
 
     def _room(self, d: _Dest, count: int) -> bool:
-        link = d.link
+        # another hub's records leave a worker through its link to the supervisor
+        link = d.link if d.node is None else self.control
         d.wbuf = link.buffered() if link is not None else 0
         if d.batch_size + d.out_size + d.wbuf <= self.max_buffer:
             return True

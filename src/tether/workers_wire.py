@@ -260,7 +260,7 @@ def decode_json(body: bytes) -> dict[str, Any]:
     """A JSON object body; ``RemoteProtocolError`` if it is not one."""
     try:
         value = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise RemoteProtocolError(f"bad JSON control message: {exc}") from None
     if not isinstance(value, dict):
         raise RemoteProtocolError("JSON control message is not an object")
