@@ -68,7 +68,7 @@ def test_server_dealloc_gives_eof_at_once(procs: ProcGroup) -> None:
     # The gateway saw the flow spliced and ended.
     gw.proc.expect(r"flow \S+ spliced service=oecho oecho-client -> oecho-server",
                    stream="stderr")
-    gw.proc.expect(r"flow \S+ ended ", stream="stderr")
+    gw.proc.expect(r"flow \S+ ended: CLOSED, first ", stream="stderr")
 
 
 def test_server_killed_gives_link_lost_at_once(procs: ProcGroup) -> None:
