@@ -239,6 +239,7 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._sock: Any = None  # the TCP socket whose TCP_NOTSENT_LOWAT follows the link
         self._inflight: InflightBound | None = None  # on a slow link: see `tether.inflight`
         self._recheck: asyncio.TimerHandle | None = None
+        self._abort_at_close: asyncio.TimerHandle | None = None
         self._lowat = self.sockopts.notsent_lowat or 0
         self._prioritized = False  # urgent frames overtake queued ones (plain TCP only)
         self._coalescer = coalesce.current()
@@ -345,6 +346,9 @@ class LinkConnection(asyncio.BufferedProtocol):
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
+        if self._abort_at_close is not None:
+            self._abort_at_close.cancel()
+            self._abort_at_close = None
         self._wake_drainers()
 
     def pause_writing(self) -> None:
@@ -464,6 +468,8 @@ class LinkConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if pieces and transport is not None and not transport.is_closing():
             if self._tls is not None:
+                if not self._tls.established:  # (a link ended mid-handshake: no TLS
+                    return  # session carries its last frames; the connection closes)
                 transport.write(self._tls.send(b"".join(pieces)))
             else:
                 transport.writelines(pieces)  # one writev, no join
@@ -487,7 +493,10 @@ class LinkConnection(asyncio.BufferedProtocol):
         if not self.closed.done():
             self.closed.set_result(event)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+            self.transport.close()  # (once the kernel took what it holds: a peer that
+            # stopped reading never takes it, and gets link_timeout to do so)
+            self._abort_at_close = self.loop.call_later(self.config.link_timeout,
+                                                        self.transport.abort)
         self._wake_drainers()
 
     def _arm(self) -> None:
