@@ -4,11 +4,13 @@ peer stopped reading."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 from typing import TYPE_CHECKING
 
 from tether.aio import LinkConnection, open_link, serve_links
 from tether.events import Event, HandshakeCompleted, LinkTerminated
-from tether.link import LinkConfig
+from tether.link import Link, LinkConfig, Role
 
 if TYPE_CHECKING:
     from conftest import TLSMaterial
@@ -92,3 +94,45 @@ async def test_aclose_ends_the_connection_of_a_peer_that_stopped_reading() -> No
                 c.transport.abort()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_tls_close_notify_ends_the_link_as_an_eof_does(tls: TLSMaterial) -> None:
+    """A peer that ends its TLS session (close_notify) and leaves TCP open has closed
+    the link: it ended at once, not after `link_timeout` (15 s) of silence."""
+    rec = Recorder()
+    server = await serve_links("127.0.0.1", 0, lambda: LinkConfig(name="gw"), rec,
+                               ssl_context=tls.server_context())
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    incoming, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = tls.client_context().wrap_bio(incoming, out, server_hostname="localhost")
+    try:
+        async with asyncio.timeout(5.0):
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    writer.write(out.read())
+                    incoming.write(await reader.read(65536))
+            link = Link(Role.CLIENT, LinkConfig(name="c"), loop.time())
+            obj.write(link.data_to_send())
+            writer.write(out.read())
+            while not link.is_open:
+                incoming.write(await reader.read(65536))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    link.receive_data(obj.read(65536), loop.time())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            obj.unwrap()  # close_notify
+        writer.write(out.read())
+        async with asyncio.timeout(2.0):
+            while not any(isinstance(e, LinkTerminated) for e in rec.events):
+                await asyncio.sleep(0.01)
+            while await reader.read(65536):
+                pass  # then the server closes the connection
+        end = next(e for e in rec.events if isinstance(e, LinkTerminated))
+        assert "closed" in end.reason
+    finally:
+        writer.close()
+        server.close()

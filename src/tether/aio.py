@@ -314,6 +314,12 @@ class LinkConnection(asyncio.BufferedProtocol):
                 self.flush()
                 return
             self._write_raw(self._tls.outgoing())
+            if self._tls.peer_closed:  # close_notify: the peer's EOF, as `eof_received`
+                if data:
+                    self.link.receive_data(data, self.loop.time())
+                self.link.connection_lost("peer closed the TLS session", self.loop.time())
+                self.flush()
+                return
             if not data:
                 return
         self.link.receive_data(data, self.loop.time())
@@ -557,13 +563,14 @@ class _ServerTLS:
     here gives the gateway its log line and counter for every refused handshake.
     """
 
-    __slots__ = ("established", "incoming", "obj", "out")
+    __slots__ = ("established", "incoming", "obj", "out", "peer_closed")
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.incoming = ssl.MemoryBIO()
         self.out = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.out, server_side=True)
         self.established = False
+        self.peer_closed = False  # the peer's close_notify came: it sends nothing more
 
     def receive(self, data: bytes | memoryview) -> bytes:
         """Feed ciphertext; return the plaintext it completes (raises `ssl.SSLError`)."""
@@ -578,9 +585,12 @@ class _ServerTLS:
         while True:
             try:
                 chunk = self.obj.read(256 * 1024)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            except ssl.SSLWantReadError:
                 break
-            if not chunk:
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            if not chunk:  # (how `SSLObject.read` reports a close_notify)
+                self.peer_closed = True
                 break
             chunks.append(chunk)
         return b"".join(chunks)
