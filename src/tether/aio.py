@@ -239,6 +239,7 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._sock: Any = None  # the TCP socket whose TCP_NOTSENT_LOWAT follows the link
         self._inflight: InflightBound | None = None  # on a slow link: see `tether.inflight`
         self._recheck: asyncio.TimerHandle | None = None
+        self._abort_at_close: asyncio.TimerHandle | None = None
         self._lowat = self.sockopts.notsent_lowat or 0
         self._prioritized = False  # urgent frames overtake queued ones (plain TCP only)
         self._coalescer = coalesce.current()
@@ -313,6 +314,12 @@ class LinkConnection(asyncio.BufferedProtocol):
                 self.flush()
                 return
             self._write_raw(self._tls.outgoing())
+            if self._tls.peer_closed:  # close_notify: the peer's EOF, as `eof_received`
+                if data:
+                    self.link.receive_data(data, self.loop.time())
+                self.link.connection_lost("peer closed the TLS session", self.loop.time())
+                self.flush()
+                return
             if not data:
                 return
         self.link.receive_data(data, self.loop.time())
@@ -345,6 +352,9 @@ class LinkConnection(asyncio.BufferedProtocol):
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
+        if self._abort_at_close is not None:
+            self._abort_at_close.cancel()
+            self._abort_at_close = None
         self._wake_drainers()
 
     def pause_writing(self) -> None:
@@ -464,6 +474,8 @@ class LinkConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if pieces and transport is not None and not transport.is_closing():
             if self._tls is not None:
+                if not self._tls.established:  # (a link ended mid-handshake: no TLS
+                    return  # session carries its last frames; the connection closes)
                 transport.write(self._tls.send(b"".join(pieces)))
             else:
                 transport.writelines(pieces)  # one writev, no join
@@ -487,7 +499,10 @@ class LinkConnection(asyncio.BufferedProtocol):
         if not self.closed.done():
             self.closed.set_result(event)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+            self.transport.close()  # (once the kernel took what it holds: a peer that
+            # stopped reading never takes it, and gets link_timeout to do so)
+            self._abort_at_close = self.loop.call_later(self.config.link_timeout,
+                                                        self.transport.abort)
         self._wake_drainers()
 
     def _arm(self) -> None:
@@ -548,13 +563,14 @@ class _ServerTLS:
     here gives the gateway its log line and counter for every refused handshake.
     """
 
-    __slots__ = ("established", "incoming", "obj", "out")
+    __slots__ = ("established", "incoming", "obj", "out", "peer_closed")
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.incoming = ssl.MemoryBIO()
         self.out = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.out, server_side=True)
         self.established = False
+        self.peer_closed = False  # the peer's close_notify came: it sends nothing more
 
     def receive(self, data: bytes | memoryview) -> bytes:
         """Feed ciphertext; return the plaintext it completes (raises `ssl.SSLError`)."""
@@ -569,9 +585,12 @@ class _ServerTLS:
         while True:
             try:
                 chunk = self.obj.read(256 * 1024)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            except ssl.SSLWantReadError:
                 break
-            if not chunk:
+            except ssl.SSLZeroReturnError:
+                chunk = b""
+            if not chunk:  # (how `SSLObject.read` reports a close_notify)
+                self.peer_closed = True
                 break
             chunks.append(chunk)
         return b"".join(chunks)

@@ -1,0 +1,138 @@
+"""The asyncio adapter's edges: TLS links that stop or misbehave, closing links whose
+peer stopped reading."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import TYPE_CHECKING
+
+from tether.aio import LinkConnection, open_link, serve_links
+from tether.events import Event, HandshakeCompleted, LinkTerminated
+from tether.link import Link, LinkConfig, Role
+
+if TYPE_CHECKING:
+    from conftest import TLSMaterial
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.conns: list[LinkConnection] = []
+
+    def link_event(self, conn: LinkConnection, event: Event) -> None:
+        if conn not in self.conns:
+            self.conns.append(conn)
+        self.events.append(event)
+
+
+async def test_tls_client_stopping_mid_handshake_ends_the_link(tls: TLSMaterial) -> None:
+    """The link's handshake timeout fires before TLS is up: its last frames cannot be
+    encrypted (they were, raising SSLWantReadError in the timer: the link stayed open,
+    its socket with it, and `closed` was never set)."""
+    rec = Recorder()
+    server = await serve_links("127.0.0.1", 0, lambda: LinkConfig(name="gw", handshake_timeout=0.2),
+                               rec, ssl_context=tls.server_context())
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"\x16\x03\x01\x00\xc8\x01\x00")  # the start of a ClientHello
+        async with asyncio.timeout(2.0):
+            while not any(isinstance(e, LinkTerminated) for e in rec.events):
+                await asyncio.sleep(0.01)
+        async with asyncio.timeout(2.0):
+            await rec.conns[0].closed
+            assert await reader.read() == b""  # the connection is closed
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+class StopsReading(Recorder):
+    """A server that stops reading its links once their handshake is done."""
+
+    def link_event(self, conn: LinkConnection, event: Event) -> None:
+        super().link_event(conn, event)
+        if isinstance(event, HandshakeCompleted) and conn.transport is not None:
+            conn.transport.pause_reading()
+
+
+async def test_aclose_ends_the_connection_of_a_peer_that_stopped_reading() -> None:
+    """`transport.close()` waits for the kernel to take what the transport holds: from
+    a peer that stopped reading, for ever (the socket and its buffers stayed)."""
+    server_side = StopsReading()
+    server = await serve_links("127.0.0.1", 0, lambda: LinkConfig(name="gw"), server_side)
+    port = server.sockets[0].getsockname()[1]
+    config = LinkConfig(name="c", heartbeat_interval=0.1, link_timeout=0.5)
+    conn = await open_link("127.0.0.1", port, config, Recorder())
+    lost = asyncio.Event()
+    connection_lost = conn.connection_lost
+
+    def note_lost(exc: Exception | None) -> None:
+        lost.set()
+        connection_lost(exc)
+
+    conn.connection_lost = note_lost  # type: ignore[method-assign]
+    try:
+        body = bytes(conn.link.max_payload)
+        for seq in range(64):  # 16 MiB: more than the kernel buffers on both sides
+            conn.link.send_message(1, seq, body, conn.now)
+            conn.flush()
+            await asyncio.sleep(0)
+        assert conn.link.queued or conn.transport.get_write_buffer_size()  # type: ignore[union-attr]
+        async with asyncio.timeout(5.0):
+            await conn.aclose()
+        async with asyncio.timeout(5.0):
+            await lost.wait()  # the connection ends, whatever it still held
+    finally:
+        if conn.transport is not None:
+            conn.transport.abort()
+        for c in server_side.conns:
+            if c.transport is not None:
+                c.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_tls_close_notify_ends_the_link_as_an_eof_does(tls: TLSMaterial) -> None:
+    """A peer that ends its TLS session (close_notify) and leaves TCP open has closed
+    the link: it ended at once, not after `link_timeout` (15 s) of silence."""
+    rec = Recorder()
+    server = await serve_links("127.0.0.1", 0, lambda: LinkConfig(name="gw"), rec,
+                               ssl_context=tls.server_context())
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    incoming, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = tls.client_context().wrap_bio(incoming, out, server_hostname="localhost")
+    try:
+        async with asyncio.timeout(5.0):
+            while True:
+                try:
+                    obj.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    writer.write(out.read())
+                    incoming.write(await reader.read(65536))
+            link = Link(Role.CLIENT, LinkConfig(name="c"), loop.time())
+            obj.write(link.data_to_send())
+            writer.write(out.read())
+            while not link.is_open:
+                incoming.write(await reader.read(65536))
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    link.receive_data(obj.read(65536), loop.time())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            obj.unwrap()  # close_notify
+        writer.write(out.read())
+        async with asyncio.timeout(2.0):
+            while not any(isinstance(e, LinkTerminated) for e in rec.events):
+                await asyncio.sleep(0.01)
+            while await reader.read(65536):
+                pass  # then the server closes the connection
+        end = next(e for e in rec.events if isinstance(e, LinkTerminated))
+        assert "closed" in end.reason
+    finally:
+        writer.close()
+        server.close()
