@@ -9,8 +9,14 @@ import ssl
 from typing import TYPE_CHECKING
 
 from tether.aio import LinkConnection, open_link, serve_links
-from tether.events import Event, HandshakeCompleted, LinkTerminated
-from tether.link import Link, LinkConfig, Role
+from tether.events import (
+    Event,
+    FlowOpenRequested,
+    HandshakeCompleted,
+    LinkTerminated,
+    WindowUpdated,
+)
+from tether.link import QUEUE_LIMIT, Link, LinkConfig, Role
 
 if TYPE_CHECKING:
     from conftest import TLSMaterial
@@ -136,3 +142,74 @@ async def test_a_tls_close_notify_ends_the_link_as_an_eof_does(tls: TLSMaterial)
     finally:
         writer.close()
         server.close()
+
+
+class Sends(Recorder):
+    """A server that accepts every flow and sends on it as much as its credit (and the
+    link's queue) lets it."""
+
+    body = bytes(1024 * 1024)
+
+    def link_event(self, conn: LinkConnection, event: Event) -> None:
+        super().link_event(conn, event)
+        if isinstance(event, FlowOpenRequested):
+            conn.link.accept_flow(event.stream, conn.now)
+            self.pump(conn, event.stream)
+        elif isinstance(event, WindowUpdated):
+            self.pump(conn, event.stream)
+
+    def pump(self, conn: LinkConnection, stream: int) -> None:
+        while conn.link.send_data(stream, self.body, conn.now):
+            pass
+
+
+async def _held_for_a_peer_that_stopped_reading(
+        server_tls: ssl.SSLContext | None, client_tls: ssl.SSLContext | None) -> int:
+    """What a server-side link holds (its queue and its transport's buffer) once its
+    peer, having given 32 MiB of credit, stopped reading."""
+    server_side = Sends()
+    server = await serve_links("127.0.0.1", 0, lambda: LinkConfig(name="gw"), server_side,
+                               ssl_context=server_tls)
+    port = server.sockets[0].getsockname()[1]
+    config = LinkConfig(name="c", initial_window=8 << 20, max_window=8 << 20)
+    conn = await open_link("127.0.0.1", port, config, Recorder(), ssl_context=client_tls,
+                           server_hostname="localhost" if client_tls else None)
+    try:
+        for _ in range(4):
+            conn.link.open_flow("bulk", conn.now)
+        conn.flush()
+        assert conn.transport is not None
+        conn.transport.pause_reading()
+        held = 0
+        for _ in range(100):  # until the server side holds no more
+            await asyncio.sleep(0.02)
+            sconn = server_side.conns[0] if server_side.conns else None
+            if sconn is None or sconn.transport is None:
+                continue
+            now = sconn.link.queued + sconn.transport.get_write_buffer_size()
+            if now == held and held:
+                break
+            held = now
+        return held
+    finally:
+        if conn.transport is not None:
+            conn.transport.abort()
+        for c in server_side.conns:
+            if c.transport is not None:
+                c.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_tls_gateway_link_holds_no_more_than_a_plain_one(tls: TLSMaterial) -> None:
+    """A peer that stopped reading leaves a server-side link holding at most about its
+    queue's worth of data (`queue_limit`, at most 1 MiB) and what its transport's
+    buffer then holds, as over plain TCP: over the gateway's own TLS, the link handed
+    all it had to the transport, which held whatever the flows' credit allowed
+    (up to `window_budget`: here 32 MiB)."""
+    plain = await _held_for_a_peer_that_stopped_reading(None, None)
+    over_tls = await _held_for_a_peer_that_stopped_reading(tls.server_context(),
+                                                           tls.client_context())
+    print(f"held: plain {plain} B, TLS {over_tls} B, queue_limit {QUEUE_LIMIT} B")
+    assert plain <= 4 << 20
+    assert over_tls <= 4 << 20, (plain, over_tls)

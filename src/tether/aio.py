@@ -275,7 +275,8 @@ class LinkConnection(asyncio.BufferedProtocol):
         if self._tls is None and transport.get_extra_info("ssl_object") is None:
             # Paused as soon as the transport holds anything the kernel refused: the
             # rest waits in the link, behind the urgent frames (see `_write_out`). TLS
-            # transports keep their own buffer and pace: there, frames go in order.
+            # transports keep their own buffer and pace: there, frames go in order, and
+            # only the urgent ones while the transport is paused.
             transport.set_write_buffer_limits(high=0)  # type: ignore[attr-defined]
             self._prioritized = True
             if self._lowat and sock is not None and sock.family in (socket.AF_INET,
@@ -445,7 +446,10 @@ class LinkConnection(asyncio.BufferedProtocol):
         link = self.link
         transport = self.transport
         if not self._prioritized or transport is None or transport.is_closing():
-            self._write(link.buffers_to_send())
+            # TLS: frames go in order, whole; but while the transport is paused only the
+            # urgent ones, the rest waiting in the link (its queue_limit bounds it), not
+            # in the transport's buffer (it held whatever the flows' credit allowed)
+            self._write(link.take_output(0) if self._paused else link.buffers_to_send())
             return
         inflight = self._inflight
         while link.has_output:
