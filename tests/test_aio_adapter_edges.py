@@ -93,13 +93,7 @@ async def test_aclose_ends_the_connection_of_a_peer_that_stopped_reading() -> No
         async with asyncio.timeout(5.0):
             await lost.wait()  # the connection ends, whatever it still held
     finally:
-        if conn.transport is not None:
-            conn.transport.abort()
-        for c in server_side.conns:
-            if c.transport is not None:
-                c.transport.abort()
-        server.close()
-        await server.wait_closed()
+        await _abort_all(conn, server_side, server)
 
 
 async def test_a_tls_close_notify_ends_the_link_as_an_eof_does(tls: TLSMaterial) -> None:
@@ -142,6 +136,16 @@ async def test_a_tls_close_notify_ends_the_link_as_an_eof_does(tls: TLSMaterial)
     finally:
         writer.close()
         server.close()
+
+
+async def _abort_all(conn: LinkConnection, server_side: Recorder,
+                     server: asyncio.AbstractServer) -> None:
+    """Abort the client's connection and every server-side one; close the server."""
+    for c in (conn, *server_side.conns):
+        if c.transport is not None:
+            c.transport.abort()
+    server.close()
+    await server.wait_closed()
 
 
 class Sends(Recorder):
@@ -192,13 +196,7 @@ async def _held_for_a_peer_that_stopped_reading(
             held = now
         return held
     finally:
-        if conn.transport is not None:
-            conn.transport.abort()
-        for c in server_side.conns:
-            if c.transport is not None:
-                c.transport.abort()
-        server.close()
-        await server.wait_closed()
+        await _abort_all(conn, server_side, server)
 
 
 async def test_a_tls_gateway_link_holds_no_more_than_a_plain_one(tls: TLSMaterial) -> None:

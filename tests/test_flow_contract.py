@@ -54,28 +54,36 @@ def test_idle_10ms_flow_between_live_peers_stays_up() -> None:
 # -- a cancelled alloc must not leave the peer's flow open for ever ---------------------
 
 
-async def test_alloc_cancelled_as_the_accept_arrives_does_not_leak_the_flow() -> None:
+@contextlib.asynccontextmanager
+async def _server_behind_a_gateway() -> AsyncIterator[tuple[str, tether.Node]]:
+    """A gateway, and a node behind it serving SERVICE (known to the gateway): the
+    gateway's address and the serving node."""
     async with tether.Gateway("127.0.0.1:0", name="gw") as gw:
         address = f"127.0.0.1:{gw.port}"
         async with tether.Node("server", gateway=address) as server:
             server.register(SERVICE)
             await eventually(lambda: str(gw.services()), lambda: SERVICE in gw.services())
-            client = _CancelOn("client", gateway=address)
-            async with client:
-                client.kind = FlowAccepted
-                task = asyncio.create_task(client.alloc(SERVICE, liveness=0.5))
-                client.victim = task
-                accepted = await asyncio.wait_for(server.accept(), 2)
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-                # The application never got the flow: nothing may keep it open.
-                await eventually(lambda: f"client still holds {client.flows()}",
-                                  lambda: not client.flows())
-                with pytest.raises((tether.FlowClosed, tether.FlowDown)):
-                    # EOF (b"") would be fine too; hanging is not
-                    data = await asyncio.wait_for(accepted.read(), 2)
-                    assert data == b""
-                    raise tether.FlowClosed("eof")
+            yield address, server
+
+
+async def test_alloc_cancelled_as_the_accept_arrives_does_not_leak_the_flow() -> None:
+    async with _server_behind_a_gateway() as (address, server):
+        client = _CancelOn("client", gateway=address)
+        async with client:
+            client.kind = FlowAccepted
+            task = asyncio.create_task(client.alloc(SERVICE, liveness=0.5))
+            client.victim = task
+            accepted = await asyncio.wait_for(server.accept(), 2)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The application never got the flow: nothing may keep it open.
+            await eventually(lambda: f"client still holds {client.flows()}",
+                             lambda: not client.flows())
+            with pytest.raises((tether.FlowClosed, tether.FlowDown)):
+                # EOF (b"") would be fine too; hanging is not
+                data = await asyncio.wait_for(accepted.read(), 2)
+                assert data == b""
+                raise tether.FlowClosed("eof")
 
 
 # -- concurrent writers on one flow --------------------------------------------------------
@@ -157,19 +165,15 @@ async def test_cancelled_woken_acceptor_passes_the_flow_to_another() -> None:
 
 
 async def test_idle_10ms_flow_through_a_gateway_stays_up() -> None:
-    async with tether.Gateway("127.0.0.1:0", name="gw") as gw:
-        address = f"127.0.0.1:{gw.port}"
-        async with tether.Node("server", gateway=address) as server:
-            server.register(SERVICE)
-            await eventually(lambda: str(gw.services()), lambda: SERVICE in gw.services())
-            async with tether.Node("client", gateway=address) as client:
-                flow, peer = await asyncio.wait_for(
-                    asyncio.gather(client.alloc(SERVICE, liveness=0.01), server.accept()), 2)
-                await asyncio.sleep(0.5)  # idle, both ends alive
-                assert (flow.state, peer.state) == (FlowState.OPEN, FlowState.OPEN)
-                await flow.write(b"still here")
-                assert await asyncio.wait_for(peer.read(), 1) == b"still here"
-                await flow.dealloc()
+    async with _server_behind_a_gateway() as (address, server):
+        async with tether.Node("client", gateway=address) as client:
+            flow, peer = await asyncio.wait_for(
+                asyncio.gather(client.alloc(SERVICE, liveness=0.01), server.accept()), 2)
+            await asyncio.sleep(0.5)  # idle, both ends alive
+            assert (flow.state, peer.state) == (FlowState.OPEN, FlowState.OPEN)
+            await flow.write(b"still here")
+            assert await asyncio.wait_for(peer.read(), 1) == b"still here"
+            await flow.dealloc()
 
 
 # -- a refused liveness change must change nothing ---------------------------------------
