@@ -211,3 +211,34 @@ async def test_a_tls_gateway_link_holds_no_more_than_a_plain_one(tls: TLSMateria
     print(f"held: plain {plain} B, TLS {over_tls} B, queue_limit {QUEUE_LIMIT} B")
     assert plain <= 4 << 20
     assert over_tls <= 4 << 20, (plain, over_tls)
+
+
+async def test_open_link_cancelled_while_waiting_for_hello_closes_its_connection() -> None:
+    """A dial cancelled after TCP connected but before the peer's HELLO: the connection
+    it made is closed at once (it stayed open until the link's handshake timeout, here
+    30 s, holding a socket the caller no longer knew of)."""
+    accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = \
+        asyncio.Queue()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put((reader, writer))  # reads nothing, says nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = LinkConfig(name="c", handshake_timeout=30.0)
+    dial = asyncio.create_task(open_link("127.0.0.1", port, config, Recorder()))
+    reader, writer = await asyncio.wait_for(accepted.get(), 5.0)
+    try:
+        await asyncio.sleep(0.05)  # the dial now waits for HELLO
+        assert not dial.done()
+        dial.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dial
+        assert dial.cancelled()
+        async with asyncio.timeout(2.0):  # the dialler's HELLO, then its end
+            while await reader.read(65536):
+                pass
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import ssl
@@ -283,3 +284,34 @@ async def test_data_sent_with_the_handshake_and_a_close_at_once_arrive(tls: Any)
 def test_handshake_timeout_must_be_positive(tls: Any) -> None:
     with pytest.raises(ValueError, match="handshake_timeout must be positive"):
         Hub(tls=tls.server_context(), handshake_timeout=0)
+
+
+async def test_a_tls_error_after_the_handshake_is_no_handshake_failure(tls: Any) -> None:
+    """A client whose handshake completed and who then sends bytes that are no TLS
+    record: its connection was opened, so it ends as a connection does (Opened, then
+    Closed); it is not counted as a failed handshake, and others are served."""
+    async with Hub(tls=tls.server_context()) as hub:
+        recorder = Recorder(hub, echo=True).start()
+        try:
+            def client() -> None:
+                with socket.create_connection(("127.0.0.1", hub.port), timeout=5) as raw, \
+                        tls.client_context().wrap_socket(
+                            raw, server_hostname="localhost") as tsock:
+                    tsock.sendall(b"first\n")
+                    assert tsock.recv(100) == b"first\n"
+                    os.write(tsock.fileno(), b"\x17\x03\x03\x00\x10" + b"x" * 16)
+                    with contextlib.suppress(OSError):  # the hub's alert or reset
+                        while tsock.recv(100):
+                            pass
+
+            await asyncio.to_thread(client)
+            await until(lambda: hub.stats().open == 0)
+            await served(hub, tls.client_context())
+            stats = hub.stats()
+            assert (stats.handshakes_failed, stats.opened) == (0, 2), stats
+            first = recorder.opened[0]
+            await until(lambda: first in recorder.closed)
+            assert len(recorder.opened) == 2, recorder.by_id
+            assert "bad record mac" in recorder.closed[first], recorder.closed
+        finally:
+            await recorder.stop()

@@ -647,7 +647,11 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
     except (OSError, TimeoutError) as exc:
         why = str(exc) or "timed out"
         raise PeerUnreachable(f"cannot connect to {host}:{port}: {why}") from exc
-    await conn.ready
+    try:
+        await conn.ready
+    except asyncio.CancelledError:  # the caller left: the connection is no one's now
+        conn.close("the dial was cancelled before the handshake completed")
+        raise
     return conn
 
 
