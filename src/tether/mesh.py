@@ -1094,11 +1094,10 @@ class Mesh:
             return conn
 
         try:
-            await asyncio.wait_for(
-                loop.create_connection(factory, peer.host, peer.port, ssl=self.tls,
-                                       server_hostname=self.server_hostname if self.tls
-                                       else None),
-                self._handshake_timeout)
+            async with asyncio.timeout(self._handshake_timeout):  # (see aio.open_link)
+                await loop.create_connection(
+                    factory, peer.host, peer.port, ssl=self.tls,
+                    server_hostname=self.server_hostname if self.tls else None)
         except BaseException as exc:
             for conn in made:
                 self._conns.discard(conn)

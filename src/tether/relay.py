@@ -312,8 +312,8 @@ class Connector(_Edge):
         bridge = SocketBridge(flow, label="server", on_done=self._done,
                               sockopts=self.sockopts)
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: bridge, host, port),
-                                   self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):  # (see aio.open_link)
+                await loop.create_connection(lambda: bridge, host, port)
         except (OSError, TimeoutError) as exc:
             self.counters["refused"] += 1
             log.warning("connector %s: flow %s: cannot connect to service %s at %s:%d: %s",
