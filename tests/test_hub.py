@@ -8,6 +8,7 @@ import contextlib
 import socket
 import ssl
 import subprocess
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -506,5 +507,100 @@ def test_stalled_consumer_bounded_memory_nothing_lost(arun: Run) -> None:
             assert hub.stats().paused == 0
             for _, writer in clients:
                 writer.close()
+
+    arun(main())
+
+
+def test_a_vanished_peer_we_keep_writing_to_ends_idle_within_its_timeout(arun: Run) -> None:
+    """A peer that went silent without a FIN and reads nothing more (its window full)
+    while the application keeps writing to it: our writes do not keep it alive; it
+    ends with one Closed("idle") within about the timeout, and its socket is aborted
+    after ``close_timeout`` (the unsent data cannot flush)."""
+    async def main() -> None:
+        async with Hub(idle_timeout=0.3, max_write_buffer=64 * 1024 * 1024,
+                       close_timeout=0.3) as hub:
+            rec = Recorder(hub).start()
+            sock = socket.create_connection(("127.0.0.1", hub.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            try:
+                await until(lambda: len(rec.opened) == 1)
+                (fid,) = rec.opened
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                while not rec.closed and loop.time() - start < 3.0:
+                    with contextlib.suppress(FlowClosed):
+                        hub.send(fid, b"x" * 65536)
+                    await asyncio.sleep(0.02)
+                took = loop.time() - start
+                assert rec.closed == {fid: "idle"}
+                assert 0.25 <= took < 0.8, took
+                await asyncio.sleep(0.6)  # past close_timeout: aborted, nothing kept
+                assert hub.stats().open == 0 and not hub._closing and not hub._conns
+                assert hub.stats().closed == {"idle": 1}
+            finally:
+                sock.close()
+            await rec.stop()
+
+    arun(main())
+
+
+def _sizes(hub: Hub) -> dict[str, int]:
+    """The size of every container the hub holds (and of its timing wheel), but the
+    counters of closes by reason."""
+    sizes = {"wheel": len(hub._wheel)}
+    for name in type(hub).__slots__:
+        value = getattr(hub, name, None)
+        if isinstance(value, (dict, list, set, tuple, deque)) and name != "_closed_by":
+            sizes[name] = len(value)
+    return sizes
+
+
+def test_no_per_connection_state_is_left_after_many_connects_and_closes(arun: Run) -> None:
+    """400 connections ended every way (peer EOF with linger, local close, RST, idle,
+    a message too large), each with data and a reply queued: afterwards every dict,
+    list, set and deque of the hub, and its timing wheel, is back to its size before."""
+    async def main() -> None:
+        async with Hub(idle_timeout=5.0, linger=0.05, close_timeout=0.2,
+                       max_message=64) as hub:
+            rec = Recorder(hub, echo=True).start()
+            reader, writer = await connect(hub.port)  # warm-up, then the baseline
+            writer.write(b"warm\n")
+            await reader.readline()
+            writer.close()
+            await until(lambda: rec.closed)
+            await asyncio.sleep(0.3)
+            baseline = _sizes(hub)
+            for round_ in range(40):
+                pairs = [await connect(hub.port) for _ in range(10)]
+                for i, (_, w) in enumerate(pairs):
+                    w.write(b"m%d\n" % i)
+                for r, _ in pairs:
+                    assert (await r.readline()).startswith(b"m")
+                want = 1 + 10 * (round_ + 1)
+                await until(lambda: len(rec.opened) == want)  # noqa: B023 - awaited here
+                mine = rec.opened[-10:]
+                for i, (_, w) in enumerate(pairs):
+                    kind = i % 5
+                    if kind == 0:
+                        w.write_eof()  # half-close: replies may still go for `linger`
+                    elif kind == 1:
+                        hub.close(mine[i])
+                    elif kind == 2:
+                        reset(w)
+                    elif kind == 3:
+                        hub.set_idle_timeout(mine[i], 0.05)
+                    else:
+                        w.write(b"y" * 100 + b"\n")  # too large
+                await until(lambda: all(f in rec.closed for f in mine))  # noqa: B023
+                for _, w in pairs:
+                    w.close()
+            await asyncio.sleep(0.5)  # past linger and close_timeout
+            rec.check_exactly_once()
+            reasons = set(rec.closed.values())
+            assert reasons == {"peer", "local", "reset", "idle",
+                               "error: message too large"}, reasons
+            assert _sizes(hub) == baseline
+            await rec.stop()
 
     arun(main())

@@ -148,3 +148,32 @@ def test_sync_backpressure_bounds_the_thread_queue() -> None:
 def test_start_failure_is_raised() -> None:
     with Hub() as first, pytest.raises(OSError):
         Hub(port=first.port).start()
+
+
+def test_a_second_concurrent_shutdown_waits_for_the_first() -> None:
+    """shutdown() called from two threads: the second must not return before the hub
+    has finished shutting down (its thread gone, every Closed queued, then HubClosed).
+    One peer reads nothing while the hub has megabytes for it, so the first shutdown
+    drains for its whole timeout (1.5 s)."""
+    hub = Hub(max_write_buffer=64 * 1024 * 1024).start()
+    sock = client(hub.port)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        fid = hub.recv_open(timeout=5).id
+        hub.send(fid, b"x" * (16 * 1024 * 1024))  # far more than the socket buffers hold
+        first = threading.Thread(target=hub.shutdown, args=(1.5,))
+        started = time.monotonic()
+        first.start()
+        time.sleep(0.2)  # the first shutdown is draining
+        hub.shutdown(1.5)
+        waited = time.monotonic() - started
+        # the shutdown is over: the Closed is queued and then the hub reports its end
+        assert hub.recv_close(timeout=0) == Closed(fid, "shutdown"), waited
+        with pytest.raises(HubClosed):
+            hub.recv_open(timeout=0)
+        assert waited >= 1.4, waited
+        first.join(5)
+        assert not first.is_alive()
+    finally:
+        sock.close()
+        hub.shutdown()

@@ -106,6 +106,7 @@ class Hub:
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._stopped = False
+        self._shut = threading.Event()  # set when the first shutdown() has finished
         self._handed: set[FlowId] = set()  # Closed("peer") returned, loop not told yet
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -142,18 +143,27 @@ class Hub:
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, end every connection (``"shutdown"``), stop the thread.
-        Events already queued stay available to the ``recv_*`` methods."""
+        Events already queued stay available to the ``recv_*`` methods. A call made
+        while another thread's is under way returns when that one has finished."""
         loop = self._loop
-        if self._stopped or loop is None or self._thread is None:
+        with self._lock:
+            if loop is None or self._thread is None:
+                return
+            first = not self._stopped
+            self._stopped = True
+        if not first:  # another thread's shutdown() is under way: wait for its end
+            self._shut.wait()
             return
-        self._stopped = True
-        if loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(self._hub.aclose(timeout), loop)
-            fut.result()
-            if self._resume is not None:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(self._resume.set)
-        self._thread.join()
+        try:
+            if loop.is_running():
+                fut = asyncio.run_coroutine_threadsafe(self._hub.aclose(timeout), loop)
+                fut.result()
+                if self._resume is not None:
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(self._resume.set)
+            self._thread.join()
+        finally:
+            self._shut.set()
 
     def _run(self) -> None:
         loop = new_event_loop()

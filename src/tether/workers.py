@@ -667,13 +667,28 @@ class WorkerPool:
         mesh = self.mesh
         if mesh is None:
             return
+        gone: list[bytes] = []
         for body in bodies:
             try:
                 mesh.custom_broadcast([node], body, kind=HUB_ROUTE)
-            except (PeerUnreachable, LocalProtocolError, ValueError, QueueFull) as exc:
+            except PeerUnreachable as exc:  # removed from the mesh: its ids are gone
+                self._mesh_counters["mesh_refused"] += 1
+                gone.append(body)
+                why = str(exc)
+            except (LocalProtocolError, ValueError, QueueFull) as exc:
                 # (QueueFull: FailuresNotTaken, reports piling up faster than read)
                 self._mesh_counters["mesh_refused"] += 1
-                log.debug("hub %s: cannot route to node %s: %s", self.hub.name, node, exc)
+                log.warning("hub %s: the mesh refused a message to node %s: %s",
+                            self.hub.name, node, exc)
+        if gone:
+            values = _route_ids(gone)
+            if node in self._nodes:
+                del self._nodes[node]
+                self._nodes_changed()
+            log.warning("hub %s: the mesh refused %d message(s) to node %s (%s): %d of its "
+                        "connection(s) we sent to are closed (\"down\")", self.hub.name,
+                        len(gone), node, why, len(values))
+            self._node_down(node, values)
 
     async def _mesh_messages(self, mesh: Mesh) -> None:
         assert self._router is not None
@@ -695,18 +710,9 @@ class WorkerPool:
     async def _mesh_failures(self, mesh: Mesh) -> None:
         async for failure in mesh.failures():
             node = failure.remote
-            values: set[int] = set()
-            routed = 0
-            for m in failure.undelivered:
-                if m.kind != HUB_ROUTE:
-                    continue
-                routed += 1
-                with contextlib.suppress(ProtocolError):
-                    for op, value, count, payload in iter_records(m.body):
-                        if op == OP_FANOUT:
-                            values.update(unpack_serials(payload[len(payload) - 8 * count:]))
-                        else:
-                            values.add(value)
+            bodies = [m.body for m in failure.undelivered if m.kind == HUB_ROUTE]
+            routed = len(bodies)
+            values = _route_ids(bodies)
             if not routed:
                 continue  # probes
             self._mesh_counters["mesh_failed"] += routed
@@ -722,10 +728,14 @@ class WorkerPool:
             log.warning("hub %s: node %s is gone (%s): %d of its connection(s) we sent to "
                         "are closed (\"down\")", self.hub.name, node, failure.reason,
                         len(values))
-            ordered = sorted(values)
-            self._tell_workers(b"".join(
-                msg(KIND_NODE_DOWN, encode_node(node, pack_serials(ordered[i:i + SERIALS_MAX])))
-                for i in range(0, len(ordered), SERIALS_MAX)))
+            self._node_down(node, values)
+
+    def _node_down(self, node: str, values: set[int]) -> None:
+        """Tell the workers: ``Closed(id, "down")`` for these ids of ``node``."""
+        ordered = sorted(values)
+        self._tell_workers(b"".join(
+            msg(KIND_NODE_DOWN, encode_node(node, pack_serials(ordered[i:i + SERIALS_MAX])))
+            for i in range(0, len(ordered), SERIALS_MAX)))
 
     async def _mesh_watch(self, mesh: Mesh) -> None:
         """Follow the mesh's peers: new or removed ones, gone ones that are back; probe
@@ -847,6 +857,19 @@ class WorkerPool:
             "rss_total": supervisor_rss + sum(w["rss"] or 0 for w in workers
                                               if w["pid"] is not None),
         }
+
+
+def _route_ids(bodies: list[bytes]) -> set[int]:
+    """The ids (``int(FlowId)``) the records of these ROUTE bodies are for."""
+    values: set[int] = set()
+    for body in bodies:
+        with contextlib.suppress(ProtocolError):
+            for op, value, count, payload in iter_records(body):
+                if op == OP_FANOUT:
+                    values.update(unpack_serials(payload[len(payload) - 8 * count:]))
+                else:
+                    values.add(value)
+    return values
 
 
 # --- helpers for applications --------------------------------------------------------------

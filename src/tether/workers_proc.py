@@ -162,7 +162,7 @@ class _Worker:
         self.code = 0
         self.task: asyncio.Task[None] | None = None
         self.peer_server: asyncio.AbstractServer | None = None
-        self.connecting: set[asyncio.Task[None]] = set()
+        self.connecting: dict[int, asyncio.Task[None]] = {}  # by worker index
         self.stats_timer: asyncio.TimerHandle | None = None
 
     # LinkOwner ---------------------------------------------------------------------------
@@ -180,6 +180,7 @@ class _Worker:
             self.peer_up(int(info["worker"]), int(info["floor"]), str(info["path"]))
         elif kind == KIND_DOWN:
             worker, serials = decode_down(body)
+            self._stop_connecting(worker)
             self.router.worker_down(worker, serials)
         elif kind == KIND_NODES:
             info = decode_json(body)
@@ -215,27 +216,46 @@ class _Worker:
 
     def peer_up(self, worker: int, floor: int, path: str) -> None:
         """Worker ``worker`` is up: connect to it (what is routed meanwhile waits)."""
+        self._stop_connecting(worker)
         old = self.router.link_of(worker)
         if old is not None:
             old.close()
         self.router.dest_up(worker, floor, None)
         task = asyncio.ensure_future(self._connect(worker, path))
-        self.connecting.add(task)
-        task.add_done_callback(self.connecting.discard)
+        self.connecting[worker] = task
+        task.add_done_callback(lambda t: self._connected(worker, t))
+
+    def _connected(self, worker: int, task: asyncio.Task[None]) -> None:
+        if self.connecting.get(worker) is task:
+            del self.connecting[worker]
+
+    def _stop_connecting(self, worker: int) -> None:
+        task = self.connecting.pop(worker, None)
+        if task is not None:
+            task.cancel()
 
     async def _connect(self, worker: int, path: str) -> None:
-        for attempt in range(50):
+        """Connect to worker ``worker`` until it works: the supervisor said it is up,
+        so a failure is passing (until it says the worker is down, or says it is up
+        again, or this worker stops: the task is then cancelled). Routed records wait
+        in the outbox meanwhile (bounded by ``max_route_buffer``)."""
+        delay = 0.02
+        attempt = 0
+        while True:
             try:
                 _, link = await self.loop.create_unix_connection(
                     lambda: LocalLink(self.me, self, initiator=True), path)
             except OSError as exc:
-                if attempt == 49:
-                    log.error("%s: cannot reach worker %d at %s: %s", self.me, worker, path,
-                              exc)
-                    self.router.dest_down(worker)
-                    return
-                await asyncio.sleep(0.02)
+                attempt += 1
+                if attempt % 100 == 50:
+                    log.error("%s: cannot reach worker %d at %s after %d attempts: %s; "
+                              "still trying", self.me, worker, path, attempt, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.25, 0.5) if attempt >= 50 else delay
                 continue
+            if attempt >= 50:
+                log.warning("%s: reached worker %d after %d attempts", self.me, worker,
+                            attempt + 1)
             link.tag = worker
             self.router.attach(worker, link)
             return
@@ -316,9 +336,11 @@ class _Worker:
                         self.me)
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-        for task in list(self.connecting):
+        tasks = list(self.connecting.values())
+        self.connecting.clear()
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self.connecting, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.router.flush()
         self.send_stats()
         if self.peer_server is not None:
