@@ -244,6 +244,10 @@ class WorkerPool:
         self._mesh_tasks: set[asyncio.Task[None]] = set()
         self._mesh_watcher: asyncio.Task[None] | None = None
         self._mesh_counters = {"from_nodes": 0, "mesh_failed": 0, "mesh_refused": 0}
+        # ids of each gone (or removed) node already closed "down", until it is back: the
+        # mesh may give back messages for one id in two reports (one for what was queued
+        # when the node was found gone, one for what a worker routed before it heard)
+        self._down_reported: dict[str, set[int]] = {}
 
     def __repr__(self) -> str:
         return f"<WorkerPool {self.hub.name} port={self.port} workers={self.workers}>"
@@ -687,14 +691,14 @@ class WorkerPool:
                 self._nodes_changed()
             log.warning("hub %s: the mesh refused %d message(s) to node %s (%s): %d of its "
                         "connection(s) we sent to are closed (\"down\")", self.hub.name,
-                        len(gone), node, why, len(values))
-            self._node_down(node, values)
+                        len(gone), node, why, self._node_down(node, values))
 
     async def _mesh_messages(self, mesh: Mesh) -> None:
         assert self._router is not None
         async for message in mesh.messages():
             if self._nodes.get(message.remote) is not None:
                 self._nodes[message.remote] = None  # it is back
+                self._down_reported.pop(message.remote, None)
                 self._nodes_changed()
             if message.kind == HUB_ROUTE:
                 self._mesh_counters["from_nodes"] += 1
@@ -722,20 +726,26 @@ class WorkerPool:
                 continue
             if self._stopping:
                 continue
-            if node in self._nodes and self._nodes[node] is None:
+            first = node in self._nodes and self._nodes[node] is None
+            if first:
                 self._nodes[node] = failure.reason
                 self._nodes_changed()
-            log.warning("hub %s: node %s is gone (%s): %d of its connection(s) we sent to "
-                        "are closed (\"down\")", self.hub.name, node, failure.reason,
-                        len(values))
-            self._node_down(node, values)
+            closed = self._node_down(node, values)
+            if first or closed:
+                log.warning("hub %s: node %s is gone (%s): %d of its connection(s) we sent "
+                            "to are closed (\"down\")", self.hub.name, node, failure.reason,
+                            closed)
 
-    def _node_down(self, node: str, values: set[int]) -> None:
-        """Tell the workers: ``Closed(id, "down")`` for these ids of ``node``."""
-        ordered = sorted(values)
+    def _node_down(self, node: str, values: set[int]) -> int:
+        """Tell the workers: ``Closed(id, "down")`` for those of these ids of ``node``
+        not closed so already (since it was last seen up); how many that is."""
+        reported = self._down_reported.setdefault(node, set())
+        ordered = sorted(values - reported)
+        reported.update(ordered)
         self._tell_workers(b"".join(
             msg(KIND_NODE_DOWN, encode_node(node, pack_serials(ordered[i:i + SERIALS_MAX])))
             for i in range(0, len(ordered), SERIALS_MAX)))
+        return len(ordered)
 
     async def _mesh_watch(self, mesh: Mesh) -> None:
         """Follow the mesh's peers: new or removed ones, gone ones that are back; probe
@@ -746,9 +756,12 @@ class WorkerPool:
             changed = set(peers) != set(self._nodes)
             nodes = {name: self._nodes.get(name) for name in peers}
             for name, info in peers.items():
+                if name not in self._nodes:  # (re)added: its ids are new ones
+                    self._down_reported.pop(name, None)
                 if nodes[name] is not None:
                     if info.state is PeerState.UP:
                         nodes[name] = None
+                        self._down_reported.pop(name, None)
                         changed = True
                         log.info("hub %s: node %s is back", self.hub.name, name)
                     elif not info.queued:
