@@ -435,6 +435,39 @@ def test_goaway_drains_then_terminates() -> None:
     assert terminated(p.take("server")).reason == "drained"
 
 
+@pytest.mark.parametrize("how", ["dealloc", "reset", "fin", "reject", "liveness"])
+def test_goaway_terminates_when_the_last_flow_ends_on_the_draining_side(how: str) -> None:
+    # the last flow of a draining link may end by this side's own call or its timer,
+    # not only by a frame from the peer: the link is drained then too, not at the deadline
+    p = Pair()
+    p.handshake()
+    if how == "reject":
+        sid = p.client.open_flow("svc", p.now)
+        p.transfer()
+    else:
+        sid, _ = p.open(liveness=1.0 if how == "liveness" else None)
+    p.server.goaway(p.now)
+    p.transfer()
+    p.take("server")
+    if how == "dealloc":
+        p.server.dealloc(sid, p.now)
+    elif how == "reset":
+        p.server.reset(sid, ErrorCode.RESET, "abort", p.now)
+    elif how == "fin":
+        p.client.send_fin(sid, p.now)
+        p.transfer()
+        p.server.send_fin(sid, p.now)
+    elif how == "reject":
+        p.server.reject_flow(sid, ErrorCode.REFUSED, "no", p.now)
+    else:
+        p.cut = True  # the client falls silent; its flow goes DOWN well before the link
+        p.advance(1.5)
+    events = p.take("server")
+    assert sid in ended(events)
+    assert terminated(events).reason == "drained"
+    assert p.server.is_closed and p.server.next_deadline() is None
+
+
 def test_close_resets_every_flow_and_tells_the_peer() -> None:
     p = Pair()
     p.handshake()

@@ -398,6 +398,7 @@ class Link:
                     else "unresponsive peer"
                 self._emit(wire.Reset(stream=sid, code=ErrorCode.FLOW_PEER, reason=why), now)
                 self._ended(s, ErrorCode.FLOW_PEER, f"down: {why}", "link")
+        self._maybe_drained(now)
 
     def peek_stream_end(self, data: bytes | memoryview) -> tuple[int, int] | None:
         """`(frame type, stream)` if `data` is exactly one FIN or CLOSE frame that
@@ -497,6 +498,7 @@ class Link:
         s.fsm.process(FlowInput.LOCAL_REJECT)
         self._emit(wire.OpenErr(stream=stream, code=code, reason=reason), now)
         self._ended(s, code, f"refused: {reason}", "local")
+        self._maybe_drained(now)
 
     def send_data(self, stream: int, data: bytes | bytearray | memoryview, now: float) -> int:
         """Send as much of `data` as the stream's credit allows; returns the count sent.
@@ -542,6 +544,7 @@ class Link:
         self._sent(s, now)
         if s.fsm.is_terminal:
             self._ended(s, ErrorCode.NO_ERROR, "closed", "local")
+            self._maybe_drained(now)
 
     def dealloc(self, stream: int, now: float) -> None:
         """End the flow cleanly from this side: the peer reads what was sent, then EOF,
@@ -552,6 +555,7 @@ class Link:
         s.fsm.process(FlowInput.LOCAL_DEALLOC)
         self._emit_raw(wire.encode_empty(wire.FrameType.CLOSE, stream), now, stream=stream)
         self._ended(s, ErrorCode.NO_ERROR, "local", "local")
+        self._maybe_drained(now)
 
     def reset(self, stream: int, code: int, reason: str, now: float) -> None:
         """Abort the flow; the peer's reads and writes fail with `FlowReset`. A `code` of
@@ -564,6 +568,7 @@ class Link:
         s.fsm.process(FlowInput.LINK_LOST if down else FlowInput.LOCAL_RESET)
         self._emit(wire.Reset(stream=stream, code=code, reason=reason), now)
         self._ended(s, code, f"down: {reason}" if down else "reset", "local")
+        self._maybe_drained(now)
 
     def consumed(self, stream: int, n: int, now: float) -> None:
         """The application took `n` bytes of this stream: give the credit back (in
@@ -727,6 +732,8 @@ class Link:
         self._events.append(LinkTerminated(code=code, reason=reason, initiator=initiator))
 
     def _maybe_drained(self, now: float) -> None:
+        """A draining link whose last stream ended -- by a frame, a local call or a
+        timer -- terminates by itself."""
         if self.state is LinkState.DRAINING and not self._streams:
             self._terminate(ErrorCode.NO_ERROR, "drained", "local", now, flow_reason="drained")
 
