@@ -54,6 +54,19 @@ def test_handshake_exchanges_names_and_negotiates_payload() -> None:
     assert p.client.state is LinkState.OPEN and p.server.state is LinkState.OPEN
 
 
+@pytest.mark.parametrize("frame", [wire.Data(1, b"x" * 8193),
+                                   wire.Msg(kind=1, seq=1, body=b"x" * 8193)])
+def test_the_decoder_enforces_the_negotiated_max_payload(frame: wire.Frame) -> None:
+    # docs/protocol.md 4: after the HELLOs, each side's decoder enforces the smaller
+    # max_payload, not its own larger one
+    p = Pair(LinkConfig(name="a", max_payload=8192), LinkConfig(name="b"))
+    p.handshake()
+    p.open()
+    p.server.receive_data(wire.encode(frame), p.now)
+    end = terminated(p.take("server"))
+    assert end.code == ErrorCode.FRAME_TOO_LARGE and "exceeds the maximum 8" in end.reason
+
+
 def test_bad_token_is_refused_with_a_reason_on_both_sides() -> None:
     p = Pair(LinkConfig(name="a", token=b"wrong"),
              LinkConfig(name="b", expected_token=b"secret"))

@@ -770,6 +770,7 @@ class Link:
             self._send_hello()
         self.peer_name = frame.name
         self._max_payload = min(cfg.max_payload, frame.max_payload)
+        self._decoder.max_payload = self._max_payload  # what the peer may send us too (§4)
         peer_heartbeat = frame.heartbeat_ms / 1000
         self._link_timeout = max(cfg.link_timeout, 2.5 * peer_heartbeat)
         self._handshake_deadline = None
