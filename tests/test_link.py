@@ -736,6 +736,23 @@ def test_a_nearly_full_queue_still_takes_a_frame_worth_sending() -> None:
     assert p.client.queued <= QUEUE_LIMIT + _MIN_SPLIT + wire.HEADER.size
 
 
+def test_a_stream_held_back_by_a_full_queue_leaves_nothing_behind_when_it_ends() -> None:
+    """While a link's queue stays full (a peer that answers PINGs but reads nothing),
+    streams that tried to send and then ended must not stay on the wake-up list: one
+    entry per ended stream, for as long as the stall lasts, is a leak."""
+    from tether.link import QUEUE_LIMIT
+    p, (a,) = _wide_open(1)
+    p.client.send_data(a, b"a" * (2 * QUEUE_LIMIT), p.now)  # the queue is full from now on
+    for _ in range(200):
+        sid = p.client.open_flow("svc", p.now)
+        p.server.receive_data(b"".join(p.client.take_output(0)), p.now)  # urgent only
+        p.server.accept_flow(sid, p.now)
+        p.client.receive_data(p.server.data_to_send(), p.now)
+        assert p.client.send_data(sid, b"x" * 10, p.now) == 0  # held back by the queue
+        p.client.dealloc(sid, p.now)
+    assert p.client._starved <= set(p.client.streams())
+
+
 def test_a_data_frame_is_passed_on_and_counts_as_life_as_it_arrives() -> None:
     """A DATA frame still crossing the network (a large frame over a slow path) is
     handed on piece by piece, and each piece keeps the flow alive: the receiver does

@@ -712,6 +712,7 @@ class Link:
         del self._streams[s.id]
         self._window_growth -= s.local_window - self.config.initial_window
         self._liveness.remove(s.id)
+        self._starved.discard(s.id)
         self.stats.flows_ended += 1
         self._events.append(FlowEnded(stream=s.id, state=s.fsm.state, code=code,
                                       reason=reason, initiator=initiator))
