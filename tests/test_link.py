@@ -229,6 +229,22 @@ def test_open_with_wrong_parity_ends_link() -> None:
     assert "parity" in terminated(p.take("client")).reason
 
 
+@pytest.mark.parametrize("answer", [wire.OpenOk(stream=1, window=10),
+                                    wire.OpenErr(stream=1, code=ErrorCode.REFUSED)])
+def test_an_answer_to_the_peers_own_open_ends_the_link(answer: wire.Frame) -> None:
+    # docs/protocol.md 6.2: OPEN_OK or OPEN_ERR for a stream the peer itself opened is a
+    # protocol error (6.7): GOAWAY, every flow DOWN; not a reset of that one stream
+    p = Pair()
+    p.handshake()
+    sid = p.client.open_flow("svc", p.now)
+    p.transfer()
+    p.server.receive_data(wire.encode(answer), p.now)  # the client answers its own
+    p.transfer()
+    end = terminated(p.take("server"))
+    assert end.code == ErrorCode.PROTOCOL_ERROR and "that the peer opened" in end.reason
+    assert ended(p.take("client"))[sid].state is FlowState.DOWN
+
+
 # --- flow control --------------------------------------------------------------------------
 
 

@@ -846,6 +846,10 @@ class Link:
         if s is None:
             self._unknown_stream(sid, type(frame).__name__.upper(), now)
             return
+        if isinstance(frame, (wire.OpenOk, wire.OpenErr)) and self._is_peer_id(sid):
+            # a peer answering its own open has the stream ids wrong: a link error (§6.2)
+            raise RemoteProtocolError(f"{wire.frame_name(frame.TYPE)} for stream {sid} "
+                                      "that the peer opened")
         if not isinstance(frame, wire.Window):  # a relay's own, not the far end's (above)
             self._liveness.received(sid, now)
         try:
@@ -879,8 +883,6 @@ class Link:
                 reason = f"down: {frame.reason}" if down else f"reset: {frame.reason}"
                 self._ended(s, frame.code, reason, "peer")
         elif isinstance(frame, wire.OpenOk):
-            if s.id % 2 != self._next_local_id % 2:
-                raise RemoteProtocolError(f"OPEN_OK for stream {s.id} that the peer opened")
             if frame.window > _MAX_WINDOW:
                 raise RemoteProtocolError(f"OPEN_OK window {frame.window} too large")
             fsm.process(FlowInput.REMOTE_ACCEPT)
@@ -889,8 +891,6 @@ class Link:
             if frame.window:
                 self._events.append(WindowUpdated(stream=s.id, credit=s.send_credit))
         elif isinstance(frame, wire.OpenErr):
-            if s.id % 2 != self._next_local_id % 2:
-                raise RemoteProtocolError(f"OPEN_ERR for stream {s.id} that the peer opened")
             fsm.process(FlowInput.REMOTE_REJECT)
             self._ended(s, frame.code, f"refused: {frame.reason}", "peer")
 
