@@ -510,6 +510,66 @@ def test_close_resets_every_flow_and_tells_the_peer() -> None:
     assert all(e.reason == "down: shutdown" for e in ended(p.take("server")).values())
 
 
+# --- garbage from the peer, at the link level --------------------------------------------
+
+_SID = st.sampled_from([1, 2, 3, 4, 5, 7, 0xFFFFFFFF])
+_WIN = st.sampled_from([0, 1, 4096, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
+_CODE = st.sampled_from([0, 4, 5, 6, 13, 999, 0xFFFF])
+PEER_FRAMES: st.SearchStrategy[wire.Frame] = st.one_of(
+    st.builds(wire.Data, _SID, st.binary(max_size=3000)),
+    st.builds(wire.Fin, stream=_SID), st.builds(wire.Close, stream=_SID),
+    st.builds(wire.KeepAlive, stream=_SID),
+    st.builds(wire.Reset, stream=_SID, code=_CODE, reason=st.just("r")),
+    st.builds(wire.Window, stream=_SID, increment=_WIN.map(lambda w: max(w, 1))),
+    st.builds(wire.OpenOk, stream=_SID, window=_WIN),
+    st.builds(wire.OpenErr, stream=_SID, code=_CODE, reason=st.just("e")),
+    st.builds(wire.Open, stream=_SID, service=st.just("s"), window=_WIN,
+              liveness_ms=st.sampled_from([0, 1, 10, 1000, 2**64 - 1]), mode=st.integers(0, 255)),
+    st.builds(wire.Ping, opaque=st.just(1)), st.builds(wire.Pong, opaque=st.just(1)),
+    st.builds(wire.Msg, kind=st.just(1), seq=st.just(1), body=st.binary(max_size=100)),
+    st.builds(wire.Ack, seq=st.just(1)),
+    st.builds(wire.GoAway, last_stream=st.integers(0, 8), code=_CODE, reason=st.just("g")),
+    st.builds(wire.Hello, name=st.just("again")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(PEER_FRAMES, min_size=1, max_size=10),
+       st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
+       st.lists(st.integers(1, 5000), min_size=1, max_size=6),
+       st.sampled_from(["client", "server"]))
+def test_any_bytes_from_the_peer_end_a_stream_or_the_link_never_raise(
+        frames: list[wire.Frame], flips: list[tuple[int, int]], cuts: list[int],
+        target: str) -> None:
+    """Frames a peer may send in any state, some corrupted, fed in any chunks to a link
+    with live flows: `receive_data` never raises, every stream ends at most once (and
+    exactly once when the link is gone), and the link survives or ends with a code."""
+    p = Pair(LinkConfig(name="c", initial_window=4096), LinkConfig(name="s", initial_window=4096))
+    p.handshake()
+    p.open(liveness=0.5)
+    p.open()
+    p.client.open_flow("svc", p.now)  # one left unanswered
+    p.transfer()
+    link = p.side(target)
+    known = set(link.streams())
+    data = bytearray(b"".join(wire.encode(f) for f in frames))
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    pos = i = 0
+    while pos < len(data):
+        n = cuts[i % len(cuts)]
+        link.receive_data(bytes(data[pos:pos + n]), p.now)
+        pos, i = pos + n, i + 1
+        p.transfer()
+    p.advance(p.now + 2.0)
+    link.connection_lost("test over", p.now)
+    events = p.take(target)
+    known |= {e.stream for e in events if isinstance(e, FlowOpenRequested)}
+    assert set(ended(events)) == known and not link.streams()
+    end = terminated(events)
+    assert end.code == int(end.code) and end.reason
+
+
 # --- many flows, any chunking ------------------------------------------------------------------
 
 
