@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from linkpair import Pair
 from tether import wire
@@ -32,11 +32,12 @@ codes = st.sampled_from([ErrorCode.RESET, ErrorCode.FLOW_DOWN, ErrorCode.FLOW_PE
 steps = st.sampled_from([0.001, 0.01, 0.1, 0.6, 2.0, 20.0])
 
 
-def _config(name: str) -> LinkConfig:
+def _config(name: str, relay: bool = False) -> LinkConfig:
     # small windows and payloads: credit runs out, windows grow and hit the budget
     return LinkConfig(name=name, initial_window=4096, max_window=16_384,
                       window_budget=20_000, max_payload=2048, max_flows=6,
-                      heartbeat_interval=1.0, link_timeout=3.0, handshake_timeout=2.0)
+                      heartbeat_interval=1.0, link_timeout=3.0, handshake_timeout=2.0,
+                      relay_streams=relay)
 
 
 class _Side:
@@ -54,9 +55,19 @@ class _Side:
 class LinkPairMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.p = Pair(client=_config("client"), server=_config("server"))
+        self.p = Pair()  # replaced by `configure`
         self.s = {name: _Side() for name in SIDES}
         self.forged = False
+
+    @initialize(relay=st.sampled_from([None, "client", "server"]),
+                queue_limit=st.sampled_from([None, 3000, 10_000]))
+    def configure(self, relay: str | None, queue_limit: int | None) -> None:
+        """Maybe one side is a gateway's (relay streams: no liveness of their own);
+        maybe the link queues are small, so that senders are held back and woken."""
+        self.p = Pair(client=_config("client", relay == "client"),
+                      server=_config("server", relay == "server"))
+        if queue_limit is not None:
+            self.p.client.queue_limit = self.p.server.queue_limit = queue_limit
         self.p.transfer()
         self._collect()
 
@@ -175,6 +186,12 @@ class LinkPairMachine(RuleBasedStateMachine):
         n = max(1, int(held[sid] * fraction))
         held[sid] -= n
         self._link(name).consumed(sid, n, self.p.now)
+
+    @rule(name=sides, pick=picks)
+    def forward_keepalive(self, name: str, pick: int) -> None:
+        sid = self._live(name, pick)
+        if sid is not None:
+            self._link(name).send_keepalive(sid, self.p.now)
 
     @rule(name=sides, liveness=st.sampled_from([None, 0.05, 1.0, 10.0]), pick=picks)
     def set_liveness(self, name: str, liveness: float | None, pick: int) -> None:
