@@ -20,7 +20,7 @@ from tether import wire
 from tether.errors import ErrorCode, LocalProtocolError
 from tether.events import DataReceived, FlowEnded, FlowOpenRequested, LinkTerminated
 from tether.flowstate import FlowState
-from tether.link import Link, LinkConfig
+from tether.link import Link, LinkConfig, LinkState
 
 SIDES = ("client", "server")
 sides = st.sampled_from(SIDES)
@@ -350,6 +350,8 @@ class LinkPairMachine(RuleBasedStateMachine):
             link = self._link(name)
             if link.is_closed:
                 assert link.next_deadline() is None and not link.streams()
+            elif link.state is LinkState.DRAINING:  # drained: it terminates by itself
+                assert link.streams(), f"{name} drained and still DRAINING"
             else:
                 assert link.next_deadline() is not None
 
