@@ -27,6 +27,7 @@ from tether.events import (
     KeepAliveReceived,
     LinkTerminated,
     MessageReceived,
+    StreamProtocolError,
     WindowUpdated,
 )
 from tether.flowstate import FlowState
@@ -220,6 +221,20 @@ def test_frame_for_never_opened_stream_resets_only_that_stream() -> None:
     p.transfer()
     assert p.server.stats.protocol_errors == 1
     assert p.server.flow_state(sid) is FlowState.OPEN and p.server.state is LinkState.OPEN
+
+
+def test_a_bogus_data_frame_arriving_in_pieces_is_answered_and_counted_once() -> None:
+    # the link's decoder passes a DATA payload on as it arrives (cut-through): the
+    # pieces of one frame for a stream never opened are one protocol error, one RESET
+    p = Pair()
+    p.handshake()
+    raw = wire.encode(wire.Data(101, b"x" * 5000))
+    for i in range(0, len(raw), 500):
+        p.server.receive_data(raw[i:i + 500], p.now)
+    assert p.server.stats.protocol_errors == 1
+    assert len([e for e in p.take("server") if isinstance(e, StreamProtocolError)]) == 1
+    p.transfer()
+    assert p.client.stats.protocol_errors == 1  # the one RESET, for a stream it never had
 
 
 def test_open_with_wrong_parity_ends_link() -> None:

@@ -426,6 +426,8 @@ class Link:
             return
         self.stats.bytes_in += len(data)
         self._last_recv = now
+        # a DATA frame's payload still arriving: the first frame fed is its next piece
+        continued = self._decoder.data_left > 0
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -433,13 +435,17 @@ class Link:
             self._fail(exc.code, f"protocol error: {exc}", "peer", now)
             return
         for frame in frames:
-            self.stats.frames_in += 1
             try:
-                self._handle(frame, now)
+                if continued and isinstance(frame, wire.Data):
+                    self._on_data_piece(frame, now)
+                else:
+                    self.stats.frames_in += 1
+                    self._handle(frame, now)
             except ProtocolError as exc:
                 self.stats.protocol_errors += 1
                 self._fail(exc.code, f"protocol error: {exc}", "peer", now)
                 return
+            continued = False
             if self.is_closed:
                 return
 
@@ -816,6 +822,14 @@ class Link:
         if self._is_peer_id(sid):
             return sid <= self._highest_peer_id
         return sid < self._next_local_id
+
+    def _on_data_piece(self, frame: wire.Data, now: float) -> None:
+        """The next piece of a DATA frame whose start came in an earlier read: for a
+        stream that is not live, the frame was already answered (or found late) then."""
+        if frame.stream in self._streams:
+            self._on_data(frame, now)
+        if self.state is LinkState.DRAINING:
+            self._maybe_drained(now)
 
     def _on_data(self, frame: wire.Data, now: float) -> None:
         s = self._streams.get(frame.stream)
