@@ -3,9 +3,10 @@
     python fuzz/fuzz_wire.py -atheris_runs=100000          # a bounded run
     python fuzz/fuzz_wire.py corpus_dir/ -max_total_time=600
 
-Input layout: byte 0 selects how many of the next bytes (0-7) are chunk sizes; the rest is
-the byte stream, fed to one `FrameDecoder` in chunks of those sizes, cycled (all at once
-if there are none). Invariants checked for every input:
+Input layout: byte 0 selects how many of the next bytes (0-7) are chunk sizes (its low
+three bits) and whether DATA payloads are passed on as they arrive (bit 3: `split_data`,
+what `tether.Link` uses); the rest is the byte stream, fed to one `FrameDecoder` in chunks
+of those sizes, cycled (all at once if there are none). Invariants checked for every input:
 
 * only `ProtocolError` escapes `feed`, and once raised the decoder keeps raising it;
 * `buffered` stays below one header plus the largest payload the decoder accepts;
@@ -53,7 +54,8 @@ def _check_reencodes(frame: wire.Frame) -> None:
 
 
 def TestOneInput(data: bytes) -> None:  # the name atheris expects
-    decoder = wire.FrameDecoder(max_payload=MAX_PAYLOAD, hard_max=HARD_MAX)
+    decoder = wire.FrameDecoder(max_payload=MAX_PAYLOAD, hard_max=HARD_MAX,
+                                split_data=bool(data and data[0] & 8))
     for chunk in _chunks(data):
         try:
             frames = decoder.feed(chunk)

@@ -27,6 +27,7 @@ from tether.events import (
     KeepAliveReceived,
     LinkTerminated,
     MessageReceived,
+    StreamProtocolError,
     WindowUpdated,
 )
 from tether.flowstate import FlowState
@@ -52,6 +53,19 @@ def test_handshake_exchanges_names_and_negotiates_payload() -> None:
     assert p.client.peer_name == "b" and p.server.peer_name == "a"
     assert p.client.max_payload == p.server.max_payload == 8192
     assert p.client.state is LinkState.OPEN and p.server.state is LinkState.OPEN
+
+
+@pytest.mark.parametrize("frame", [wire.Data(1, b"x" * 8193),
+                                   wire.Msg(kind=1, seq=1, body=b"x" * 8193)])
+def test_the_decoder_enforces_the_negotiated_max_payload(frame: wire.Frame) -> None:
+    # docs/protocol.md 4: after the HELLOs, each side's decoder enforces the smaller
+    # max_payload, not its own larger one
+    p = Pair(LinkConfig(name="a", max_payload=8192), LinkConfig(name="b"))
+    p.handshake()
+    p.open()
+    p.server.receive_data(wire.encode(frame), p.now)
+    end = terminated(p.take("server"))
+    assert end.code == ErrorCode.FRAME_TOO_LARGE and "exceeds the maximum 8" in end.reason
 
 
 def test_bad_token_is_refused_with_a_reason_on_both_sides() -> None:
@@ -209,11 +223,41 @@ def test_frame_for_never_opened_stream_resets_only_that_stream() -> None:
     assert p.server.flow_state(sid) is FlowState.OPEN and p.server.state is LinkState.OPEN
 
 
+def test_a_bogus_data_frame_arriving_in_pieces_is_answered_and_counted_once() -> None:
+    # the link's decoder passes a DATA payload on as it arrives (cut-through): the
+    # pieces of one frame for a stream never opened are one protocol error, one RESET
+    p = Pair()
+    p.handshake()
+    raw = wire.encode(wire.Data(101, b"x" * 5000))
+    for i in range(0, len(raw), 500):
+        p.server.receive_data(raw[i:i + 500], p.now)
+    assert p.server.stats.protocol_errors == 1
+    assert len([e for e in p.take("server") if isinstance(e, StreamProtocolError)]) == 1
+    p.transfer()
+    assert p.client.stats.protocol_errors == 1  # the one RESET, for a stream it never had
+
+
 def test_open_with_wrong_parity_ends_link() -> None:
     p = Pair()
     p.handshake()
     p.client.receive_data(wire.encode(wire.Open(stream=3, service="x")), p.now)
     assert "parity" in terminated(p.take("client")).reason
+
+
+@pytest.mark.parametrize("answer", [wire.OpenOk(stream=1, window=10),
+                                    wire.OpenErr(stream=1, code=ErrorCode.REFUSED)])
+def test_an_answer_to_the_peers_own_open_ends_the_link(answer: wire.Frame) -> None:
+    # docs/protocol.md 6.2: OPEN_OK or OPEN_ERR for a stream the peer itself opened is a
+    # protocol error (6.7): GOAWAY, every flow DOWN; not a reset of that one stream
+    p = Pair()
+    p.handshake()
+    sid = p.client.open_flow("svc", p.now)
+    p.transfer()
+    p.server.receive_data(wire.encode(answer), p.now)  # the client answers its own
+    p.transfer()
+    end = terminated(p.take("server"))
+    assert end.code == ErrorCode.PROTOCOL_ERROR and "that the peer opened" in end.reason
+    assert ended(p.take("client"))[sid].state is FlowState.DOWN
 
 
 # --- flow control --------------------------------------------------------------------------
@@ -435,6 +479,39 @@ def test_goaway_drains_then_terminates() -> None:
     assert terminated(p.take("server")).reason == "drained"
 
 
+@pytest.mark.parametrize("how", ["dealloc", "reset", "fin", "reject", "liveness"])
+def test_goaway_terminates_when_the_last_flow_ends_on_the_draining_side(how: str) -> None:
+    # the last flow of a draining link may end by this side's own call or its timer,
+    # not only by a frame from the peer: the link is drained then too, not at the deadline
+    p = Pair()
+    p.handshake()
+    if how == "reject":
+        sid = p.client.open_flow("svc", p.now)
+        p.transfer()
+    else:
+        sid, _ = p.open(liveness=1.0 if how == "liveness" else None)
+    p.server.goaway(p.now)
+    p.transfer()
+    p.take("server")
+    if how == "dealloc":
+        p.server.dealloc(sid, p.now)
+    elif how == "reset":
+        p.server.reset(sid, ErrorCode.RESET, "abort", p.now)
+    elif how == "fin":
+        p.client.send_fin(sid, p.now)
+        p.transfer()
+        p.server.send_fin(sid, p.now)
+    elif how == "reject":
+        p.server.reject_flow(sid, ErrorCode.REFUSED, "no", p.now)
+    else:
+        p.cut = True  # the client falls silent; its flow goes DOWN well before the link
+        p.advance(1.5)
+    events = p.take("server")
+    assert sid in ended(events)
+    assert terminated(events).reason == "drained"
+    assert p.server.is_closed and p.server.next_deadline() is None
+
+
 def test_close_resets_every_flow_and_tells_the_peer() -> None:
     p = Pair()
     p.handshake()
@@ -446,6 +523,66 @@ def test_close_resets_every_flow_and_tells_the_peer() -> None:
     assert all(e.state is FlowState.DOWN and e.code == ErrorCode.FLOW_DOWN
                and e.reason == "down: shutdown" for e in ends.values())
     assert all(e.reason == "down: shutdown" for e in ended(p.take("server")).values())
+
+
+# --- garbage from the peer, at the link level --------------------------------------------
+
+_SID = st.sampled_from([1, 2, 3, 4, 5, 7, 0xFFFFFFFF])
+_WIN = st.sampled_from([0, 1, 4096, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
+_CODE = st.sampled_from([0, 4, 5, 6, 13, 999, 0xFFFF])
+PEER_FRAMES: st.SearchStrategy[wire.Frame] = st.one_of(
+    st.builds(wire.Data, _SID, st.binary(max_size=3000)),
+    st.builds(wire.Fin, stream=_SID), st.builds(wire.Close, stream=_SID),
+    st.builds(wire.KeepAlive, stream=_SID),
+    st.builds(wire.Reset, stream=_SID, code=_CODE, reason=st.just("r")),
+    st.builds(wire.Window, stream=_SID, increment=_WIN.map(lambda w: max(w, 1))),
+    st.builds(wire.OpenOk, stream=_SID, window=_WIN),
+    st.builds(wire.OpenErr, stream=_SID, code=_CODE, reason=st.just("e")),
+    st.builds(wire.Open, stream=_SID, service=st.just("s"), window=_WIN,
+              liveness_ms=st.sampled_from([0, 1, 10, 1000, 2**64 - 1]), mode=st.integers(0, 255)),
+    st.builds(wire.Ping, opaque=st.just(1)), st.builds(wire.Pong, opaque=st.just(1)),
+    st.builds(wire.Msg, kind=st.just(1), seq=st.just(1), body=st.binary(max_size=100)),
+    st.builds(wire.Ack, seq=st.just(1)),
+    st.builds(wire.GoAway, last_stream=st.integers(0, 8), code=_CODE, reason=st.just("g")),
+    st.builds(wire.Hello, name=st.just("again")),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(PEER_FRAMES, min_size=1, max_size=10),
+       st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3),
+       st.lists(st.integers(1, 5000), min_size=1, max_size=6),
+       st.sampled_from(["client", "server"]))
+def test_any_bytes_from_the_peer_end_a_stream_or_the_link_never_raise(
+        frames: list[wire.Frame], flips: list[tuple[int, int]], cuts: list[int],
+        target: str) -> None:
+    """Frames a peer may send in any state, some corrupted, fed in any chunks to a link
+    with live flows: `receive_data` never raises, every stream ends at most once (and
+    exactly once when the link is gone), and the link survives or ends with a code."""
+    p = Pair(LinkConfig(name="c", initial_window=4096), LinkConfig(name="s", initial_window=4096))
+    p.handshake()
+    p.open(liveness=0.5)
+    p.open()
+    p.client.open_flow("svc", p.now)  # one left unanswered
+    p.transfer()
+    link = p.side(target)
+    known = set(link.streams())
+    data = bytearray(b"".join(wire.encode(f) for f in frames))
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    pos = i = 0
+    while pos < len(data):
+        n = cuts[i % len(cuts)]
+        link.receive_data(bytes(data[pos:pos + n]), p.now)
+        pos, i = pos + n, i + 1
+        p.transfer()
+    p.advance(p.now + 2.0)
+    link.connection_lost("test over", p.now)
+    events = p.take(target)
+    known |= {e.stream for e in events if isinstance(e, FlowOpenRequested)}
+    assert set(ended(events)) == known and not link.streams()
+    end = terminated(events)
+    assert end.code == int(end.code) and end.reason
 
 
 # --- many flows, any chunking ------------------------------------------------------------------
@@ -688,6 +825,23 @@ def test_a_nearly_full_queue_still_takes_a_frame_worth_sending() -> None:
     assert 0 < QUEUE_LIMIT - p.client.queued < _MIN_SPLIT
     assert p.client.send_data(b, b"b" * big, p.now) == _MIN_SPLIT
     assert p.client.queued <= QUEUE_LIMIT + _MIN_SPLIT + wire.HEADER.size
+
+
+def test_a_stream_held_back_by_a_full_queue_leaves_nothing_behind_when_it_ends() -> None:
+    """While a link's queue stays full (a peer that answers PINGs but reads nothing),
+    streams that tried to send and then ended must not stay on the wake-up list: one
+    entry per ended stream, for as long as the stall lasts, is a leak."""
+    from tether.link import QUEUE_LIMIT
+    p, (a,) = _wide_open(1)
+    p.client.send_data(a, b"a" * (2 * QUEUE_LIMIT), p.now)  # the queue is full from now on
+    for _ in range(200):
+        sid = p.client.open_flow("svc", p.now)
+        p.server.receive_data(b"".join(p.client.take_output(0)), p.now)  # urgent only
+        p.server.accept_flow(sid, p.now)
+        p.client.receive_data(p.server.data_to_send(), p.now)
+        assert p.client.send_data(sid, b"x" * 10, p.now) == 0  # held back by the queue
+        p.client.dealloc(sid, p.now)
+    assert p.client._starved <= set(p.client.streams())
 
 
 def test_a_data_frame_is_passed_on_and_counts_as_life_as_it_arrives() -> None:

@@ -598,28 +598,32 @@ CUTS = st.lists(st.integers(0, 3000), max_size=20)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=3000), CUTS, st.sampled_from([1024, DEFAULT_MAX_PAYLOAD]))
-def test_fuzz_arbitrary_bytes(data: bytes, cuts: list[int], max_payload: int) -> None:
-    fuzz_feed(FrameDecoder(max_payload=max_payload), data, cuts)
+@given(st.binary(max_size=3000), CUTS, st.sampled_from([1024, DEFAULT_MAX_PAYLOAD]),
+       st.booleans())
+def test_fuzz_arbitrary_bytes(data: bytes, cuts: list[int], max_payload: int,
+                              split: bool) -> None:
+    fuzz_feed(FrameDecoder(max_payload=max_payload, split_data=split), data, cuts)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=3000), CUTS)
-def test_fuzz_after_valid_hello(data: bytes, cuts: list[int]) -> None:
+@given(st.binary(max_size=3000), CUTS, st.booleans())
+def test_fuzz_after_valid_hello(data: bytes, cuts: list[int], split: bool) -> None:
     hello = encode(Hello(name="peer", token=b"tok"))
-    fuzz_feed(FrameDecoder(), hello + data, [c + len(hello) for c in cuts] + [len(hello) // 2])
+    fuzz_feed(FrameDecoder(split_data=split), hello + data,
+              [c + len(hello) for c in cuts] + [len(hello) // 2])
 
 
 @settings(max_examples=200, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(FRAMES, min_size=1, max_size=6),
-       st.lists(st.tuples(st.integers(0, 10**6), U8), min_size=1, max_size=4), CUTS)
+       st.lists(st.tuples(st.integers(0, 10**6), U8), min_size=1, max_size=4), CUTS,
+       st.booleans())
 def test_fuzz_mutated_valid_frames(frames: list[Frame], flips: list[tuple[int, int]],
-                                   cuts: list[int]) -> None:
+                                   cuts: list[int], split: bool) -> None:
     data = bytearray(b"".join(encode(f) for f in frames))
     for pos, value in flips:
         data[pos % len(data)] = value
-    fuzz_feed(FrameDecoder(), bytes(data), cuts)
+    fuzz_feed(FrameDecoder(split_data=split), bytes(data), cuts)
 
 
 # ---------------------------------------------------------------------------------------

@@ -398,6 +398,7 @@ class Link:
                     else "unresponsive peer"
                 self._emit(wire.Reset(stream=sid, code=ErrorCode.FLOW_PEER, reason=why), now)
                 self._ended(s, ErrorCode.FLOW_PEER, f"down: {why}", "link")
+        self._maybe_drained(now)
 
     def peek_stream_end(self, data: bytes | memoryview) -> tuple[int, int] | None:
         """`(frame type, stream)` if `data` is exactly one FIN or CLOSE frame that
@@ -425,6 +426,8 @@ class Link:
             return
         self.stats.bytes_in += len(data)
         self._last_recv = now
+        # a DATA frame's payload still arriving: the first frame fed is its next piece
+        continued = self._decoder.data_left > 0
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -432,13 +435,17 @@ class Link:
             self._fail(exc.code, f"protocol error: {exc}", "peer", now)
             return
         for frame in frames:
-            self.stats.frames_in += 1
             try:
-                self._handle(frame, now)
+                if continued and isinstance(frame, wire.Data):
+                    self._on_data_piece(frame, now)
+                else:
+                    self.stats.frames_in += 1
+                    self._handle(frame, now)
             except ProtocolError as exc:
                 self.stats.protocol_errors += 1
                 self._fail(exc.code, f"protocol error: {exc}", "peer", now)
                 return
+            continued = False
             if self.is_closed:
                 return
 
@@ -497,6 +504,7 @@ class Link:
         s.fsm.process(FlowInput.LOCAL_REJECT)
         self._emit(wire.OpenErr(stream=stream, code=code, reason=reason), now)
         self._ended(s, code, f"refused: {reason}", "local")
+        self._maybe_drained(now)
 
     def send_data(self, stream: int, data: bytes | bytearray | memoryview, now: float) -> int:
         """Send as much of `data` as the stream's credit allows; returns the count sent.
@@ -542,6 +550,7 @@ class Link:
         self._sent(s, now)
         if s.fsm.is_terminal:
             self._ended(s, ErrorCode.NO_ERROR, "closed", "local")
+            self._maybe_drained(now)
 
     def dealloc(self, stream: int, now: float) -> None:
         """End the flow cleanly from this side: the peer reads what was sent, then EOF,
@@ -552,6 +561,7 @@ class Link:
         s.fsm.process(FlowInput.LOCAL_DEALLOC)
         self._emit_raw(wire.encode_empty(wire.FrameType.CLOSE, stream), now, stream=stream)
         self._ended(s, ErrorCode.NO_ERROR, "local", "local")
+        self._maybe_drained(now)
 
     def reset(self, stream: int, code: int, reason: str, now: float) -> None:
         """Abort the flow; the peer's reads and writes fail with `FlowReset`. A `code` of
@@ -564,6 +574,7 @@ class Link:
         s.fsm.process(FlowInput.LINK_LOST if down else FlowInput.LOCAL_RESET)
         self._emit(wire.Reset(stream=stream, code=code, reason=reason), now)
         self._ended(s, code, f"down: {reason}" if down else "reset", "local")
+        self._maybe_drained(now)
 
     def consumed(self, stream: int, n: int, now: float) -> None:
         """The application took `n` bytes of this stream: give the credit back (in
@@ -707,6 +718,7 @@ class Link:
         del self._streams[s.id]
         self._window_growth -= s.local_window - self.config.initial_window
         self._liveness.remove(s.id)
+        self._starved.discard(s.id)
         self.stats.flows_ended += 1
         self._events.append(FlowEnded(stream=s.id, state=s.fsm.state, code=code,
                                       reason=reason, initiator=initiator))
@@ -727,6 +739,8 @@ class Link:
         self._events.append(LinkTerminated(code=code, reason=reason, initiator=initiator))
 
     def _maybe_drained(self, now: float) -> None:
+        """A draining link whose last stream ended -- by a frame, a local call or a
+        timer -- terminates by itself."""
         if self.state is LinkState.DRAINING and not self._streams:
             self._terminate(ErrorCode.NO_ERROR, "drained", "local", now, flow_reason="drained")
 
@@ -763,6 +777,7 @@ class Link:
             self._send_hello()
         self.peer_name = frame.name
         self._max_payload = min(cfg.max_payload, frame.max_payload)
+        self._decoder.max_payload = self._max_payload  # what the peer may send us too (§4)
         peer_heartbeat = frame.heartbeat_ms / 1000
         self._link_timeout = max(cfg.link_timeout, 2.5 * peer_heartbeat)
         self._handshake_deadline = None
@@ -808,6 +823,14 @@ class Link:
             return sid <= self._highest_peer_id
         return sid < self._next_local_id
 
+    def _on_data_piece(self, frame: wire.Data, now: float) -> None:
+        """The next piece of a DATA frame whose start came in an earlier read: for a
+        stream that is not live, the frame was already answered (or found late) then."""
+        if frame.stream in self._streams:
+            self._on_data(frame, now)
+        if self.state is LinkState.DRAINING:
+            self._maybe_drained(now)
+
     def _on_data(self, frame: wire.Data, now: float) -> None:
         s = self._streams.get(frame.stream)
         if s is None:
@@ -837,6 +860,10 @@ class Link:
         if s is None:
             self._unknown_stream(sid, type(frame).__name__.upper(), now)
             return
+        if isinstance(frame, (wire.OpenOk, wire.OpenErr)) and self._is_peer_id(sid):
+            # a peer answering its own open has the stream ids wrong: a link error (§6.2)
+            raise RemoteProtocolError(f"{wire.frame_name(frame.TYPE)} for stream {sid} "
+                                      "that the peer opened")
         if not isinstance(frame, wire.Window):  # a relay's own, not the far end's (above)
             self._liveness.received(sid, now)
         try:
@@ -870,8 +897,6 @@ class Link:
                 reason = f"down: {frame.reason}" if down else f"reset: {frame.reason}"
                 self._ended(s, frame.code, reason, "peer")
         elif isinstance(frame, wire.OpenOk):
-            if s.id % 2 != self._next_local_id % 2:
-                raise RemoteProtocolError(f"OPEN_OK for stream {s.id} that the peer opened")
             if frame.window > _MAX_WINDOW:
                 raise RemoteProtocolError(f"OPEN_OK window {frame.window} too large")
             fsm.process(FlowInput.REMOTE_ACCEPT)
@@ -880,8 +905,6 @@ class Link:
             if frame.window:
                 self._events.append(WindowUpdated(stream=s.id, credit=s.send_credit))
         elif isinstance(frame, wire.OpenErr):
-            if s.id % 2 != self._next_local_id % 2:
-                raise RemoteProtocolError(f"OPEN_ERR for stream {s.id} that the peer opened")
             fsm.process(FlowInput.REMOTE_REJECT)
             self._ended(s, frame.code, f"refused: {frame.reason}", "peer")
 

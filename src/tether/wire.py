@@ -546,6 +546,12 @@ class FrameDecoder:
         return self._held
 
     @property
+    def data_left(self) -> int:
+        """With `split_data`: bytes of a DATA frame's payload still to come, whose
+        pieces the next `feed` returns first as the same frame's continuation."""
+        return self._data_left
+
+    @property
     def at_boundary(self) -> bool:
         """The next byte fed starts a frame: nothing is held, no DATA payload is still
         arriving, and the decoder is not broken."""
