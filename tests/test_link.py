@@ -844,6 +844,45 @@ def test_a_stream_held_back_by_a_full_queue_leaves_nothing_behind_when_it_ends()
     assert p.client._starved <= set(p.client.streams())
 
 
+@pytest.mark.parametrize("end", ["local reset", "peer reset", "down"])
+def test_a_reset_streams_queued_data_leaves_the_queue_and_wakes_the_others(end: str) -> None:
+    """What a reset (or down) stream still had queued would be discarded by the peer
+    (its RESET overtakes it): it leaves the link's queue at once instead of taking the
+    link's bandwidth and holding back the streams waiting for room. A stream's data
+    queued before a clean close still goes out."""
+    from tether.link import QUEUE_LIMIT
+    p, (a, b, c) = _wide_open(3)
+    p.client.send_data(c, b"c" * 1000, p.now)
+    p.client.dealloc(c, p.now)  # closed cleanly: its data and CLOSE stay queued
+    p.client.send_data(a, b"a" * (2 * QUEUE_LIMIT), p.now)  # fills the queue
+    assert p.client.send_data(b, b"b" * 10, p.now) == 0  # held back
+    frames_before = p.client.stats.frames_out
+    if end == "local reset":
+        p.client.reset(a, ErrorCode.RESET, "enough", p.now)
+    elif end == "peer reset":
+        p.server.reset(a, ErrorCode.RESET, "enough", p.now)
+        p.client.receive_data(p.server.data_to_send(), p.now)
+    else:
+        p.now += 100.0  # the server says nothing on any stream: a goes down
+        p.client.handle_timer(p.now)
+        p.take("client")
+        return _check_only_these_left(p, a)
+    events = p.take("client")
+    assert p.client.queued == 1000 + wire.HEADER.size  # c's DATA only
+    assert [e.stream for e in events if isinstance(e, WindowUpdated)] == [b]
+    assert p.client.stats.frames_out < frames_before + 1  # a's DATA frames uncounted
+    _check_only_these_left(p, a)
+
+
+def _check_only_these_left(p: Pair, gone: int) -> None:
+    """The client's output holds no DATA of stream `gone`; what it sends is decoded
+    by the server without a late frame for `gone`."""
+    decoder = wire.FrameDecoder(1 << 20, 1 << 20)
+    frames = decoder.feed(p.client.data_to_send())
+    assert not [f for f in frames if isinstance(f, wire.Data) and f.stream == gone]
+    assert p.client.queued == 0
+
+
 def test_a_data_frame_is_passed_on_and_counts_as_life_as_it_arrives() -> None:
     """A DATA frame still crossing the network (a large frame over a slow path) is
     handed on piece by piece, and each piece keeps the flow alive: the receiver does

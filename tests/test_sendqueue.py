@@ -127,3 +127,35 @@ def test_take_all_empties_the_queue_stream_by_stream() -> None:
 def test_a_quantum_below_the_smallest_cut_is_refused() -> None:
     with pytest.raises(ValueError, match="quantum"):
         SendQueue(quantum=MIN_SPLIT - 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=_ITEMS, first=st.integers(-1, 400_000), victim=st.integers(0, 4))
+def test_drop_forgets_one_stream_and_counts_exactly_what_it_held(
+        items: list[tuple[int, str, int]], first: int, victim: int) -> None:
+    """After any pushes and one take (which may cut a frame), `drop(stream)` returns
+    the frames, bytes and DATA bytes that stream still held -- what `take_all` would
+    have written for it -- and the other streams' frames are untouched."""
+    q, twin = SendQueue(MIN_SPLIT), SendQueue(MIN_SPLIT)
+    for n, (stream, kind, size) in enumerate(items):
+        for queue in (q, twin):
+            if kind == "data":
+                _push_data(queue, stream, bytes([n % 251]) * size)
+            elif kind == "fin":
+                queue.push(stream, wire.encode_empty(wire.FrameType.FIN, stream))
+            else:
+                queue.push(0, wire.encode_msg_header(7, n, size))
+                if size:
+                    queue.push(0, bytes(size))
+    q.take(first)
+    twin.take(first)
+    held = _frames(twin.take_all())
+    mine = [f for f in held if getattr(f, "stream", 0) == victim]  # (MSG: stream 0)
+    assert (victim in q) == bool(mine)
+    frames, size, data = q.drop(victim)
+    raw = [wire.encode(f) for f in mine]
+    assert (frames, size) == (len(mine), sum(len(r) for r in raw))
+    assert data == sum(len(r) for r, f in zip(raw, mine, strict=True)
+                       if isinstance(f, wire.Data))
+    assert victim not in q and q.drop(victim) == (0, 0, 0)
+    assert _frames(q.take_all()) == [f for f in held if f not in mine]

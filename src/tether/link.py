@@ -716,6 +716,13 @@ class Link:
 
     def _ended(self, s: _Stream, code: int, reason: str, initiator: Initiator) -> None:
         del self._streams[s.id]
+        if s.fsm.state is not FlowState.CLOSED and s.id in self._send:
+            # reset, down or refused: the peer discards what the stream still has queued
+            # (its RESET overtakes it, §6.3), so it leaves the queue now
+            frames, size, data = self._send.drop(s.id)
+            self.stats.frames_out -= frames
+            self.stats.bytes_out -= size
+            self._dequeued(data)
         self._window_growth -= s.local_window - self.config.initial_window
         self._liveness.remove(s.id)
         self._starved.discard(s.id)

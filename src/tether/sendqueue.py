@@ -57,6 +57,10 @@ class SendQueue:
         """The number of streams with something queued."""
         return len(self._turns)
 
+    def __contains__(self, stream: int) -> bool:
+        """`stream` has something queued."""
+        return stream in self._queues
+
     def push(self, stream: int, piece: Piece) -> None:
         """Queue one piece of a frame of `stream` (0 for link frames): a whole frame,
         or a DATA or MSG frame's header followed, in the next call, by its payload."""
@@ -88,6 +92,25 @@ class SendQueue:
             else:
                 del queues[stream]
         return out, data_taken
+
+    def drop(self, stream: int) -> tuple[int, int, int]:
+        """Forget what `stream` has queued (it was reset: the peer would discard it);
+        returns (frames, bytes, DATA bytes as queued) dropped."""
+        src = self._queues.pop(stream, None)
+        if src is None:
+            return 0, 0, 0
+        self._turns.remove(stream)
+        unpack = wire.HEADER.unpack_from
+        frames = size = data = i = 0
+        while i < len(src):
+            ftype, _, _, length = unpack(src[i])
+            two = ftype == _DATA or (ftype == _MSG and len(src[i]) < _HEADER + length)
+            frames += 1
+            size += _HEADER + length
+            if ftype == _DATA:
+                data += _HEADER + length
+            i += 2 if two else 1
+        return frames, size, data
 
     def take_all(self) -> list[Piece]:
         """Everything queued, stream after stream (each in its order)."""
