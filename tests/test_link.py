@@ -1010,3 +1010,17 @@ def test_a_flows_data_waits_for_a_turn_of_a_bulk_flow_not_for_its_whole_queue() 
         if isinstance(e, DataReceived):
             got[e.stream] += bytes(e.data)
     assert got == {bulk: b"b" * 200_000, chat: b"hello"}
+
+
+def test_consuming_more_than_was_received_is_refused() -> None:
+    """`consumed(n)` gives credit back; more than the stream holds would grant the peer
+    credit beyond its window (memory this side never agreed to hold): a local error."""
+    p, (a,) = _wide_open(1)
+    p.client.send_data(a, b"x" * 1000, p.now)
+    p.server.receive_data(p.client.data_to_send(), p.now)
+    p.server.consumed(a, 600, p.now)
+    with pytest.raises(LocalProtocolError, match="only 400 were received"):
+        p.server.consumed(a, 401, p.now)
+    p.server.consumed(a, 400, p.now)  # exactly what is left
+    with pytest.raises(LocalProtocolError):
+        p.server.consumed(a, 1, p.now)

@@ -242,7 +242,9 @@ class Flow:
         return self._conn.link.send_credit(self.stream)
 
     def consumed(self, n: int) -> None:
-        """Give `n` bytes of credit back to the peer (an attached sink passed them on)."""
+        """Give `n` bytes of credit back to the peer (an attached sink passed them on).
+        Raises `LocalProtocolError` if `n` is more than the sink was handed and has not
+        given back yet: that credit would let the peer send beyond its window."""
         self._conn.link.consumed(self.stream, n, self._conn.now)
         self._conn.flush()
 

@@ -582,6 +582,11 @@ class Link:
         s = self._streams.get(stream)
         if s is None or n <= 0:
             return
+        if n > s.local_window - s.recv_allowed - s.unacked:  # more than it holds
+            raise LocalProtocolError(
+                f"stream {stream}: consumed {n} bytes, but only "
+                f"{s.local_window - s.recv_allowed - s.unacked} were received and not "
+                "consumed yet: the peer would be granted credit beyond its window")
         s.unacked += n
         if s.unacked >= s.local_window // 2 and s.fsm.can_receive:
             increment = s.unacked
