@@ -778,7 +778,7 @@ class Link:
                             flow_reason="link lost")
             return
         if not isinstance(frame, wire.Hello):
-            raise RemoteProtocolError(f"expected HELLO, got {type(frame).__name__.upper()}")
+            raise RemoteProtocolError(f"expected HELLO, got {wire.frame_name(frame.TYPE)}")
         cfg = self.config
         self.peer_name = frame.name  # for log lines, even if the token is refused below
         if cfg.expected_token is not None and frame.token != cfg.expected_token:
@@ -870,7 +870,7 @@ class Link:
             return
         s = self._streams.get(sid)
         if s is None:
-            self._unknown_stream(sid, type(frame).__name__.upper(), now)
+            self._unknown_stream(sid, wire.frame_name(frame.TYPE), now)
             return
         if isinstance(frame, (wire.OpenOk, wire.OpenErr)) and self._is_peer_id(sid):
             # a peer answering its own open has the stream ids wrong: a link error (§6.2)
