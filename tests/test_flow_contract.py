@@ -237,3 +237,45 @@ async def test_allocs_given_up_do_not_fill_the_accept_backlog() -> None:
             await flow.write(b"in")
             assert await accepted.read() == b"in"
             await flow.dealloc()
+
+
+# -- a Node.start() cancelled during the HELLO handshake must not leave its link ---------
+
+
+async def test_start_cancelled_during_the_handshake_closes_the_connection() -> None:
+    """`async with asyncio.timeout(...)` around `async with Node(...)`: a timeout that
+    fires while the gateway has not answered HELLO yet cancels `start()`, and
+    `__aexit__` is never called. The connection must close with the cancellation (it
+    stayed open until the link's handshake timeout, and for good once a late HELLO
+    answer came: a link, heartbeating, that no one could close)."""
+    accepted: asyncio.Queue[asyncio.StreamReader] = asyncio.Queue()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)  # accepts, reads, never answers the HELLO
+        await accepted.put(reader)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        node = tether.Node("client", gateway=f"127.0.0.1:{port}")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                async with node:
+                    pytest.fail("the handshake cannot complete")
+        reader = await asyncio.wait_for(accepted.get(), 1)
+
+        async def until_eof() -> None:
+            while await reader.read(65536):
+                pass
+
+        try:
+            await asyncio.wait_for(until_eof(), 1)
+        except TimeoutError:
+            pytest.fail("the cancelled node's connection is still open")
+        assert node.stats()["links"] == 0
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()

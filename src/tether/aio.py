@@ -647,7 +647,14 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
     except (OSError, TimeoutError) as exc:
         why = str(exc) or "timed out"
         raise PeerUnreachable(f"cannot connect to {host}:{port}: {why}") from exc
-    await conn.ready
+    try:
+        await conn.ready
+    except asyncio.CancelledError:
+        # Cancelled before the peer answered HELLO: the caller never gets this link, so
+        # it ends here (else it stayed open until the handshake timeout, and for good if
+        # the answer came late: a link no one holds)
+        conn.close("connection attempt cancelled", ErrorCode.NO_ERROR)
+        raise
     return conn
 
 
