@@ -279,3 +279,27 @@ async def test_start_cancelled_during_the_handshake_closes_the_connection() -> N
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+# -- accept() on a node that lost its only link: no flow can come, it must not hang -------
+
+
+async def test_accept_raises_flow_down_once_the_gateway_link_is_lost() -> None:
+    """A node that does not listen gets flows only over its link to the gateway (it does
+    not re-dial): once that link is lost, a waiting or later accept() raises FlowDown
+    with the reason, as alloc() does, instead of waiting for ever."""
+    async with _server_behind_a_gateway() as (_, server):
+        waiting = asyncio.create_task(server.accept())
+        await asyncio.sleep(0.05)
+        conn = server._conn
+        assert conn is not None and conn.transport is not None
+        conn.transport.abort()  # the link is lost (the gateway, the network: all the same)
+        done, _ = await asyncio.wait([waiting], timeout=2)
+        if not done:
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            pytest.fail("accept() still waits for a flow that can never come")
+        with pytest.raises(tether.FlowDown, match="lost"):
+            waiting.result()
+        with pytest.raises(tether.FlowDown, match="lost"):
+            await asyncio.wait_for(server.accept(), 1)

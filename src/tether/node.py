@@ -103,6 +103,7 @@ class Node:
         self._accepters: deque[asyncio.Future[None]] = deque()
         self._serial = 0
         self._closing = False
+        self._link_lost: str | None = None  # why the link to the gateway ended
         self.counters: dict[str, int] = dict.fromkeys(
             ("allocated", "accepted", "refused", "closed", "down", "reset", "links_lost",
              "protocol_errors"), 0)
@@ -133,6 +134,7 @@ class Node:
                 await self._close_server()
                 raise
             self._conns.add(self._conn)
+            self._link_lost = None
             log.info("node %s: link to %s up (%s)", self.name, self._conn.link.peer_name,
                      self.gateway)
             for service in sorted(self._services):
@@ -153,9 +155,7 @@ class Node:
         await self._close_server()
         conns = list(self._conns)
         await asyncio.gather(*(c.aclose("shutdown", drain) for c in conns))
-        for waiter in self._accepters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake_all_accepters()
 
     async def _close_server(self) -> None:
         if self._server is not None:
@@ -227,7 +227,9 @@ class Node:
         return result
 
     async def accept(self) -> Flow:
-        """The next flow allocated to one of this node's services."""
+        """The next flow allocated to one of this node's services. Raises `FlowClosed`
+        once the node is closed, and `FlowDown` once no flow can arrive any more: its
+        link to the gateway was lost (a node does not re-dial) and it does not listen."""
         while True:
             while self._incoming:
                 conn, flow = self._incoming.popleft()
@@ -242,6 +244,10 @@ class Node:
                 return flow
             if self._closing:
                 raise FlowClosed(f"node {self.name} is closed")
+            if self._link_lost is not None and self._server is None:
+                raise FlowDown(f"node {self.name}: link to the gateway lost "
+                               f"({self._link_lost}): no flow can arrive",
+                               ErrorCode.FLOW_DOWN)
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._accepters.append(waiter)
             try:
@@ -305,6 +311,10 @@ class Node:
                      event.reason)
         elif isinstance(event, LinkTerminated):
             self._conns.discard(conn)
+            if conn is self._conn:
+                self._link_lost = event.reason
+                if self._server is None:  # no flow can arrive now: acceptors hear it
+                    self._wake_all_accepters()
             if not self._closing:
                 self.counters["links_lost"] += 1
                 level = logging.INFO if event.code in (ErrorCode.NO_ERROR, ErrorCode.SHUTDOWN) \
@@ -354,6 +364,11 @@ class Node:
             if not waiter.done():
                 waiter.set_result(None)
                 break
+
+    def _wake_all_accepters(self) -> None:
+        for waiter in self._accepters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _on_flow_ended(self, conn: LinkConnection, event: FlowEnded) -> None:
         flow = self._flows.pop((conn, event.stream), None)
