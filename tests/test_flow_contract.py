@@ -303,3 +303,49 @@ async def test_accept_raises_flow_down_once_the_gateway_link_is_lost() -> None:
             waiting.result()
         with pytest.raises(tether.FlowDown, match="lost"):
             await asyncio.wait_for(server.accept(), 1)
+
+
+# -- aclose(drain): "stop accepting, ..., drain within a deadline" ------------------------
+
+
+async def test_graceful_aclose_refuses_the_accept_backlog_at_once() -> None:
+    """Flows waiting in the accept backlog will never be accepted once the node closes:
+    they are refused at once ("shutting down"), as new ones are, and a waiting accept()
+    raises FlowClosed at once. Before, they held `aclose(drain=...)` for the whole
+    drain deadline, their allocs waiting with it, then went DOWN."""
+    async with _server_behind_a_gateway() as (address, server):
+        async with tether.Node("client", gateway=address) as client:
+            waiting = asyncio.create_task(client.alloc(SERVICE, liveness=None))
+            await eventually(lambda: str(server.stats()), lambda: server.stats()["flows"] == 1)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            closing = asyncio.create_task(server.aclose(drain=3.0))
+            done, _ = await asyncio.wait([waiting], timeout=1)
+            if not done:
+                waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            await closing
+            assert done, "the alloc waited for the server's drain deadline"
+            assert loop.time() - t0 < 1, "aclose waited for a flow no one would accept"
+            with pytest.raises(tether.FlowClosed, match="shutting down"):
+                waiting.result()
+            with pytest.raises(tether.FlowClosed):
+                await asyncio.wait_for(server.accept(), 1)
+
+
+async def test_graceful_aclose_ends_a_waiting_accept_at_once() -> None:
+    async with _served_flow(64 * 1024) as (flow, peer):
+        server = peer._conn.handler
+        assert isinstance(server, Node)
+        waiting = asyncio.create_task(server.accept())
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(server.aclose(drain=3.0))  # `flow` holds the drain
+        done, _ = await asyncio.wait([waiting], timeout=1)
+        await flow.dealloc()  # the drain ends
+        await closing
+        if not done:
+            waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert done, "accept() waited for the end of the drain"
+        with pytest.raises(tether.FlowClosed):
+            waiting.result()

@@ -150,8 +150,12 @@ class Node:
 
     async def aclose(self, drain: float = 0.0) -> None:
         """Close every flow (reason "shutdown") and link. With `drain`, flows get that many
-        seconds to finish on their own first."""
+        seconds to finish on their own first. Accepting stops at once: flows waiting in
+        the accept backlog are refused ("shutting down"), a waiting `accept()` raises
+        `FlowClosed`."""
         self._closing = True
+        self._refuse_backlog()
+        self._wake_all_accepters()
         await self._close_server()
         conns = list(self._conns)
         await asyncio.gather(*(c.aclose("shutdown", drain) for c in conns))
@@ -364,6 +368,18 @@ class Node:
             if not waiter.done():
                 waiter.set_result(None)
                 break
+
+    def _refuse_backlog(self) -> None:
+        """Refuse the flows no one will accept now (the node is closing)."""
+        while self._incoming:
+            conn, flow = self._incoming.popleft()
+            if flow.state is not FlowState.OPENING:
+                continue
+            del self._flows[(conn, flow.stream)]  # (never accepted: no "closed" count)
+            self.counters["refused"] += 1
+            log.info("node %s: refused flow to %s: shutting down", self.name, flow.service)
+            conn.link.reject_flow(flow.stream, ErrorCode.REFUSED, "shutting down", conn.now)
+            conn.flush()
 
     def _wake_all_accepters(self) -> None:
         for waiter in self._accepters:
