@@ -349,3 +349,19 @@ async def test_graceful_aclose_ends_a_waiting_accept_at_once() -> None:
         assert done, "accept() waited for the end of the drain"
         with pytest.raises(tether.FlowClosed):
             waiting.result()
+
+
+async def test_cancelled_graceful_aclose_still_closes_the_link() -> None:
+    """`aclose(drain=...)` under a deadline of the caller's (asyncio.timeout, a task
+    group's cancellation): the drain is cut short, and the node closes at once. It
+    was left half-closed: links open, flows up, nothing to end them."""
+    async with _served_flow(64 * 1024) as (flow, peer):
+        server = peer._conn.handler
+        assert isinstance(server, Node)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await server.aclose(drain=5.0)  # `flow` holds the drain
+        with pytest.raises(tether.FlowDown, match="shutdown"):
+            await asyncio.wait_for(flow.read(), 1)
+        assert peer.state is FlowState.DOWN
+        assert server.stats()["links"] == 0

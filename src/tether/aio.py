@@ -546,13 +546,16 @@ class LinkConnection(asyncio.BufferedProtocol):
         self.flush()
 
     async def aclose(self, reason: str = "shutdown", drain: float = 0.0) -> None:
-        """Graceful close: GOAWAY, let flows finish for up to `drain` seconds, then close."""
-        if drain > 0:
-            self.link.goaway(self.loop.time(), reason)
-            self.flush()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.closed), drain)
-        self.close(reason)
+        """Graceful close: GOAWAY, let flows finish for up to `drain` seconds, then close.
+        Cancelled while draining, it closes at once (and raises `CancelledError`)."""
+        try:
+            if drain > 0:
+                self.link.goaway(self.loop.time(), reason)
+                self.flush()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.closed), drain)
+        finally:
+            self.close(reason)
         if self.transport is not None:
             await _wait_closed(self.transport)
 
