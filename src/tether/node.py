@@ -201,7 +201,8 @@ class Node:
                     mode: str = "half-close") -> Flow:
         """Allocate a flow to `service`. Raises `NoSuchService` if no node offers it,
         `FlowDown` if the link is down or the answer does not come within the liveness
-        timeout."""
+        timeout, `FlowClosed` if the serving node refused it (its accept backlog full,
+        shutting down) or a gateway's policy denied it (code DENIED)."""
         conn = self._conn
         if conn is None or conn.closed.done():
             raise FlowDown(f"node {self.name} has no link to a gateway", ErrorCode.FLOW_DOWN)
