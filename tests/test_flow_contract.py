@@ -365,3 +365,21 @@ async def test_cancelled_graceful_aclose_still_closes_the_link() -> None:
             await asyncio.wait_for(flow.read(), 1)
         assert peer.state is FlowState.DOWN
         assert server.stats()["links"] == 0
+
+
+# -- aclose() of a listening node with nodes connected to it ------------------------------
+
+
+async def test_listening_node_closes_with_nodes_connected_to_it() -> None:
+    """Python 3.12's `Server.wait_closed()` waits for every connection the server
+    accepted to close: a listening node that waited for it before closing its links
+    never returned from aclose() (Python >= 3.12, which tether supports)."""
+    async with _served_flow(64 * 1024) as (flow, peer):
+        server = peer._conn.handler
+        assert isinstance(server, Node)
+        try:
+            await asyncio.wait_for(server.aclose(), 2)
+        except TimeoutError:
+            pytest.fail("aclose() of a listening node hangs while a node is connected")
+        with pytest.raises(tether.FlowDown, match="shutdown"):
+            await asyncio.wait_for(flow.read(), 1)

@@ -156,9 +156,13 @@ class Node:
         self._closing = True
         self._refuse_backlog()
         self._wake_all_accepters()
-        await self._close_server()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # no new links
         conns = list(self._conns)
         await asyncio.gather(*(c.aclose("shutdown", drain) for c in conns))
+        if server is not None:  # (after the links: from Python 3.12 on, it waits for
+            await server.wait_closed()  # every connection the server accepted to close)
         self._wake_all_accepters()
 
     async def _close_server(self) -> None:
