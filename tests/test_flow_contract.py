@@ -383,3 +383,23 @@ async def test_listening_node_closes_with_nodes_connected_to_it() -> None:
             pytest.fail("aclose() of a listening node hangs while a node is connected")
         with pytest.raises(tether.FlowDown, match="shutdown"):
             await asyncio.wait_for(flow.read(), 1)
+
+
+# -- aclose() while start() is still connecting -------------------------------------------
+
+
+async def test_aclose_during_start_leaves_no_link_and_no_listener() -> None:
+    """aclose() while start() still connects (or binds): the node says it closed, and
+    start() must not then bring a link up (or listen) that nothing will ever close
+    (as the hub's start() already does: it raises)."""
+    async with tether.Gateway("127.0.0.1:0", name="gw") as gw:
+        node = tether.Node("late", gateway=f"127.0.0.1:{gw.port}", listen="127.0.0.1:0")
+        starting = asyncio.create_task(node.start())
+        await asyncio.sleep(0)  # start() is under way
+        await node.aclose()
+        with pytest.raises(tether.FlowClosed, match="closed"):
+            await asyncio.wait_for(starting, 2)
+        await asyncio.sleep(0.1)
+        assert node._server is None, "the closed node listens"
+        assert node.stats()["links"] == 0, node.stats()
+        assert gw.stats()["links"] == 0, gw.stats()

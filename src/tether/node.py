@@ -117,28 +117,42 @@ class Node:
                           initial_window=self.window)
 
     async def start(self) -> None:
-        """Listen and/or connect to the gateway; returns once the link is up."""
+        """Listen and/or connect to the gateway; returns once the link is up. Raises
+        `FlowClosed` if the node is closed, `aclose()` during `start()` included."""
+        self._check_open()
         if self.listen is not None:
             host, port = parse_address(self.listen)
-            self._server = await serve_links(
+            server = await serve_links(
                 host, port, lambda: self._link_config(server=True), self,
                 ssl_context=self.server_tls, sockopts=self.sockopts)
+            if self._closing:  # aclose() meanwhile: nothing will close it later
+                server.close()
+                self._check_open()
+            self._server = server
         if self.gateway is not None:
             host, port = parse_address(self.gateway)
             try:
-                self._conn = await open_link(
+                conn = await open_link(
                     host, port, self._link_config(server=False), self, ssl_context=self.tls,
                     server_hostname=self.server_hostname, sockopts=self.sockopts,
                     connect_timeout=self.connect_timeout)
             except BaseException:
                 await self._close_server()
                 raise
+            if self._closing:
+                conn.close()
+                self._check_open()
+            self._conn = conn
             self._conns.add(self._conn)
             self._link_lost = None
             log.info("node %s: link to %s up (%s)", self.name, self._conn.link.peer_name,
                      self.gateway)
             for service in sorted(self._services):
                 self._send_control(wire.KIND_REGISTER, service)
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise FlowClosed(f"node {self.name} is closed")
 
     @property
     def port(self) -> int:
