@@ -237,3 +237,169 @@ async def test_allocs_given_up_do_not_fill_the_accept_backlog() -> None:
             await flow.write(b"in")
             assert await accepted.read() == b"in"
             await flow.dealloc()
+
+
+# -- a Node.start() cancelled during the HELLO handshake must not leave its link ---------
+
+
+async def test_start_cancelled_during_the_handshake_closes_the_connection() -> None:
+    """`async with asyncio.timeout(...)` around `async with Node(...)`: a timeout that
+    fires while the gateway has not answered HELLO yet cancels `start()`, and
+    `__aexit__` is never called. The connection must close with the cancellation (it
+    stayed open until the link's handshake timeout, and for good once a late HELLO
+    answer came: a link, heartbeating, that no one could close)."""
+    accepted: asyncio.Queue[asyncio.StreamReader] = asyncio.Queue()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)  # accepts, reads, never answers the HELLO
+        await accepted.put(reader)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        node = tether.Node("client", gateway=f"127.0.0.1:{port}")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                async with node:
+                    pytest.fail("the handshake cannot complete")
+        reader = await asyncio.wait_for(accepted.get(), 1)
+
+        async def until_eof() -> None:
+            while await reader.read(65536):
+                pass
+
+        try:
+            await asyncio.wait_for(until_eof(), 1)
+        except TimeoutError:
+            pytest.fail("the cancelled node's connection is still open")
+        assert node.stats()["links"] == 0
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+# -- accept() on a node that lost its only link: no flow can come, it must not hang -------
+
+
+async def test_accept_raises_flow_down_once_the_gateway_link_is_lost() -> None:
+    """A node that does not listen gets flows only over its link to the gateway (it does
+    not re-dial): once that link is lost, a waiting or later accept() raises FlowDown
+    with the reason, as alloc() does, instead of waiting for ever."""
+    async with _server_behind_a_gateway() as (_, server):
+        waiting = asyncio.create_task(server.accept())
+        await asyncio.sleep(0.05)
+        conn = server._conn
+        assert conn is not None and conn.transport is not None
+        conn.transport.abort()  # the link is lost (the gateway, the network: all the same)
+        done, _ = await asyncio.wait([waiting], timeout=2)
+        if not done:
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            pytest.fail("accept() still waits for a flow that can never come")
+        with pytest.raises(tether.FlowDown, match="lost"):
+            waiting.result()
+        with pytest.raises(tether.FlowDown, match="lost"):
+            await asyncio.wait_for(server.accept(), 1)
+
+
+# -- aclose(drain): "stop accepting, ..., drain within a deadline" ------------------------
+
+
+async def test_graceful_aclose_refuses_the_accept_backlog_at_once() -> None:
+    """Flows waiting in the accept backlog will never be accepted once the node closes:
+    they are refused at once ("shutting down"), as new ones are, and a waiting accept()
+    raises FlowClosed at once. Before, they held `aclose(drain=...)` for the whole
+    drain deadline, their allocs waiting with it, then went DOWN."""
+    async with _server_behind_a_gateway() as (address, server):
+        async with tether.Node("client", gateway=address) as client:
+            waiting = asyncio.create_task(client.alloc(SERVICE, liveness=None))
+            await eventually(lambda: str(server.stats()), lambda: server.stats()["flows"] == 1)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            closing = asyncio.create_task(server.aclose(drain=3.0))
+            done, _ = await asyncio.wait([waiting], timeout=1)
+            if not done:
+                waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            await closing
+            assert done, "the alloc waited for the server's drain deadline"
+            assert loop.time() - t0 < 1, "aclose waited for a flow no one would accept"
+            with pytest.raises(tether.FlowClosed, match="shutting down"):
+                waiting.result()
+            with pytest.raises(tether.FlowClosed):
+                await asyncio.wait_for(server.accept(), 1)
+
+
+async def test_graceful_aclose_ends_a_waiting_accept_at_once() -> None:
+    async with _served_flow(64 * 1024) as (flow, peer):
+        server = peer._conn.handler
+        assert isinstance(server, Node)
+        waiting = asyncio.create_task(server.accept())
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(server.aclose(drain=3.0))  # `flow` holds the drain
+        done, _ = await asyncio.wait([waiting], timeout=1)
+        await flow.dealloc()  # the drain ends
+        await closing
+        if not done:
+            waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert done, "accept() waited for the end of the drain"
+        with pytest.raises(tether.FlowClosed):
+            waiting.result()
+
+
+async def test_cancelled_graceful_aclose_still_closes_the_link() -> None:
+    """`aclose(drain=...)` under a deadline of the caller's (asyncio.timeout, a task
+    group's cancellation): the drain is cut short, and the node closes at once. It
+    was left half-closed: links open, flows up, nothing to end them."""
+    async with _served_flow(64 * 1024) as (flow, peer):
+        server = peer._conn.handler
+        assert isinstance(server, Node)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await server.aclose(drain=5.0)  # `flow` holds the drain
+        with pytest.raises(tether.FlowDown, match="shutdown"):
+            await asyncio.wait_for(flow.read(), 1)
+        assert peer.state is FlowState.DOWN
+        assert server.stats()["links"] == 0
+
+
+# -- aclose() of a listening node with nodes connected to it ------------------------------
+
+
+async def test_listening_node_closes_with_nodes_connected_to_it() -> None:
+    """Python 3.12's `Server.wait_closed()` waits for every connection the server
+    accepted to close: a listening node that waited for it before closing its links
+    never returned from aclose() (Python >= 3.12, which tether supports)."""
+    async with _served_flow(64 * 1024) as (flow, peer):
+        server = peer._conn.handler
+        assert isinstance(server, Node)
+        try:
+            await asyncio.wait_for(server.aclose(), 2)
+        except TimeoutError:
+            pytest.fail("aclose() of a listening node hangs while a node is connected")
+        with pytest.raises(tether.FlowDown, match="shutdown"):
+            await asyncio.wait_for(flow.read(), 1)
+
+
+# -- aclose() while start() is still connecting -------------------------------------------
+
+
+async def test_aclose_during_start_leaves_no_link_and_no_listener() -> None:
+    """aclose() while start() still connects (or binds): the node says it closed, and
+    start() must not then bring a link up (or listen) that nothing will ever close
+    (as the hub's start() already does: it raises)."""
+    async with tether.Gateway("127.0.0.1:0", name="gw") as gw:
+        node = tether.Node("late", gateway=f"127.0.0.1:{gw.port}", listen="127.0.0.1:0")
+        starting = asyncio.create_task(node.start())
+        await asyncio.sleep(0)  # start() is under way
+        await node.aclose()
+        with pytest.raises(tether.FlowClosed, match="closed"):
+            await asyncio.wait_for(starting, 2)
+        await asyncio.sleep(0.1)
+        assert node._server is None, "the closed node listens"
+        assert node.stats()["links"] == 0, node.stats()
+        assert gw.stats()["links"] == 0, gw.stats()

@@ -379,6 +379,28 @@ async def test_round_robin_across_servers() -> None:
         check_ended_once(s2, "accepted", 5)
 
 
+async def test_round_robin_state_of_services_that_went_away_is_forgotten() -> None:
+    """Nodes that come and go with service names of their own must not grow the
+    gateway: the round-robin position of a service went with its last server (it was
+    kept for every name ever allocated to)."""
+    async with gateway() as gw, \
+            tether.Node("server", gateway=address(gw)) as server, \
+            tether.Node("client", gateway=address(gw)) as client:
+        for i in range(50):
+            service = f"svc-{i}"
+            server.register(service)
+            await registered(gw, service)
+            async with asyncio.timeout(5), asyncio.TaskGroup() as tg:
+                alloc = tg.create_task(client.alloc(service, liveness=1.0))
+                served = await server.accept()
+            await alloc.result().dealloc()
+            await served.dealloc()
+            server.unregister(service)
+            await eventually(lambda: str(gw.services()), lambda: not gw.services())
+        assert not gw._services
+        assert len(gw._rr) == 0, f"{len(gw._rr)} round-robin entries for 0 services"
+
+
 async def _oecho_round(gw: tether.Gateway, service: str = "oecho") -> None:
     """One oecho exchange through `gw`: alloc, write, reply, server deallocs, EOF."""
     async with tether.Node("oecho-server", gateway=address(gw)) as server, \

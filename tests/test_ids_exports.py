@@ -35,6 +35,19 @@ def test_flow_id_parse_rejects_garbage_clearly(bad: str) -> None:
         FlowId.parse(bad)
 
 
+
+@pytest.mark.parametrize(("node", "serial", "worker"), [
+    ("gw", 1.5, 0), ("gw", 1, 2.0), ("gw", "1f", 0), (5, 1, 0), (b"gw", 1, 0),
+    ("gw", 1, None)])
+def test_flow_id_of_the_wrong_types_is_refused_when_made(node: object, serial: object,
+                                                          worker: object) -> None:
+    """An id is made to be serialized: one of the wrong types was accepted (a float
+    serial, a bytes node name), then failed in `str()` or `int()`, far from its cause,
+    with a message that did not say what was wrong ("Unknown format code 'x' for
+    object of type 'float'")."""
+    with pytest.raises(TypeError, match=r"node|serial|worker"):
+        FlowId(node=node, serial=serial, worker=worker)  # type: ignore[arg-type]
+
 def test_public_names_match_the_design() -> None:
     expected = {"Node", "Gateway", "Flow", "FlowId", "FlowState", "TetherError", "FlowClosed",
                 "FlowDown", "PeerDown", "FlowReset", "ProtocolError", "LocalProtocolError",

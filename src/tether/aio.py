@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -189,6 +190,23 @@ class SocketOptions:
 
 
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux's value
+
+
+# asyncio's own socket transport, from Python 3.12 on, writes `writelines` with sendmsg
+# and never checks its high-water mark there (`write` does): the protocol was never
+# paused, and a link's flows filled the transport's buffer (tens of MB) instead of
+# waiting in the link behind its queue_limit. (uvloop's transports pause as they should.)
+_WRITELINES_SKIPS_PAUSE = sys.version_info >= (3, 12)
+
+
+def _writelines(transport: asyncio.Transport, pieces: list[bytes | memoryview]) -> None:
+    """`transport.writelines(pieces)`, then `pause_writing` as after a `write` (a plain
+    TCP transport: TLS ones join the pieces into one `write`)."""
+    transport.writelines(pieces)
+    if _WRITELINES_SKIPS_PAUSE:
+        check = getattr(transport, "_maybe_pause_protocol", None)
+        if check is not None:
+            check()
 
 
 def _paced(rate: float, seconds: float, low: int, high: int, previous: int) -> int:
@@ -458,7 +476,7 @@ class LinkConnection(asyncio.BufferedProtocol):
                     and inflight.exceeded())  # (no call per write on a fast link)
             pieces = link.take_output(0 if self._paused or held else self._chunk)
             if pieces:
-                transport.writelines(pieces)  # one writev, no join
+                _writelines(transport, pieces)  # one writev, no join
             if self._paused:  # the kernel did not take it all: see resume_writing
                 self._paused_at = self.loop.time()
                 self._paused_bytes = transport.get_write_buffer_size()
@@ -546,13 +564,16 @@ class LinkConnection(asyncio.BufferedProtocol):
         self.flush()
 
     async def aclose(self, reason: str = "shutdown", drain: float = 0.0) -> None:
-        """Graceful close: GOAWAY, let flows finish for up to `drain` seconds, then close."""
-        if drain > 0:
-            self.link.goaway(self.loop.time(), reason)
-            self.flush()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.closed), drain)
-        self.close(reason)
+        """Graceful close: GOAWAY, let flows finish for up to `drain` seconds, then close.
+        Cancelled while draining, it closes at once (and raises `CancelledError`)."""
+        try:
+            if drain > 0:
+                self.link.goaway(self.loop.time(), reason)
+                self.flush()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self.closed), drain)
+        finally:
+            self.close(reason)
         if self.transport is not None:
             await _wait_closed(self.transport)
 
@@ -649,8 +670,11 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
         raise PeerUnreachable(f"cannot connect to {host}:{port}: {why}") from exc
     try:
         await conn.ready
-    except asyncio.CancelledError:  # the caller left: the connection is no one's now
-        conn.close("the dial was cancelled before the handshake completed")
+    except asyncio.CancelledError:
+        # Cancelled before the peer answered HELLO: the caller never gets this link, so
+        # it ends here (else it stayed open until the handshake timeout, and for good if
+        # the answer came late: a link no one holds)
+        conn.close("connection attempt cancelled", ErrorCode.NO_ERROR)
         raise
     return conn
 

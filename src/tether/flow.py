@@ -95,7 +95,9 @@ class Flow:
 
     async def read(self, max: int = -1) -> bytes:
         """Up to `max` bytes (all that is buffered if -1); `b""` at EOF. Raises
-        `FlowDown`/`FlowReset` once buffered data is exhausted on a DOWN/RESET flow."""
+        `FlowDown`/`FlowReset` once buffered data is exhausted on a DOWN/RESET flow.
+        One read at a time: a second, concurrent one raises `LocalProtocolError`. A
+        cancelled read loses nothing (what arrived stays for the next)."""
         if max == 0:
             return b""
         while not self._buffer:

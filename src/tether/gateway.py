@@ -498,6 +498,7 @@ class Gateway:
         servers.remove(conn)
         if not servers:
             del self._services[service]
+            self._rr.pop(service, None)  # (its round-robin turn goes with it)
         self._registered[conn] -= 1
         if not self._registered[conn]:
             del self._registered[conn]

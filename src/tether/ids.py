@@ -31,6 +31,11 @@ class FlowId:
     worker: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.node, str):
+            raise TypeError(f"node name must be a str, not {type(self.node).__name__}")
+        if not isinstance(self.serial, int) or not isinstance(self.worker, int):
+            raise TypeError(f"serial and worker must be ints, not "
+                            f"{type(self.serial).__name__} and {type(self.worker).__name__}")
         if not self.node or "@" in self.node:
             raise ValueError(f"node name {self.node!r} must be non-empty and without '@'")
         if not 0 <= self.serial <= _SERIAL_MASK:

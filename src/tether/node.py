@@ -103,6 +103,7 @@ class Node:
         self._accepters: deque[asyncio.Future[None]] = deque()
         self._serial = 0
         self._closing = False
+        self._link_lost: str | None = None  # why the link to the gateway ended
         self.counters: dict[str, int] = dict.fromkeys(
             ("allocated", "accepted", "refused", "closed", "down", "reset", "links_lost",
              "protocol_errors"), 0)
@@ -116,27 +117,42 @@ class Node:
                           initial_window=self.window)
 
     async def start(self) -> None:
-        """Listen and/or connect to the gateway; returns once the link is up."""
+        """Listen and/or connect to the gateway; returns once the link is up. Raises
+        `FlowClosed` if the node is closed, `aclose()` during `start()` included."""
+        self._check_open()
         if self.listen is not None:
             host, port = parse_address(self.listen)
-            self._server = await serve_links(
+            server = await serve_links(
                 host, port, lambda: self._link_config(server=True), self,
                 ssl_context=self.server_tls, sockopts=self.sockopts)
+            if self._closing:  # aclose() meanwhile: nothing will close it later
+                server.close()
+                self._check_open()
+            self._server = server
         if self.gateway is not None:
             host, port = parse_address(self.gateway)
             try:
-                self._conn = await open_link(
+                conn = await open_link(
                     host, port, self._link_config(server=False), self, ssl_context=self.tls,
                     server_hostname=self.server_hostname, sockopts=self.sockopts,
                     connect_timeout=self.connect_timeout)
             except BaseException:
                 await self._close_server()
                 raise
+            if self._closing:
+                conn.close()
+                self._check_open()
+            self._conn = conn
             self._conns.add(self._conn)
+            self._link_lost = None
             log.info("node %s: link to %s up (%s)", self.name, self._conn.link.peer_name,
                      self.gateway)
             for service in sorted(self._services):
                 self._send_control(wire.KIND_REGISTER, service)
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise FlowClosed(f"node {self.name} is closed")
 
     @property
     def port(self) -> int:
@@ -148,14 +164,20 @@ class Node:
 
     async def aclose(self, drain: float = 0.0) -> None:
         """Close every flow (reason "shutdown") and link. With `drain`, flows get that many
-        seconds to finish on their own first."""
+        seconds to finish on their own first. Accepting stops at once: flows waiting in
+        the accept backlog are refused ("shutting down"), a waiting `accept()` raises
+        `FlowClosed`."""
         self._closing = True
-        await self._close_server()
+        self._refuse_backlog()
+        self._wake_all_accepters()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # no new links
         conns = list(self._conns)
         await asyncio.gather(*(c.aclose("shutdown", drain) for c in conns))
-        for waiter in self._accepters:
-            if not waiter.done():
-                waiter.set_result(None)
+        if server is not None:  # (after the links: from Python 3.12 on, it waits for
+            await server.wait_closed()  # every connection the server accepted to close)
+        self._wake_all_accepters()
 
     async def _close_server(self) -> None:
         if self._server is not None:
@@ -197,7 +219,8 @@ class Node:
                     mode: str = "half-close") -> Flow:
         """Allocate a flow to `service`. Raises `NoSuchService` if no node offers it,
         `FlowDown` if the link is down or the answer does not come within the liveness
-        timeout."""
+        timeout, `FlowClosed` if the serving node refused it (its accept backlog full,
+        shutting down) or a gateway's policy denied it (code DENIED)."""
         conn = self._conn
         if conn is None or conn.closed.done():
             raise FlowDown(f"node {self.name} has no link to a gateway", ErrorCode.FLOW_DOWN)
@@ -227,7 +250,9 @@ class Node:
         return result
 
     async def accept(self) -> Flow:
-        """The next flow allocated to one of this node's services."""
+        """The next flow allocated to one of this node's services. Raises `FlowClosed`
+        once the node is closed, and `FlowDown` once no flow can arrive any more: its
+        link to the gateway was lost (a node does not re-dial) and it does not listen."""
         while True:
             while self._incoming:
                 conn, flow = self._incoming.popleft()
@@ -242,6 +267,10 @@ class Node:
                 return flow
             if self._closing:
                 raise FlowClosed(f"node {self.name} is closed")
+            if self._link_lost is not None and self._server is None:
+                raise FlowDown(f"node {self.name}: link to the gateway lost "
+                               f"({self._link_lost}): no flow can arrive",
+                               ErrorCode.FLOW_DOWN)
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._accepters.append(waiter)
             try:
@@ -305,6 +334,10 @@ class Node:
                      event.reason)
         elif isinstance(event, LinkTerminated):
             self._conns.discard(conn)
+            if conn is self._conn:
+                self._link_lost = event.reason
+                if self._server is None:  # no flow can arrive now: acceptors hear it
+                    self._wake_all_accepters()
             if not self._closing:
                 self.counters["links_lost"] += 1
                 level = logging.INFO if event.code in (ErrorCode.NO_ERROR, ErrorCode.SHUTDOWN) \
@@ -354,6 +387,23 @@ class Node:
             if not waiter.done():
                 waiter.set_result(None)
                 break
+
+    def _refuse_backlog(self) -> None:
+        """Refuse the flows no one will accept now (the node is closing)."""
+        while self._incoming:
+            conn, flow = self._incoming.popleft()
+            if flow.state is not FlowState.OPENING:
+                continue
+            del self._flows[(conn, flow.stream)]  # (never accepted: no "closed" count)
+            self.counters["refused"] += 1
+            log.info("node %s: refused flow to %s: shutting down", self.name, flow.service)
+            conn.link.reject_flow(flow.stream, ErrorCode.REFUSED, "shutting down", conn.now)
+            conn.flush()
+
+    def _wake_all_accepters(self) -> None:
+        for waiter in self._accepters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _on_flow_ended(self, conn: LinkConnection, event: FlowEnded) -> None:
         flow = self._flows.pop((conn, event.stream), None)
