@@ -721,9 +721,11 @@ class Link:
 
     def _ended(self, s: _Stream, code: int, reason: str, initiator: Initiator) -> None:
         del self._streams[s.id]
-        if s.fsm.state is not FlowState.CLOSED and s.id in self._send:
+        if s.fsm.state is not FlowState.CLOSED and s.id in self._send \
+                and self.state is not LinkState.CLOSED:
             # reset, down or refused: the peer discards what the stream still has queued
-            # (its RESET overtakes it, §6.3), so it leaves the queue now
+            # (its RESET overtakes it, §6.3), so it leaves the queue now (when the whole
+            # link ends, its last frames are written as they are, behind the GOAWAY)
             frames, size, data = self._send.drop(s.id)
             self.stats.frames_out -= frames
             self.stats.bytes_out -= size
@@ -743,10 +745,10 @@ class Link:
 
     def _terminate(self, code: int, reason: str, initiator: Initiator, now: float, *,
                    flow_reason: str) -> None:
+        self.state = LinkState.CLOSED  # (first: `_ended` then leaves the queue as it is)
         for s in list(self._streams.values()):
             s.fsm.process(FlowInput.LINK_LOST)
             self._ended(s, ErrorCode.FLOW_DOWN, f"down: {flow_reason}", "link")
-        self.state = LinkState.CLOSED
         self._handshake_deadline = None
         self._events.append(LinkTerminated(code=code, reason=reason, initiator=initiator))
 
