@@ -43,6 +43,7 @@ __all__ = [
     "run",
     "serve_links",
     "serve_tls",
+    "writelines",
 ]
 
 log = logging.getLogger("tether.link")
@@ -199,9 +200,9 @@ _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # Linux's value
 _WRITELINES_SKIPS_PAUSE = sys.version_info >= (3, 12)
 
 
-def _writelines(transport: asyncio.Transport, pieces: list[bytes | memoryview]) -> None:
-    """`transport.writelines(pieces)`, then `pause_writing` as after a `write` (a plain
-    TCP transport: TLS ones join the pieces into one `write`)."""
+def writelines(transport: asyncio.WriteTransport, pieces: list[bytes | memoryview]) -> None:
+    """`transport.writelines(pieces)` (one writev, no join), then the protocol is paused
+    as after a `write` if the transport's buffer went above its high-water mark."""
     transport.writelines(pieces)
     if _WRITELINES_SKIPS_PAUSE:
         check = getattr(transport, "_maybe_pause_protocol", None)
@@ -476,7 +477,7 @@ class LinkConnection(asyncio.BufferedProtocol):
                     and inflight.exceeded())  # (no call per write on a fast link)
             pieces = link.take_output(0 if self._paused or held else self._chunk)
             if pieces:
-                _writelines(transport, pieces)  # one writev, no join
+                writelines(transport, pieces)
             if self._paused:  # the kernel did not take it all: see resume_writing
                 self._paused_at = self.loop.time()
                 self._paused_bytes = transport.get_write_buffer_size()
@@ -500,7 +501,7 @@ class LinkConnection(asyncio.BufferedProtocol):
                     return  # session carries its last frames; the connection closes)
                 transport.write(self._tls.send(b"".join(pieces)))
             else:
-                transport.writelines(pieces)  # one writev, no join
+                writelines(transport, pieces)
 
     def _finish(self, event: LinkTerminated) -> None:
         self._write(self.link.buffers_to_send())  # the last frames (GOAWAY) go first

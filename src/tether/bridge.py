@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 
 from . import coalesce, readbuf
-from .aio import SocketOptions
+from .aio import SocketOptions, writelines
 from .errors import ErrorCode, FlowError
 from .flow import Flow
 from .flowstate import FlowState
@@ -349,7 +349,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         n, self._out_bytes = self._out_bytes, 0
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.writelines(out)
+            writelines(transport, out)
         if not self._flow_done:
             self._written(n)
 
