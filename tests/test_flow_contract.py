@@ -305,6 +305,41 @@ async def test_accept_raises_flow_down_once_the_gateway_link_is_lost() -> None:
             await asyncio.wait_for(server.accept(), 1)
 
 
+async def test_start_while_started_is_refused_and_after_a_lost_link_connects_again(
+) -> None:
+    """A second start() while the link is up would have opened a second link (the first
+    one then held by no one): it raises. Once the link is lost, start() is how a node
+    connects again, and its services are registered again."""
+    async with _server_behind_a_gateway() as (address, server):
+        with pytest.raises(tether.LocalProtocolError, match="started already"):
+            await server.start()
+        conn = server._conn
+        assert conn is not None and conn.transport is not None
+        conn.transport.abort()
+        await eventually(lambda: "link still up", lambda: conn.closed.done())
+        with pytest.raises(ValueError, match="mode"):  # the call is checked first
+            await server.alloc(SERVICE, mode="bogus")
+        await server.start()
+        async with tether.Node("client", gateway=address) as client:
+            accepting = asyncio.create_task(server.accept())
+            flow = await eventually_alloc(client)
+            accepted = await asyncio.wait_for(accepting, 2)
+            await flow.write(b"again")
+            assert await asyncio.wait_for(accepted.read(), 2) == b"again"
+            await flow.dealloc()
+            await accepted.dealloc()
+
+
+async def eventually_alloc(client: tether.Node) -> tether.Flow:
+    """`alloc(SERVICE)`, once the gateway knows the service again."""
+    for _ in range(100):
+        try:
+            return await client.alloc(SERVICE, liveness=2.0)
+        except tether.NoSuchService:
+            await asyncio.sleep(0.02)
+    return await client.alloc(SERVICE, liveness=2.0)
+
+
 # -- aclose(drain): "stop accepting, ..., drain within a deadline" ------------------------
 
 

@@ -118,9 +118,15 @@ class Node:
 
     async def start(self) -> None:
         """Listen and/or connect to the gateway; returns once the link is up. Raises
-        `FlowClosed` if the node is closed, `aclose()` during `start()` included."""
+        `FlowClosed` if the node is closed, `aclose()` during `start()` included, and
+        `LocalProtocolError` while it is started (its link up, or listening); once its
+        link was lost, `start()` connects again."""
         self._check_open()
-        if self.listen is not None:
+        linked = self._conn is not None and not self._conn.closed.done()
+        if linked or (self.gateway is None and self._server is not None):
+            raise LocalProtocolError(f"node {self.name} is started already")
+        listening = self._server is not None  # (a start again, after the link was lost)
+        if self.listen is not None and not listening:
             host, port = parse_address(self.listen)
             server = await serve_links(
                 host, port, lambda: self._link_config(server=True), self,
@@ -137,7 +143,8 @@ class Node:
                     server_hostname=self.server_hostname, sockopts=self.sockopts,
                     connect_timeout=self.connect_timeout)
             except BaseException:
-                await self._close_server()
+                if not listening:
+                    await self._close_server()
                 raise
             if self._closing:
                 conn.close()
@@ -221,11 +228,11 @@ class Node:
         `FlowDown` if the link is down or the answer does not come within the liveness
         timeout, `FlowClosed` if the serving node refused it (its accept backlog full,
         shutting down) or a gateway's policy denied it (code DENIED)."""
+        if mode not in _MODES:  # (a wrong call is wrong whatever the link's state)
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, not {mode!r}")
         conn = self._conn
         if conn is None or conn.closed.done():
             raise FlowDown(f"node {self.name} has no link to a gateway", ErrorCode.FLOW_DOWN)
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {sorted(_MODES)}, not {mode!r}")
         timeout = self.liveness if liveness is _DEFAULT else liveness
         try:
             sid = conn.link.open_flow(service, conn.now, liveness=timeout, mode=_MODES[mode])
