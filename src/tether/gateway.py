@@ -121,9 +121,9 @@ class Gateway:
         self._ends: dict[tuple[LinkConnection, int], tuple[Splice, SpliceEnd]] = {}
         self._serial = 0
         self.counters: dict[str, int] = dict.fromkeys(
-            ("links_accepted", "links_refused", "flows_spliced", "flows_ended",
-             "flows_closed", "flows_refused", "flows_down", "flows_reset", "bytes_up",
-             "bytes_down", "no_such_service", "denied", "protocol_errors"), 0)
+            ("links_accepted", "links_refused", "flows_opened", "flows_spliced",
+             "flows_ended", "flows_closed", "flows_refused", "flows_down", "flows_reset",
+             "bytes_up", "bytes_down", "no_such_service", "denied", "protocol_errors"), 0)
         # Settings a link would refuse are refused here, at once, not by every link later
         # (a gateway with window 0 printed "listening", then failed each connection).
         if not retry_interval > 0:
@@ -247,7 +247,13 @@ class Gateway:
     def stats(self) -> dict[str, Any]:
         """Counters (flows ended by how their first side ended, bytes of ended flows),
         and what is open now: `flows` counts the open flows, `open_flows` lists them
-        with their age and bytes (up: from the allocating side)."""
+        with their age and bytes (up: from the allocating side).
+
+        They add up: `flows_opened` (splices made: the gateway forwarded the OPEN) is
+        `flows_ended` + `flows`, and `flows_ended` is `flows_closed` + `flows_refused` +
+        `flows_down` + `flows_reset`. `flows_spliced` counts only the flows the serving
+        side accepted: one refused, reset or gone DOWN before that is opened and ended,
+        never spliced."""
         splices = {id(s): s for s, _ in self._ends.values()}.values()
         now = asyncio.get_running_loop().time()
         return {"name": self.name, "links": len(self._conns), "flows": len(splices),
@@ -442,6 +448,7 @@ class Gateway:
                         now)
         self._ends[(conn, event.stream)] = (splice, splice.a)
         self._ends[(target, sid)] = (splice, splice.b)
+        self.counters["flows_opened"] += 1
         target.flush()
 
     def _on_accepted(self, conn: LinkConnection, stream: int) -> None:
