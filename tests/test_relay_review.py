@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from relayrig import HOST, Daemon, Rig, free_port, wait_until
+from relayrig import HOST, Daemon, Rig, free_port, reset_close, wait_until
 
 ENDED_BY = ("flows_closed", "flows_refused", "flows_down", "flows_reset")
 
@@ -91,3 +93,54 @@ def test_gateway_counters_add_up_with_refusals_and_resets(rig: Rig) -> None:
     st = gw.status()
     assert st["flows_opened"] == 4 and st["flows_reset"] == 3, st
     assert not _gateway_sums(gw), _gateway_sums(gw)
+
+
+def _unanswering_server() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket whose accept queue is full: a connection to it is not
+    answered (its SYN is dropped) until the connect gives up. With the sockets that
+    fill the queue, to close afterwards."""
+    srv = socket.socket()
+    srv.bind((HOST, 0))
+    srv.listen(0)
+    fill = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(srv.getsockname())
+        fill.append(c)
+    return srv, fill
+
+
+def test_connector_abandons_a_connect_whose_flow_ended(rig: Rig) -> None:
+    """The application resets while the connector is still connecting to a server
+    that does not answer: the connector gives that connection up at once (its socket
+    closed, nothing counted as refused, no "cannot connect" warning), instead of
+    holding it for the whole `--connect-timeout`, then reporting the flow, which the
+    application had ended, as refused by an unreachable server."""
+    connect_timeout = 2.0
+    srv, fill = _unanswering_server()
+    try:
+        gw, co, ag = rig.relay({"slow": srv.getsockname()[1]},
+                               connector_args=["--connect-timeout", str(connect_timeout)])
+        baseline = co.fds()
+        app = socket.create_connection((HOST, ag.ports["slow"]), timeout=5)
+        try:
+            app.sendall(b"hello")
+            wait_until(lambda: co.fds() <= baseline, 5, "the connector connecting",
+                       rig.describe)
+        finally:
+            reset_close(app)
+        t0 = time.monotonic()
+        rig.wait_idle(gw, co, ag, timeout=connect_timeout / 2)
+        rig.wait_fds({co: baseline}, timeout=connect_timeout / 2)
+        assert time.monotonic() - t0 < connect_timeout / 2 + 0.2
+        time.sleep(connect_timeout + 0.5 - (time.monotonic() - t0))  # past the timeout
+        st = co.status()
+        assert st["refused"] == 0 and st["open"] == 0, st
+        assert not co.log_has("cannot connect"), co.log()
+        assert co.log_has("ended while connecting"), co.log()
+    finally:
+        for c in fill:
+            c.close()
+        srv.close()

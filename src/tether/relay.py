@@ -311,9 +311,22 @@ class Connector(_Edge):
         loop = asyncio.get_running_loop()
         bridge = SocketBridge(flow, label="server", on_done=self._done,
                               sockopts=self.sockopts)
+        connect = asyncio.ensure_future(loop.create_connection(lambda: bridge, host, port))
+        ended = flow.when_ended()
         try:
             async with asyncio.timeout(self.connect_timeout):  # (see aio.open_link)
-                await loop.create_connection(lambda: bridge, host, port)
+                await asyncio.wait((connect, ended), return_when=asyncio.FIRST_COMPLETED)
+            if not connect.done():
+                # The flow ended (the application reset, the agent went away) while the
+                # server had not answered yet: nobody waits for this connection any more.
+                connect.cancel()
+                await asyncio.gather(connect, return_exceptions=True)
+                if not connect.cancelled() and connect.exception() is None:
+                    connect.result()[0].abort()  # (made in the meantime)
+                log.info("flow %s ended while connecting to service %s at %s:%d: "
+                         "connection abandoned", flow.id, flow.service, host, port)
+                return
+            connect.result()
         except (OSError, TimeoutError) as exc:
             self.counters["refused"] += 1
             log.warning("connector %s: flow %s: cannot connect to service %s at %s:%d: %s",
@@ -322,6 +335,9 @@ class Connector(_Edge):
             flow.reset_nowait(f"cannot connect to service {flow.service}: "
                               f"{connect_failure(exc)}", ErrorCode.UNREACHABLE)
             return
+        finally:
+            if not connect.done():  # (timed out, or this task was cancelled)
+                connect.cancel()
         log.info("flow %s connected service=%s to %s:%d", flow.id, flow.service, host, port)
         if bridge.on_done is None:  # the whole flow already ended while connecting
             self.counters["connections"] += 1
