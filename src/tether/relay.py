@@ -33,6 +33,8 @@ from .node import Node
 __all__ = ["Agent", "Connector", "connect_failure", "parse_forward", "parse_service"]
 
 log = logging.getLogger("tether.relay")
+_ABANDON_GRACE = 0.25
+"""Seconds a connector still waits for a server to answer once the flow has ended."""
 _CASCADE = {"half": "half-close", "full": "cascade"}
 
 
@@ -316,9 +318,12 @@ class Connector(_Edge):
         try:
             async with asyncio.timeout(self.connect_timeout):  # (see aio.open_link)
                 await asyncio.wait((connect, ended), return_when=asyncio.FIRST_COMPLETED)
+                if not connect.done():
+                    # The flow ended (the application reset, the agent went away) first: a
+                    # server that answers at once still gets its end (a reset) as usual.
+                    await asyncio.wait((connect,), timeout=_ABANDON_GRACE)
             if not connect.done():
-                # The flow ended (the application reset, the agent went away) while the
-                # server had not answered yet: nobody waits for this connection any more.
+                # One that does not answer is given up: nobody waits for it any more.
                 connect.cancel()
                 await asyncio.gather(connect, return_exceptions=True)
                 if not connect.cancelled() and connect.exception() is None:
