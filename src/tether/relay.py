@@ -263,7 +263,9 @@ class Agent(_Edge):
 class Connector(_Edge):
     """Serves services to the gateway: each flow accepted becomes a TCP connection to
     the service's address. A server that cannot be reached resets the flow with the
-    reason (the application's socket is reset at the agent)."""
+    reason (the application's socket is reset at the agent). A flow that ends while its
+    server has not answered yet (the application reset) is not waited for: the connect
+    is given up `_ABANDON_GRACE` seconds later, not after the whole `connect_timeout`."""
 
     def __init__(self, gateway: str, services: list[tuple[str, str, int]], *,
                  name: str = "connector", token: bytes | str = b"",
