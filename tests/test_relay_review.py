@@ -144,3 +144,24 @@ def test_connector_abandons_a_connect_whose_flow_ended(rig: Rig) -> None:
         for c in fill:
             c.close()
         srv.close()
+
+
+def test_a_window_above_four_mib_is_accepted_and_carries_data(rig: Rig) -> None:
+    """`--window` is "more is faster in bulk": an 8 MiB window (a long fat path) on the
+    gateway, the agent and the connector. Each of them refused to start with it
+    ("max_window 4194304 out of [initial_window 8388608, ...]", an option the command
+    line does not have); the window's auto-tuning ceiling now rises to the window."""
+    window = str(8 << 20)
+    echo = rig.echo_server()
+    gw, co, ag = rig.relay({"echo": echo.port}, gateway_args=["--window", window],
+                           connector_args=["--window", window],
+                           agent_args=["--window", window])
+    payload = bytes(range(256)) * 8192  # 2 MiB
+    with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
+        app.sendall(payload)
+        app.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := app.recv(1 << 20):
+            got += chunk
+    assert bytes(got) == payload
+    rig.wait_idle(gw, co, ag)

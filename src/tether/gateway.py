@@ -42,7 +42,7 @@ from .events import (
     WindowUpdated,
 )
 from .ids import FlowId
-from .link import LinkConfig, Role
+from .link import DEFAULT_MAX_WINDOW, LinkConfig, Role
 from .splice import Splice, SpliceEnd
 
 __all__ = ["Gateway"]
@@ -137,7 +137,8 @@ class Gateway:
                           expected_token=None if dial else self.token,
                           heartbeat_interval=self.heartbeat, link_timeout=self.link_timeout,
                           handshake_timeout=self.handshake_timeout,
-                          initial_window=self.window, relay_streams=True,
+                          initial_window=self.window,
+                          max_window=max(DEFAULT_MAX_WINDOW, self.window), relay_streams=True,
                           authorize=self._authorize
                           if self.tokens is not None and not dial else None)
 
