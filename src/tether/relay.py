@@ -335,6 +335,10 @@ class Connector(_Edge):
                 return
             connect.result()
         except (OSError, TimeoutError) as exc:
+            if ended.done():  # (the flow had ended: nobody was refused)
+                log.info("flow %s ended while connecting to service %s at %s:%d: %s",
+                         flow.id, flow.service, host, port, str(exc) or "timed out")
+                return
             self.counters["refused"] += 1
             log.warning("connector %s: flow %s: cannot connect to service %s at %s:%d: %s",
                         self.name, flow.id, flow.service, host, port,
