@@ -48,8 +48,9 @@ log = logging.getLogger("tether.flow")
 class Flow:
     """One flow, as seen by the application. Made by `Node.alloc` and `Node.accept`."""
 
-    __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_eof", "_fin_told", "_reader", "_sink",
-                 "_state", "_wlock", "_writer", "id", "peer", "service", "stream")
+    __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_ended", "_eof", "_fin_told",
+                 "_reader", "_sink", "_state", "_wlock", "_writer", "id", "peer", "service",
+                 "stream")
 
     def __init__(self, fid: FlowId, conn: LinkConnection, stream: int, service: str,
                  peer: str) -> None:
@@ -68,6 +69,7 @@ class Flow:
         self._wlock: asyncio.Lock | None = None  # writes one at a time (made on first use)
         self._sink: FlowSink | None = None
         self._fin_told = False  # the sink heard `flow_fin`
+        self._ended: asyncio.Future[None] | None = None  # made by `when_ended`
 
     def __repr__(self) -> str:
         return f"<Flow {self.id} service={self.service} {self._state.name}>"
@@ -270,6 +272,15 @@ class Flow:
             self._conn.link.reset(self.stream, code, reason, self._conn.now)
             self._conn.flush()
 
+    def when_ended(self) -> asyncio.Future[None]:
+        """A future done once the flow has ended (closed, reset or DOWN): to wait for
+        that without reading. Do not cancel it (it is shared)."""
+        if self._ended is None:
+            self._ended = self._conn.loop.create_future()
+            if self._end is not None:
+                self._ended.set_result(None)
+        return self._ended
+
     async def __aenter__(self) -> Flow:
         return self
 
@@ -330,6 +341,8 @@ class Flow:
         self._wake_reader()
         if self._writer is not None and not self._writer.done():
             self._writer.set_result(None)
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)
         if self._sink is not None:
             self._sink.flow_ended(event.state, self._end)
 

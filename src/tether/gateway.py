@@ -42,7 +42,7 @@ from .events import (
     WindowUpdated,
 )
 from .ids import FlowId
-from .link import LinkConfig, Role
+from .link import DEFAULT_MAX_WINDOW, LinkConfig, Role
 from .splice import Splice, SpliceEnd
 
 __all__ = ["Gateway"]
@@ -121,9 +121,9 @@ class Gateway:
         self._ends: dict[tuple[LinkConnection, int], tuple[Splice, SpliceEnd]] = {}
         self._serial = 0
         self.counters: dict[str, int] = dict.fromkeys(
-            ("links_accepted", "links_refused", "flows_spliced", "flows_ended",
-             "flows_closed", "flows_refused", "flows_down", "flows_reset", "bytes_up",
-             "bytes_down", "no_such_service", "denied", "protocol_errors"), 0)
+            ("links_accepted", "links_refused", "flows_opened", "flows_spliced",
+             "flows_ended", "flows_closed", "flows_refused", "flows_down", "flows_reset",
+             "bytes_up", "bytes_down", "no_such_service", "denied", "protocol_errors"), 0)
         # Settings a link would refuse are refused here, at once, not by every link later
         # (a gateway with window 0 printed "listening", then failed each connection).
         if not retry_interval > 0:
@@ -137,7 +137,8 @@ class Gateway:
                           expected_token=None if dial else self.token,
                           heartbeat_interval=self.heartbeat, link_timeout=self.link_timeout,
                           handshake_timeout=self.handshake_timeout,
-                          initial_window=self.window, relay_streams=True,
+                          initial_window=self.window,
+                          max_window=max(DEFAULT_MAX_WINDOW, self.window), relay_streams=True,
                           authorize=self._authorize
                           if self.tokens is not None and not dial else None)
 
@@ -247,7 +248,13 @@ class Gateway:
     def stats(self) -> dict[str, Any]:
         """Counters (flows ended by how their first side ended, bytes of ended flows),
         and what is open now: `flows` counts the open flows, `open_flows` lists them
-        with their age and bytes (up: from the allocating side)."""
+        with their age and bytes (up: from the allocating side).
+
+        They add up: `flows_opened` (splices made: the gateway forwarded the OPEN) is
+        `flows_ended` + `flows`, and `flows_ended` is `flows_closed` + `flows_refused` +
+        `flows_down` + `flows_reset`. `flows_spliced` counts only the flows the serving
+        side accepted: one refused, reset or gone DOWN before that is opened and ended,
+        never spliced."""
         splices = {id(s): s for s, _ in self._ends.values()}.values()
         now = asyncio.get_running_loop().time()
         return {"name": self.name, "links": len(self._conns), "flows": len(splices),
@@ -442,6 +449,7 @@ class Gateway:
                         now)
         self._ends[(conn, event.stream)] = (splice, splice.a)
         self._ends[(target, sid)] = (splice, splice.b)
+        self.counters["flows_opened"] += 1
         target.flush()
 
     def _on_accepted(self, conn: LinkConnection, stream: int) -> None:

@@ -82,6 +82,10 @@ class LinkState(Enum):
     CLOSED = "CLOSED"
 
 
+DEFAULT_MAX_WINDOW: Final = 4 * 1024 * 1024
+"""`LinkConfig.max_window` by default: where a stream's window auto-tuning stops."""
+
+
 @dataclass(slots=True)
 class LinkConfig:
     """Settings of one link. Times in seconds.
@@ -108,7 +112,7 @@ class LinkConfig:
     max_payload: int = 256 * 1024
     hard_max_payload: int = wire.HARD_MAX_PAYLOAD
     initial_window: int = 256 * 1024
-    max_window: int = 4 * 1024 * 1024
+    max_window: int = DEFAULT_MAX_WINDOW
     window_budget: int = 32 * 1024 * 1024
     heartbeat_interval: float = 5.0
     link_timeout: float = 15.0

@@ -51,7 +51,13 @@ from .events import (
 from .flow import Flow
 from .flowstate import FlowState
 from .ids import FlowId
-from .link import MODE_CASCADE, MODE_HALF_CLOSE, LinkConfig, check_liveness
+from .link import (
+    DEFAULT_MAX_WINDOW,
+    MODE_CASCADE,
+    MODE_HALF_CLOSE,
+    LinkConfig,
+    check_liveness,
+)
 
 __all__ = ["Node"]
 
@@ -114,7 +120,8 @@ class Node:
         return LinkConfig(name=self.name, token=b"" if server else self.token,
                           expected_token=(self.token or None) if server else None,
                           heartbeat_interval=self.heartbeat, link_timeout=self.link_timeout,
-                          initial_window=self.window)
+                          initial_window=self.window,
+                          max_window=max(DEFAULT_MAX_WINDOW, self.window))
 
     async def start(self) -> None:
         """Listen and/or connect to the gateway; returns once the link is up. Raises

@@ -33,6 +33,8 @@ from .node import Node
 __all__ = ["Agent", "Connector", "connect_failure", "parse_forward", "parse_service"]
 
 log = logging.getLogger("tether.relay")
+_ABANDON_GRACE = 0.25
+"""Seconds a connector still waits for a server to answer once the flow has ended."""
 _CASCADE = {"half": "half-close", "full": "cascade"}
 
 
@@ -261,7 +263,9 @@ class Agent(_Edge):
 class Connector(_Edge):
     """Serves services to the gateway: each flow accepted becomes a TCP connection to
     the service's address. A server that cannot be reached resets the flow with the
-    reason (the application's socket is reset at the agent)."""
+    reason (the application's socket is reset at the agent). A flow that ends while its
+    server has not answered yet (the application reset) is not waited for: the connect
+    is given up `_ABANDON_GRACE` seconds later, not after the whole `connect_timeout`."""
 
     def __init__(self, gateway: str, services: list[tuple[str, str, int]], *,
                  name: str = "connector", token: bytes | str = b"",
@@ -311,10 +315,30 @@ class Connector(_Edge):
         loop = asyncio.get_running_loop()
         bridge = SocketBridge(flow, label="server", on_done=self._done,
                               sockopts=self.sockopts)
+        connect = asyncio.ensure_future(loop.create_connection(lambda: bridge, host, port))
+        ended = flow.when_ended()
         try:
             async with asyncio.timeout(self.connect_timeout):  # (see aio.open_link)
-                await loop.create_connection(lambda: bridge, host, port)
+                await asyncio.wait((connect, ended), return_when=asyncio.FIRST_COMPLETED)
+                if not connect.done():
+                    # The flow ended (the application reset, the agent went away) first: a
+                    # server that answers at once still gets its end (a reset) as usual.
+                    await asyncio.wait((connect,), timeout=_ABANDON_GRACE)
+            if not connect.done():
+                # One that does not answer is given up: nobody waits for it any more.
+                connect.cancel()
+                await asyncio.gather(connect, return_exceptions=True)
+                if not connect.cancelled() and connect.exception() is None:
+                    connect.result()[0].abort()  # (made in the meantime)
+                log.info("flow %s ended while connecting to service %s at %s:%d: "
+                         "connection abandoned", flow.id, flow.service, host, port)
+                return
+            connect.result()
         except (OSError, TimeoutError) as exc:
+            if ended.done():  # (the flow had ended: nobody was refused)
+                log.info("flow %s ended while connecting to service %s at %s:%d: %s",
+                         flow.id, flow.service, host, port, str(exc) or "timed out")
+                return
             self.counters["refused"] += 1
             log.warning("connector %s: flow %s: cannot connect to service %s at %s:%d: %s",
                         self.name, flow.id, flow.service, host, port,
@@ -322,6 +346,9 @@ class Connector(_Edge):
             flow.reset_nowait(f"cannot connect to service {flow.service}: "
                               f"{connect_failure(exc)}", ErrorCode.UNREACHABLE)
             return
+        finally:
+            if not connect.done():  # (timed out, or this task was cancelled)
+                connect.cancel()
         log.info("flow %s connected service=%s to %s:%d", flow.id, flow.service, host, port)
         if bridge.on_done is None:  # the whole flow already ended while connecting
             self.counters["connections"] += 1
