@@ -260,6 +260,40 @@ class Agent(_Edge):
         bridge.set_flow(flow)
 
 
+class _AbandonConnect:
+    """Gives up a connector's connect to a server that has not answered once its flow
+    has ended (the application reset, the agent went away), `_ABANDON_GRACE` seconds
+    after that end: it cancels the connecting task. A server that answers within the
+    grace is connected, and the bridge passes the flow's end on to it (a reset)."""
+
+    __slots__ = ("_bridge", "_handle", "_loop", "_task", "fired")
+
+    def __init__(self, bridge: SocketBridge, loop: asyncio.AbstractEventLoop) -> None:
+        self._bridge = bridge
+        self._loop = loop
+        self._task = asyncio.current_task()
+        self._handle: asyncio.TimerHandle | None = None
+        self.fired = False
+
+    def flow_ended(self, _: object) -> None:
+        if self._task is not None and self._handle is None:
+            self._handle = self._loop.call_later(_ABANDON_GRACE, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        if self._bridge.transport is None and self._task is not None \
+                and not self._task.done():  # (connected: the bridge has the end)
+            self.fired = True
+            self._task.cancel()
+
+    def disarm(self) -> None:
+        """The connect is over (made, failed or given up): no cancel after this."""
+        self._task = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Connector(_Edge):
     """Serves services to the gateway: each flow accepted becomes a TCP connection to
     the service's address. A server that cannot be reached resets the flow with the
@@ -315,25 +349,21 @@ class Connector(_Edge):
         loop = asyncio.get_running_loop()
         bridge = SocketBridge(flow, label="server", on_done=self._done,
                               sockopts=self.sockopts)
-        connect = asyncio.ensure_future(loop.create_connection(lambda: bridge, host, port))
+        # No task or wait of its own per connection: the flow's end arms a timer that
+        # cancels this task if its server has not answered within _ABANDON_GRACE.
+        abandon = _AbandonConnect(bridge, loop)
         ended = flow.when_ended()
+        ended.add_done_callback(abandon.flow_ended)
         try:
             async with asyncio.timeout(self.connect_timeout):  # (see aio.open_link)
-                await asyncio.wait((connect, ended), return_when=asyncio.FIRST_COMPLETED)
-                if not connect.done():
-                    # The flow ended (the application reset, the agent went away) first: a
-                    # server that answers at once still gets its end (a reset) as usual.
-                    await asyncio.wait((connect,), timeout=_ABANDON_GRACE)
-            if not connect.done():
-                # One that does not answer is given up: nobody waits for it any more.
-                connect.cancel()
-                await asyncio.gather(connect, return_exceptions=True)
-                if not connect.cancelled() and connect.exception() is None:
-                    connect.result()[0].abort()  # (made in the meantime)
-                log.info("flow %s ended while connecting to service %s at %s:%d: "
-                         "connection abandoned", flow.id, flow.service, host, port)
-                return
-            connect.result()
+                await loop.create_connection(lambda: bridge, host, port)
+        except asyncio.CancelledError:
+            if not abandon.fired or (task := asyncio.current_task()) is None \
+                    or task.uncancel():  # (cancelled by someone else as well)
+                raise
+            log.info("flow %s ended while connecting to service %s at %s:%d: "
+                     "connection abandoned", flow.id, flow.service, host, port)
+            return
         except (OSError, TimeoutError) as exc:
             if ended.done():  # (the flow had ended: nobody was refused)
                 log.info("flow %s ended while connecting to service %s at %s:%d: %s",
@@ -347,8 +377,8 @@ class Connector(_Edge):
                               f"{connect_failure(exc)}", ErrorCode.UNREACHABLE)
             return
         finally:
-            if not connect.done():  # (timed out, or this task was cancelled)
-                connect.cancel()
+            abandon.disarm()
+            ended.remove_done_callback(abandon.flow_ended)
         log.info("flow %s connected service=%s to %s:%d", flow.id, flow.service, host, port)
         if bridge.on_done is None:  # the whole flow already ended while connecting
             self.counters["connections"] += 1
