@@ -837,6 +837,46 @@ def test_fin_timeout_resets_a_half_closed_connection(rig: Rig) -> None:
         assert ag.log_has("fin timeout") or co.log_has("fin timeout")
 
 
+def test_fin_timeout_spares_an_upload_the_server_still_reads(rig: Rig) -> None:
+    """The application uploads 4 MB and half-closes; the server reads it at about
+    1.3 MB/s, then replies. The agent's socket is idle from the application's FIN on
+    while the tunnel and the connector's kernel still hold megabytes for the server: the
+    agent reset such an upload after its fin timeout. The edge that passed the FIN on
+    (the connector) times its server instead, counting what its kernel hands it."""
+    total = 4 * 1024 * 1024
+
+    def slow_reader(conn: socket.socket) -> None:
+        got = 0
+        with conn:
+            while chunk := conn.recv(32 * 1024):
+                got += len(chunk)
+                time.sleep(0.025)
+            conn.sendall(f"got {got}".encode())
+
+    srv = socket.create_server((HOST, 0))
+    srv.settimeout(5)
+    with srv:
+        args = ["--fin-timeout", str(FIN_TIMEOUT)]
+        gw, co, ag = rig.relay({"hold": srv.getsockname()[1]}, connector_args=args,
+                               agent_args=args)
+        with socket.create_connection((HOST, ag.ports["hold"]), timeout=20) as app:
+            conn, _ = srv.accept()
+            conn.settimeout(20)
+            reader = threading.Thread(target=slow_reader, args=(conn,))
+            reader.start()
+            try:
+                app.sendall(os.urandom(total))
+                app.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := app.recv(100):
+                    reply += chunk
+            finally:
+                reader.join(20)
+        assert reply == f"got {total}".encode()
+        rig.wait_idle(gw, co, ag)
+        assert ag.status()["fin_timeouts"] == 0 and co.status()["fin_timeouts"] == 0
+
+
 def test_fin_timeout_spares_a_half_closed_connection_still_transferring(rig: Rig) -> None:
     """A TCP proxy's client-fin/server-fin timeouts (the issue's model, e.g. HAProxy's
     `timeout client-fin`) are *inactivity* timeouts for half-closed connections: a

@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import logging
 import socket
 import struct
+import sys
+import termios
 from collections.abc import Callable
 
 from . import coalesce, readbuf
@@ -36,6 +39,7 @@ from .flowstate import FlowState
 __all__ = ["SocketBridge", "reset_socket", "shutdown_write"]
 
 log = logging.getLogger("tether.relay")
+_SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
@@ -297,7 +301,8 @@ class SocketBridge(asyncio.BufferedProtocol):
             self._fin_pending = True
         else:
             self._flow.fin_nowait()  # first: the FIN leaves before any bookkeeping
-        self._half_closed()
+        # (no fin timeout here: the far edge, which passes this FIN on to its own peer,
+        # times that peer, whose progress it sees; this side's peer is done sending)
         if self.first_end is None:
             self.first_end = f"EOF from the {self.label}"
         return True  # keep our write side open: TCP half-close
@@ -412,6 +417,17 @@ class SocketBridge(asyncio.BufferedProtocol):
         if transport is not None and not self._socket_done:
             held += transport.get_write_buffer_size()
         return held
+
+    @property
+    def kernel_unsent(self) -> int:
+        """Bytes the kernel still holds for the socket's peer (sent but not acknowledged,
+        or not sent yet: `SIOCOUTQ`); 0 where that cannot be asked."""
+        if self._fd is None or self._socket_done or _SIOCOUTQ is None:
+            return 0
+        try:
+            return int.from_bytes(fcntl.ioctl(self._fd, _SIOCOUTQ, bytes(4)), sys.byteorder)
+        except OSError:
+            return 0
 
     @property
     def socket_done(self) -> bool:

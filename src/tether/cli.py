@@ -192,9 +192,10 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--liveness", type=float, default=30.0, metavar="SECONDS",
                    help="liveness timeout of each flow (default 30)")
     p.add_argument("--fin-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="reset a connection half-closed, or ended with bytes its "
-                        "application does not read, and not moving for longer than this "
-                        "(default 60; 0: never)")
+                   help="reset a connection whose peer was sent the flow's FIN (or "
+                        "its end, with bytes it does not read) and that is not moving for "
+                        "longer than this: a peer that never closes its side (default 60; "
+                        "0: never)")
     p.add_argument("--keepalive", type=float, default=60.0, metavar="SECONDS",
                    help="reset an idle connection whose application or server stopped "
                         "answering for about this long (TCP keepalive; default 60, 0 to "

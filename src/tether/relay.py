@@ -9,6 +9,11 @@ end travels end to end: EOF as FIN (half-close, the default) or as a full close
 socket is reset). A half-closed connection may stay so for at most `fin_timeout`
 seconds; then it is reset, so a peer that never closes its side cannot hold
 resources for ever (counted from the last byte moved, as a TCP proxy's fin timeouts).
+The edge that passed the FIN on to its own peer (a `write_eof` on its socket) times
+that peer, whose progress it sees, down to the bytes its kernel still holds for it:
+an upload that the application ended with a FIN runs as long as the server reads,
+however much the tunnel and the kernels hold (HAProxy's `client-fin`/`server-fin`
+likewise apply to the side the proxy shut).
 An idle connection whose application or server vanished (its host gone, no RST) is
 reset once TCP keepalive has had no answer for about `keepalive` seconds
 (`SocketOptions.for_edge`), so that its flow does not stay open for ever either.
@@ -129,7 +134,9 @@ class _Edge:
             if since is None:
                 continue
             unsent = bridge.unsent
-            moved = bridge.bytes_up + bridge.bytes_down - unsent  # (what the socket took)
+            # what the socket's peer took: a slow reader draining the kernel's buffer
+            # (megabytes, on a fast path) is progress too
+            moved = bridge.bytes_up + bridge.bytes_down - unsent - bridge.kernel_unsent
             if moved != bridge.bytes_at_reap:  # still transferring: the timeout restarts
                 bridge.bytes_at_reap = moved
                 bridge.half_closed_at = since = now
