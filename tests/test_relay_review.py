@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -165,3 +167,76 @@ def test_a_window_above_four_mib_is_accepted_and_carries_data(rig: Rig) -> None:
             got += chunk
     assert bytes(got) == payload
     rig.wait_idle(gw, co, ag)
+
+
+def _slow_replies(srv: socket.socket, chunks: int, stop: threading.Event) -> None:
+    """Each connection: read the request, reply `chunks` chunks of 1000 bytes 0.1 s
+    apart, close."""
+    srv.settimeout(0.1)
+    while not stop.is_set():
+        try:
+            conn, _ = srv.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            conn.settimeout(5)
+            conn.recv(100)
+            for _ in range(chunks):
+                conn.sendall(b"x" * 1000)
+                time.sleep(0.1)
+
+
+def _read_all(app: socket.socket) -> int:
+    got = 0
+    while chunk := app.recv(65536):
+        got += len(chunk)
+    return got
+
+
+@pytest.mark.parametrize("edge", ["agent", "connector"])
+def test_sigterm_lets_open_connections_finish_and_takes_no_new_one(rig: Rig,
+                                                                   edge: str) -> None:
+    """SIGTERM to an edge with `--drain 5`: the connection open through it gets its
+    whole reply and its EOF, not a reset (both edges reset every connection at once),
+    a new connection is not served, and the edge exits as soon as the open one ended,
+    not at the drain's deadline."""
+    srv = socket.create_server((HOST, 0))
+    stop = threading.Event()
+    server = threading.Thread(target=_slow_replies, args=(srv, 10, stop))
+    server.start()
+    try:
+        drain = ["--drain", "5"]
+        _gw, co, ag = rig.relay({"slow": srv.getsockname()[1]}, connector_args=drain,
+                               agent_args=drain)
+        app = socket.create_connection((HOST, ag.ports["slow"]), timeout=5)
+        with app:
+            app.sendall(b"request")
+            got = len(app.recv(65536))
+            assert got
+            daemon = ag if edge == "agent" else co
+            daemon.proc.popen.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            daemon.wait_log("draining 1 connection")
+            assert _newcomer(ag) in ("reset", "eof", "refused")
+            got += _read_all(app)
+        assert got == 10 * 1000
+        assert daemon.proc.wait(5) == 0
+        assert time.monotonic() - t0 < 3, "the edge waited for the drain's deadline"
+        assert not daemon.log_has("still open after")
+    finally:
+        stop.set()
+        server.join(5)
+        srv.close()
+
+
+def _newcomer(ag: Daemon) -> str:
+    """How a new application connection (sending a request) during the drain ends:
+    "refused" (the agent no longer listens), "reset" or "eof"."""
+    try:
+        app = socket.create_connection((HOST, ag.ports["slow"]), timeout=5)
+    except ConnectionRefusedError:
+        return "refused"
+    with app:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            app.sendall(b"request")
+        return _app_end(app)

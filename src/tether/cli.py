@@ -149,7 +149,7 @@ async def _agent(args: argparse.Namespace) -> int:
     finally:
         if admin is not None:
             await admin.aclose()
-        await agent.aclose()
+        await agent.aclose(drain=args.drain)
     return 0
 
 
@@ -168,7 +168,7 @@ async def _connector(args: argparse.Namespace) -> int:
     finally:
         if admin is not None:
             await admin.aclose()
-        await connector.aclose()
+        await connector.aclose(drain=args.drain)
     return 0
 
 
@@ -203,6 +203,9 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--window", type=int, default=256 * 1024, metavar="BYTES",
                    help="receive window per flow: more is faster in bulk, costs memory "
                         "per flow (default 262144)")
+    p.add_argument("--drain", type=float, default=2.0, metavar="SECONDS",
+                   help="on SIGTERM, take no new connection and let the open ones finish "
+                        "this long before resetting them (default 2)")
     p.add_argument("--admin", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="admin endpoint for `tether status` and /metrics "
                         "(default 127.0.0.1:0, 'none' to disable)")

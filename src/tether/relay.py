@@ -159,7 +159,9 @@ class _Edge:
         if self.bridges:
             self._schedule_reaper()
 
-    async def _close_edge(self) -> None:
+    async def _close_edge(self, drain: float = 0.0) -> None:
+        if drain > 0 and (self.bridges or self.arriving or self.node.flows()):
+            await self._drain(drain)
         if self._reaper is not None:
             self._reaper.cancel()
         for task in list(self.tasks):
@@ -172,6 +174,21 @@ class _Edge:
             if bridge.transport is not None and not bridge.socket_done:
                 reset_socket(bridge.transport)
         self.arriving.clear()
+
+    async def _drain(self, drain: float) -> None:
+        """Let the open connections finish on their own for up to `drain` seconds: the
+        node's GOAWAY tells the gateway to send no new flow here; each connection ends
+        when both its flow and its socket have (its last bytes written)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain
+        log.info("%s: draining %d connection(s) for up to %gs", self.name,
+                 len(self.bridges) + len(self.arriving), drain)
+        await self.node.aclose(drain)  # (returns once every flow ended, or at the deadline)
+        while (self.bridges or self.arriving) and loop.time() < deadline:
+            await asyncio.sleep(0.02)  # (sockets still writing their last bytes)
+        if self.bridges or self.arriving:
+            log.warning("%s: %d connection(s) still open after the %gs drain: resetting",
+                        self.name, len(self.bridges) + len(self.arriving), drain)
 
     def stats(self) -> dict[str, Any]:
         """Counters, the node's view, and every open connection with age and bytes."""
@@ -230,14 +247,15 @@ class Agent(_Edge):
         """The ports listened on, in the order of `forwards`."""
         return [int(s.sockets[0].getsockname()[1]) for s in self.servers]
 
-    async def aclose(self) -> None:
-        """Stop listening, end every connection and the link."""
+    async def aclose(self, drain: float = 0.0) -> None:
+        """Stop listening, end every connection and the link. With `drain`, the open
+        connections get that many seconds to finish on their own first."""
         for server in self.servers:
             server.close()
-        for server in self.servers:
-            await server.wait_closed()
+        await self._close_edge(drain)
+        for server in self.servers:  # (after the connections: from Python 3.12 on, it
+            await server.wait_closed()  # waits for every connection it accepted)
         self.servers.clear()
-        await self._close_edge()
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -332,9 +350,10 @@ class Connector(_Edge):
             self.node.register(service)
         spawn_owned(self.tasks, self._accept_loop())
 
-    async def aclose(self) -> None:
-        """End every connection and the link."""
-        await self._close_edge()
+    async def aclose(self, drain: float = 0.0) -> None:
+        """End every connection and the link. With `drain`, the open connections get
+        that many seconds to finish on their own first (no new flow comes meanwhile)."""
+        await self._close_edge(drain)
 
     async def __aenter__(self) -> Connector:
         await self.start()
