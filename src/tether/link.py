@@ -184,9 +184,8 @@ class _Stream:
 def check_liveness(liveness: float | None) -> None:
     """Refuse a flow liveness timeout below `LivenessMonitor.MIN_TIMEOUT` (or NaN);
     None (no liveness) and `math.inf` pass."""
-    if liveness is not None and not liveness >= LivenessMonitor.MIN_TIMEOUT:  # (NaN too)
-        raise ValueError(f"liveness {liveness}s is below the minimum "
-                         f"{LivenessMonitor.MIN_TIMEOUT}s")
+    if liveness is not None:
+        LivenessMonitor.check_timeout(liveness)
 
 
 def _liveness_ms(liveness: float | None) -> int:

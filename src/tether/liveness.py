@@ -411,11 +411,13 @@ class LivenessMonitor(Generic[K]):
         return key in self._peers
 
     @classmethod
-    def _check_timeout(cls, timeout: float) -> None:
+    def check_timeout(cls, timeout: float) -> None:
+        """``ValueError`` unless ``timeout`` is at least ``MIN_TIMEOUT`` (NaN is not);
+        ``math.inf`` passes (no liveness)."""
         if not timeout >= cls.MIN_TIMEOUT:
             raise ValueError(
-                f"liveness timeout must be at least {cls.MIN_TIMEOUT} s (10 ms) "
-                f"or math.inf, got {timeout!r}"
+                f"liveness {timeout!r} s is below the minimum: it must be at least "
+                f"{cls.MIN_TIMEOUT} s (10 ms), or math.inf"
             )
 
     def _arm(self, key: K, peer: _Peer) -> None:
@@ -431,7 +433,7 @@ class LivenessMonitor(Generic[K]):
         ``timeout`` is in seconds, at least ``MIN_TIMEOUT``; ``math.inf`` tracks the
         key without liveness: it never expires and never needs a keepalive.
         """
-        self._check_timeout(timeout)
+        self.check_timeout(timeout)
         _check_time(now, "now")
         peer = _Peer(timeout, now)
         self._peers[key] = peer
@@ -448,7 +450,7 @@ class LivenessMonitor(Generic[K]):
         Deadlines stay measured from the last frame received and sent: a timeout
         shorter than the peer's current silence expires the key at the next poll.
         """
-        self._check_timeout(timeout)
+        self.check_timeout(timeout)
         _check_time(now, "now")
         peer = self._peers[key]
         peer.timeout = timeout
