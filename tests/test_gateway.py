@@ -566,3 +566,24 @@ async def test_silent_connection_is_closed_after_handshake_timeout(
                    if r.name == "tether.gateway" and r.levelno == logging.WARNING), \
             [r.getMessage() for r in caplog.records]
         await _oecho_round(gw)
+
+
+@pytest.mark.parametrize("server", ["gateway", "listening node"])
+async def test_close_ends_connections_still_in_their_handshake(server: str) -> None:
+    """A client that connected and said nothing yet (no HELLO) is no link of the
+    server's yet: closing the server left its connection open until the handshake
+    timeout (10 s), and on Python >= 3.12 `aclose()` itself waited that long
+    (`Server.wait_closed()` waits for every accepted connection)."""
+    if server == "gateway":
+        closer: tether.Gateway | tether.Node = tether.Gateway("127.0.0.1:0", name="gw")
+    else:
+        closer = tether.Node("n", listen="127.0.0.1:0")
+    await closer.start()
+    port = closer.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await asyncio.sleep(0.05)  # accepted: in its handshake
+        await asyncio.wait_for(closer.aclose(), 2)
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # not 10 s later
+    finally:
+        writer.close()

@@ -683,16 +683,25 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
 async def serve_links(host: str, port: int, config_factory: Callable[[], LinkConfig],
                       handler: LinkHandler, *, ssl_context: ssl.SSLContext | None = None,
                       sockopts: SocketOptions | None = None, backlog: int = 1024,
-                      reuse_port: bool = False) -> asyncio.Server:
+                      reuse_port: bool = False,
+                      accepted: set[LinkConnection] | None = None) -> asyncio.Server:
     """Listen for links; each accepted socket becomes a server-side `LinkConnection`.
     With `ssl_context`, each connection is upgraded to TLS, which must complete within
     the link config's `handshake_timeout`; a failure ends the link with
-    HANDSHAKE_FAILED (the handler sees it like any other)."""
+    HANDSHAKE_FAILED (the handler sees it like any other). `accepted`, if given, holds
+    every connection until its link ends, those still in their handshake included (the
+    handler knows them only from `HandshakeCompleted` on): a server that closes ends
+    them too, not their handshake timeout (and from Python 3.12 on,
+    `Server.wait_closed()` waits for them)."""
     loop = asyncio.get_running_loop()
 
     def factory() -> LinkConnection:
-        return LinkConnection(Role.SERVER, config_factory(), handler, sockopts,
+        conn = LinkConnection(Role.SERVER, config_factory(), handler, sockopts,
                               server_tls=ssl_context)
+        if accepted is not None:
+            accepted.add(conn)
+            conn.closed.add_done_callback(lambda _: accepted.discard(conn))
+        return conn
 
     return await loop.create_server(factory, host, port, backlog=backlog,
                                     reuse_port=reuse_port or None)

@@ -119,6 +119,7 @@ class Gateway:
         self._registered: Counter[LinkConnection] = Counter()  # services per link
         self._rr: dict[str, int] = defaultdict(int)
         self._ends: dict[tuple[LinkConnection, int], tuple[Splice, SpliceEnd]] = {}
+        self._accepted: set[LinkConnection] = set()  # every accepted link until it ends
         self._serial = 0
         self.counters: dict[str, int] = dict.fromkeys(
             ("links_accepted", "links_refused", "flows_opened", "flows_spliced",
@@ -157,7 +158,7 @@ class Gateway:
         """Start listening."""
         host, port = parse_address(self.listen)
         self._server = await serve_links(host, port, self._config, self, ssl_context=self.tls,
-                                         sockopts=self.sockopts)
+                                         sockopts=self.sockopts, accepted=self._accepted)
         log.info("gateway %s listening on %s:%d", self.name, host, self.port)
         for peer, address in self.peers.items():
             spawn_owned(self._tasks, self._keep_peer(peer, address))
@@ -209,6 +210,8 @@ class Gateway:
         if self._server is not None:
             self._server.close()
         await asyncio.gather(*(c.aclose("shutdown", drain) for c in list(self._conns)))
+        for conn in list(self._accepted):  # (still in their handshake)
+            conn.close("shutdown")
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None

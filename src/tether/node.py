@@ -102,6 +102,7 @@ class Node:
         self._services: set[str] = set()
         self._conn: LinkConnection | None = None
         self._server: asyncio.Server | None = None
+        self._accepted: set[LinkConnection] = set()  # every accepted link until it ends
         self._conns: set[LinkConnection] = set()
         self._flows: dict[tuple[LinkConnection, int], Flow] = {}
         self._pending: dict[tuple[LinkConnection, int], asyncio.Future[Flow]] = {}
@@ -137,7 +138,8 @@ class Node:
             host, port = parse_address(self.listen)
             server = await serve_links(
                 host, port, lambda: self._link_config(server=True), self,
-                ssl_context=self.server_tls, sockopts=self.sockopts)
+                ssl_context=self.server_tls, sockopts=self.sockopts,
+                accepted=self._accepted)
             if self._closing:  # aclose() meanwhile: nothing will close it later
                 server.close()
                 self._check_open()
@@ -189,6 +191,8 @@ class Node:
             server.close()  # no new links
         conns = list(self._conns)
         await asyncio.gather(*(c.aclose("shutdown", drain) for c in conns))
+        for conn in list(self._accepted):  # (still in their handshake)
+            conn.close("shutdown")
         if server is not None:  # (after the links: from Python 3.12 on, it waits for
             await server.wait_closed()  # every connection the server accepted to close)
         self._wake_all_accepters()
