@@ -244,6 +244,25 @@ def test_open_with_wrong_parity_ends_link() -> None:
     assert "parity" in terminated(p.take("client")).reason
 
 
+def test_an_open_with_a_window_too_large_is_refused_not_the_link() -> None:
+    """A window above 2^31-1 in OPEN is a bad stream, as it is in OPEN_OK: that stream
+    is refused (OPEN_ERR, PROTOCOL_ERROR) and counted; the link and its other flows go
+    on. It ended the whole link."""
+    p, (a,) = _wide_open(1)
+    p.server.receive_data(wire.encode(wire.Open(stream=3, service="x", window=1 << 31)),
+                          p.now)
+    events = p.take("server")
+    assert [e.reason for e in events if isinstance(e, StreamProtocolError)] == [
+        "OPEN window 2147483648 too large"]
+    assert not p.server.is_closed and p.server.stats.protocol_errors == 1
+    answer = wire.FrameDecoder(1 << 20, 1 << 20).feed(p.server.data_to_send())
+    assert [(type(f), f.stream, f.code) for f in answer if isinstance(f, wire.OpenErr)] == [
+        (wire.OpenErr, 3, ErrorCode.PROTOCOL_ERROR)]
+    p.client.send_data(a, b"still", p.now)
+    p.server.receive_data(p.client.data_to_send(), p.now)
+    assert data_of(p.take("server"), a) == b"still"
+
+
 @pytest.mark.parametrize("answer", [wire.OpenOk(stream=1, window=10),
                                     wire.OpenErr(stream=1, code=ErrorCode.REFUSED)])
 def test_an_answer_to_the_peers_own_open_ends_the_link(answer: wire.Frame) -> None:

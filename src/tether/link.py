@@ -932,9 +932,15 @@ class Link:
         if sid <= self._highest_peer_id:
             raise RemoteProtocolError(f"OPEN reuses stream id {sid} (highest so far "
                                       f"{self._highest_peer_id})")
-        if frame.window > _MAX_WINDOW:
-            raise RemoteProtocolError(f"OPEN window {frame.window} too large")
         self._highest_peer_id = sid
+        if frame.window > _MAX_WINDOW:  # a bad stream, as on OPEN_OK: only it ends
+            reason = f"OPEN window {frame.window} too large"
+            self.stats.protocol_errors += 1
+            self._events.append(StreamProtocolError(stream=sid, code=ErrorCode.PROTOCOL_ERROR,
+                                                    reason=reason))
+            self._emit(wire.OpenErr(stream=sid, code=ErrorCode.PROTOCOL_ERROR, reason=reason),
+                       now)
+            return
         refusal = None
         if self.state is not LinkState.OPEN:
             refusal = "going away"
