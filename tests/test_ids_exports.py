@@ -29,7 +29,8 @@ def test_flow_id_text_form() -> None:
     assert str(FlowId(node="gw1", serial=0x1F, worker=3)) == "3:1f@gw1"
 
 
-@pytest.mark.parametrize("bad", ["", "x", "@gw", "zz@gw", "1f@", "-1@gw"])
+@pytest.mark.parametrize("bad", ["", "x", "@gw", "zz@gw", "1f@", "-1@gw",
+                                 "01f@gw", "0:1f@gw", "03:1f@gw", "1F@gw"])
 def test_flow_id_parse_rejects_garbage_clearly(bad: str) -> None:
     with pytest.raises(ValueError, match=r"flow id|node name"):
         FlowId.parse(bad)

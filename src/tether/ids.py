@@ -59,7 +59,11 @@ class FlowId:
             raise ValueError(f"not a flow id: {text!r} (expected 'SERIAL@NODE' or "
                              "'WORKER:SERIAL@NODE', serial in hex)")
         worker = int(m["worker"]) if m["worker"] else 0
-        return cls(node=m["node"], serial=int(m["serial"], 16), worker=worker)
+        fid = cls(node=m["node"], serial=int(m["serial"], 16), worker=worker)
+        if str(fid) != text:  # one id, one string: a key in an external store finds it
+            raise ValueError(f"not a flow id as written: {text!r} (leading zeros, or worker "
+                             f"0 spelled out): it is written {str(fid)!r}")
+        return fid
 
     @classmethod
     def from_int(cls, value: int, node: str) -> FlowId:
