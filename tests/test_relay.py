@@ -414,6 +414,34 @@ def test_agent_forgets_a_connection_reset_before_allocation(rig: Rig) -> None:
     rig.wait_no_bridges(ag)
 
 
+def test_applications_that_reset_during_a_slow_allocation_free_their_sockets(
+        rig: Rig) -> None:
+    """While allocations wait (the connector is frozen: they are answered only at the
+    liveness timeout), applications that send a request and reset are let go at once:
+    the agent had stopped reading them, saw no reset, and held each socket until its
+    allocation was answered. Their flows still end (DOWN at the liveness timeout)."""
+    echo = rig.echo_server()
+    gw, co, ag = rig.relay({"echo": echo.port}, agent_args=["--liveness", "5"])
+    baseline = ag.fds()
+    co.proc.stop()
+    try:
+        apps = []
+        for _ in range(10):
+            app = socket.create_connection((HOST, ag.ports["echo"]), timeout=5)
+            app.sendall(b"request")
+            apps.append(app)
+        wait_until(lambda: ag.fds() < baseline + 10, 5, "the agent's accepts",
+                   rig.describe)
+        for app in apps:
+            reset_close(app)
+        wait_until(lambda: ag.fds() > baseline, 2, "the agent letting go of the "
+                   "reset sockets (before the allocations are answered)", rig.describe)
+    finally:
+        co.proc.cont()
+    rig.wait_idle(gw, co, ag, bridges=False)
+    rig.wait_no_bridges(ag)
+
+
 @pytest.mark.parametrize("sent", [b"x", b""], ids=["after-a-byte", "before-any-byte"])
 def test_reset_before_allocation_reaches_the_server_as_a_reset(rig: Rig, sent: bytes) -> None:
     """A reset stays a reset end to end, also when the application resets before its

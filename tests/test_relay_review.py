@@ -129,7 +129,7 @@ def test_connector_abandons_a_connect_whose_flow_ended(rig: Rig) -> None:
         app = socket.create_connection((HOST, ag.ports["slow"]), timeout=5)
         try:
             app.sendall(b"hello")
-            wait_until(lambda: co.fds() > baseline, 5, "the connector connecting",
+            wait_until(lambda: co.fds() <= baseline, 5, "the connector connecting",
                        rig.describe)
         finally:
             reset_close(app)

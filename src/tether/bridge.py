@@ -41,6 +41,9 @@ __all__ = ["SocketBridge", "reset_socket", "shutdown_write"]
 log = logging.getLogger("tether.relay")
 _SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+_HELD_MAX = 64 * 1024
+"""Bytes an application's socket may send before its flow is allocated (then reading
+pauses until it is)."""
 
 
 def reset_socket(transport: asyncio.BaseTransport) -> None:
@@ -99,7 +102,8 @@ class SocketBridge(asyncio.BufferedProtocol):
 
     Create it with the flow and hand it to `loop.create_connection` (connector), or
     create it without one as a server's protocol (agent): `on_connect` is then called
-    when the socket arrives, reading waits, and `set_flow` starts the pumping.
+    when the socket arrives, what it sends is held (reading pauses past `_HELD_MAX`)
+    and its end noted, and `set_flow` starts the pumping.
     `on_done` is called once when both the socket and the flow have ended.
     `sockopts` are set on the socket when it arrives (without: TCP_NODELAY only).
     """
@@ -218,7 +222,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         elif self._fin_pending:
             self._fin_pending = False
             flow.fin_nowait()
-        if self._pending is None and self.transport is not None:
+        if self._pending is None and self._read_paused and self.transport is not None:
             self._read_paused = False
             self.transport.resume_reading()
 
@@ -242,10 +246,9 @@ class SocketBridge(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._flow is not None:
             self._flow.attach(self)
-        else:
-            transport.pause_reading()  # type: ignore[attr-defined]
-            if self.on_connect is not None:
-                self.on_connect(self)
+        elif self.on_connect is not None:  # reading goes on (up to _HELD_MAX held): an
+            self.on_connect(self)  # application that resets or leaves while its flow is
+            # allocated frees its socket at once, not when the allocation is answered
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._readbuf.get()
@@ -256,10 +259,11 @@ class SocketBridge(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes read from the socket (`buffer_updated` passes them here)."""
         self.bytes_up += len(data)
-        if self._flow is None:  # held until set_flow; uvloop ignores a pause_reading()
-            held = b"" if self._pending is None else bytes(self._pending)  # made in
-            self._pending = memoryview(held + data)  # connection_made, so pause again here
-            if self.transport is not None and not self._read_paused:
+        if self._flow is None:  # held until set_flow, up to _HELD_MAX
+            held = b"" if self._pending is None else bytes(self._pending)
+            self._pending = memoryview(held + data)
+            if len(self._pending) >= _HELD_MAX and self.transport is not None \
+                    and not self._read_paused:
                 self._read_paused = True
                 self.transport.pause_reading()
             return
