@@ -60,6 +60,15 @@ class Line:
     text: str
 
 
+def _proc_state(pid: int) -> str | None:
+    """The process's state letter from /proc (R, S, T, ...), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 class Proc:
     """One running process, its output lines timestamped as they arrive."""
 
@@ -176,10 +185,15 @@ class Proc:
         return time.monotonic()
 
     def stop(self) -> float:
-        """SIGSTOP (freeze); returns the `time.monotonic()` just after it was sent."""
+        """SIGSTOP (freeze); returns the `time.monotonic()` just after it was sent, once
+        the process is stopped (a signal is delivered when the process next runs: on a
+        loaded machine it could still act on what the test does next)."""
         self.popen.send_signal(signal.SIGSTOP)
         t = time.monotonic()
         self.stopped = True
+        deadline = t + 2.0
+        while _proc_state(self.pid) not in ("T", "t", None) and time.monotonic() < deadline:
+            time.sleep(0.001)
         return t
 
     def cont(self) -> float:

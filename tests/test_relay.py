@@ -222,8 +222,17 @@ def test_tether_status_prints_json_and_metrics(relay: Shared) -> None:
         samples = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
         assert samples and all(ln.startswith("tether_") for ln in samples), text
         assert f'role="{d.role}"' in text and f'node="{d.name}"' in text
-    assert re.search(r'^tether_flows_spliced\{node="gw1",role="gateway"\} \d+',
-                     relay.gw.metrics(), re.M)
+    metrics = relay.gw.metrics()
+    # what only grows is a counter (`_total`: `rate()` copes with a restart), what is
+    # now a gauge
+    assert re.search(r'^tether_flows_spliced_total\{node="gw1",role="gateway"\} \d+',
+                     metrics, re.M)
+    assert "# TYPE tether_flows_spliced_total counter" in metrics
+    assert "# TYPE tether_bytes_up_total counter" in metrics
+    assert "# TYPE tether_flows gauge" in metrics and "# TYPE tether_links gauge" in metrics
+    agent = relay.ag.metrics()
+    assert "# TYPE tether_open gauge" in agent and "# TYPE tether_node_flows gauge" in agent
+    assert "# TYPE tether_connections_total counter" in agent
     assert get_status(relay.gw.admin_port, "/metrics").count("# TYPE tether_") > 5
 
     def not_counted() -> dict[str, Any] | None:  # the closed flow, in the gateway's counters

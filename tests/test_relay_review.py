@@ -74,7 +74,7 @@ def test_gateway_counters_add_up_also_for_flows_ended_before_they_were_spliced(
         == (2, 1, 2, 1), st
     assert not _gateway_sums(gw), _gateway_sums(gw)
     metrics = gw.metrics()
-    assert 'tether_flows_opened{node="gw1",role="gateway"} 2.0' in metrics, metrics
+    assert 'tether_flows_opened_total{node="gw1",role="gateway"} 2.0' in metrics, metrics
 
 
 def test_gateway_counters_add_up_with_refusals_and_resets(rig: Rig) -> None:

@@ -555,7 +555,8 @@ async def test_stats_sum_over_workers_and_tether_status_reads_them() -> None:
         assert sum(w["open"] for w in status["per_worker"]) == len(clients)
         assert all(w["rss"] > 0 for w in status["per_worker"])
         assert status["rss_total"] > sum(w["rss"] for w in status["per_worker"])
-        assert 'tether_hub_open{node="hub",role="hub"}' in metrics
+        assert 'tether_hub_open{node="hub",role="hub"}' in metrics  # a gauge
+        assert 'tether_hub_opened_total{node="hub",role="hub"}' in metrics  # a counter
         for c in clients:
             c.close()
 

@@ -16,13 +16,24 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CollectorRegistry,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 
 __all__ = ["AdminServer", "fetch_status", "flatten"]
 
 log = logging.getLogger("tether.admin")
 _MAX_REQUEST = 8192
+GAUGES: frozenset[str] = frozenset({
+    "links", "flows", "open", "queued", "queued_bytes", "paused", "workers", "pid", "rss",
+    "rss_total", "unread_bytes", "failed_bytes", "down_since", "up_since", "exit",
+    "serials_above"})
+"""The stats keys that say what is now (exported as gauges); every other number in a
+daemon's stats only grows while the daemon runs (a counter: `..._total`)."""
 
 
 def flatten(stats: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -36,7 +47,8 @@ def flatten(stats: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, floa
 
 
 class _StatsCollector:
-    """Turns the daemon's stats() into gauges, read at scrape time."""
+    """Turns the daemon's stats() into metrics, read at scrape time: counters, and
+    gauges for the keys in `GAUGES` (a stats dict nested under a key: its keys joined)."""
 
     def __init__(self, role: str, name: str, stats: Callable[[], dict[str, Any]]) -> None:
         self.role = role
@@ -52,8 +64,10 @@ class _StatsCollector:
         for key, value in flatten(stats):
             metric = "tether_" + "".join(c if c.isascii() and c.isalnum() else "_"
                                          for c in key)
-            family = GaugeMetricFamily(metric, f"tether {self.role} {key}",
-                                       labels=["role", "node"])
+            gauge = key in GAUGES or any(key.endswith("_" + g) for g in GAUGES)
+            family: GaugeMetricFamily | CounterMetricFamily = (
+                GaugeMetricFamily if gauge else CounterMetricFamily)(
+                metric, f"tether {self.role} {key}", labels=["role", "node"])
             family.add_metric([self.role, self.name], value)
             yield family
         if peers:
