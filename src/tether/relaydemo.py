@@ -152,7 +152,7 @@ def main() -> int:
         status = subprocess.run([*tether, "status", f"127.0.0.1:{admin_port}"],
                                 capture_output=True, text=True, timeout=10, check=True)
         for line in status.stdout.splitlines():
-            if any(k in line for k in ('"links"', '"flows"', "spliced", "ended")):
+            if any(k in line for k in ('"links"', '"flows"', "opened", "spliced", "ended")):
                 _say("  " + line.strip())
         ok = '"flows": 0' in status.stdout and reply.status == 200
         _say("\nstopping everything")
