@@ -125,8 +125,11 @@ async def test_an_empty_tokens_file_lets_no_node_in(tmp_path: Path) -> None:
     (("agent", "--forward", "127.0.0.1:0=web", "--fin-timeout", "-1"), "fin_timeout"),
     (("connector", "--service", "web=127.0.0.1:1", "--service", "web=127.0.0.1:2"),
      "web given more than once"),  # (the last one silently won)
+    (("agent", "--forward", "127.0.0.1:0=web", "--retry-interval", "0"), "retry_interval"),
+    (("connector", "--service", "web=127.0.0.1:1", "--retry-interval", "nan"),
+     "retry_interval"),
 ], ids=["liveness-0", "liveness-negative", "liveness-nan", "fin-timeout-negative",
-        "service-twice"])
+        "service-twice", "retry-0", "retry-nan"])
 def test_edges_refuse_nonsense_at_start(args: tuple[str, ...], says: str) -> None:
     """Before, an agent with `--liveness 0` started and then failed every connection's
     allocation; a negative `--fin-timeout` quietly turned the fin timeout off."""

@@ -240,3 +240,43 @@ def _newcomer(ag: Daemon) -> str:
         with contextlib.suppress(ConnectionResetError, BrokenPipeError):
             app.sendall(b"request")
         return _app_end(app)
+
+
+def _echo_once(port: int) -> str:
+    """One application connection through the agent: "ok" if it echoes, else how it
+    ended ("reset", "eof", ...)."""
+    with socket.create_connection((HOST, port), timeout=5) as app:
+        try:
+            app.sendall(b"ping")
+            got = app.recv(10)
+        except ConnectionResetError:
+            return "reset"
+        return "ok" if got == b"ping" else _app_end(app) if got == b"" else repr(got)
+
+
+def test_edges_connect_again_to_a_restarted_gateway(rig: Rig) -> None:
+    """The gateway is killed and started again on its port: the agent and the
+    connector dial it again (backoff up to `--retry-interval`), the connector's
+    services are registered again, and connections go through as before. Before, both
+    edges stayed without a link for good: every application connection was reset
+    ("no link to a gateway") until they were restarted by hand. While the gateway is
+    away, an application's connection is reset at once, not held."""
+    echo = rig.echo_server()
+    args = ["--retry-interval", "0.2"]
+    gw, co, ag = rig.relay({"echo": echo.port}, connector_args=args, agent_args=args)
+    port = ag.ports["echo"]
+    assert _echo_once(port) == "ok"
+    gw.proc.kill()
+    ag.wait_log(r"link to the gateway .* lost")
+    co.wait_log(r"link to the gateway .* lost")
+    t0 = time.monotonic()
+    assert _echo_once(port) == "reset"
+    assert time.monotonic() - t0 < 1
+    time.sleep(0.5)  # a few attempts fail (connection refused)
+    gw2 = rig.gateway(name="gw1", port=gw.port)
+    ag.wait_log(r"link to the gateway .* is back", timeout=5)
+    co.wait_log(r"link to the gateway .* is back", timeout=5)
+    gw2.wait_log(r"\bconnector registered service echo$", timeout=5)
+    assert _echo_once(port) == "ok"
+    assert ag.status()["reconnects"] == 1 and co.status()["reconnects"] == 1
+    rig.wait_idle(gw2, co, ag)

@@ -138,7 +138,7 @@ async def _agent(args: argparse.Namespace) -> int:
     agent = Agent(args.gateway, forwards, name=args.name, token=args.token or b"",
                   tls=_tls_client_context(args), liveness=args.liveness,
                   fin_timeout=args.fin_timeout, cascade=args.cascade, window=args.window,
-                  keepalive=args.keepalive)
+                  keepalive=args.keepalive, retry_interval=args.retry_interval)
     await agent.start()
     for (host, _, service), port in zip(forwards, agent.ports(), strict=True):
         print(f"agent {args.name} forwarding {host}:{port} to {service}", file=sys.stderr,
@@ -158,7 +158,8 @@ async def _connector(args: argparse.Namespace) -> int:
     connector = Connector(args.gateway, services, name=args.name, token=args.token or b"",
                           tls=_tls_client_context(args), liveness=args.liveness,
                           fin_timeout=args.fin_timeout, window=args.window,
-                          keepalive=args.keepalive, connect_timeout=args.connect_timeout)
+                          keepalive=args.keepalive, connect_timeout=args.connect_timeout,
+                          retry_interval=args.retry_interval)
     await connector.start()
     print(f"connector {args.name} serving {', '.join(s for s, _, _ in services)}",
           file=sys.stderr, flush=True)
@@ -206,6 +207,9 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--drain", type=float, default=2.0, metavar="SECONDS",
                    help="on SIGTERM, take no new connection and let the open ones finish "
                         "this long before resetting them (default 2)")
+    p.add_argument("--retry-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="once the link to the gateway is lost, dial it again, waiting at "
+                        "most this long between attempts (default 2)")
     p.add_argument("--admin", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="admin endpoint for `tether status` and /metrics "
                         "(default 127.0.0.1:0, 'none' to disable)")

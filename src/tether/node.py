@@ -130,8 +130,7 @@ class Node:
         `LocalProtocolError` while it is started (its link up, or listening); once its
         link was lost, `start()` connects again."""
         self._check_open()
-        linked = self._conn is not None and not self._conn.closed.done()
-        if linked or (self.gateway is None and self._server is not None):
+        if self.linked or (self.gateway is None and self._server is not None):
             raise LocalProtocolError(f"node {self.name} is started already")
         listening = self._server is not None  # (a start again, after the link was lost)
         if self.listen is not None and not listening:
@@ -169,6 +168,21 @@ class Node:
     def _check_open(self) -> None:
         if self._closing:
             raise FlowClosed(f"node {self.name} is closed")
+
+    @property
+    def linked(self) -> bool:
+        """The link to the gateway is up."""
+        return self._conn is not None and not self._conn.closed.done()
+
+    async def link_lost(self) -> str:
+        """Wait until the link to the gateway ends; why it ended. Returns at once if it
+        has ended already (then `start()` connects again); `LocalProtocolError` if the
+        node never connected (no `gateway`, or not started)."""
+        conn = self._conn
+        if conn is None:
+            raise LocalProtocolError(f"node {self.name} has no link to a gateway")
+        event = await asyncio.shield(conn.closed)
+        return event.reason
 
     @property
     def port(self) -> int:

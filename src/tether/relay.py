@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import ssl
@@ -31,7 +32,7 @@ from typing import Any
 
 from .aio import SocketOptions, parse_address, spawn_owned
 from .bridge import SocketBridge, reset_socket
-from .errors import ErrorCode, TetherError
+from .errors import ErrorCode, FlowClosed, FlowDown, TetherError
 from .flowstate import FlowState
 from .node import Node
 
@@ -80,9 +81,14 @@ class _Edge:
 
     def __init__(self, name: str, gateway: str, *, token: bytes | str, tls: ssl.SSLContext | None,
                  liveness: float | None, fin_timeout: float, cascade: str,
-                 window: int = 256 * 1024, keepalive: float | None = 60.0) -> None:
+                 window: int = 256 * 1024, keepalive: float | None = 60.0,
+                 retry_interval: float = 2.0) -> None:
         if cascade not in _CASCADE:
             raise ValueError(f"cascade must be 'half' or 'full', not {cascade!r}")
+        if not 0 < retry_interval < math.inf:
+            raise ValueError(f"retry_interval must be positive seconds, not {retry_interval}")
+        self.retry_interval = retry_interval
+        self.gateway = gateway
         if not fin_timeout >= 0:  # (NaN too)
             raise ValueError(f"fin_timeout must be 0 (none) or positive seconds, not "
                              f"{fin_timeout}")
@@ -98,7 +104,50 @@ class _Edge:
         self._reaper: asyncio.TimerHandle | None = None
         self.counters: dict[str, int] = dict.fromkeys(
             ("connections", "refused", "fin_timeouts", "edge_timeouts", "bytes_up",
-             "bytes_down"), 0)
+             "bytes_down", "reconnects"), 0)
+        self.linked = asyncio.Event()  # the link to the gateway is up
+        self._closing = False
+
+    def _linked_up(self) -> None:
+        """The node's link is up: keep it so (`_keep_link`)."""
+        self.linked.set()
+        spawn_owned(self.tasks, self._keep_link())
+
+    async def _keep_link(self) -> None:
+        """Once the link to the gateway is lost (the gateway restarted, the network), dial
+        again until it is back -- 20 ms at first, doubling up to `retry_interval` --
+        so that a gateway's restart does not leave every edge without one. Meanwhile an
+        agent refuses its applications' connections (reset, logged), and no flow
+        reaches a connector. A line when the link is lost, one a minute while it stays
+        so, one when it is back."""
+        loop = asyncio.get_running_loop()
+        while True:
+            reason = await self.node.link_lost()
+            self.linked.clear()
+            if self._closing:
+                return
+            log.warning("%s: link to the gateway %s lost (%s): connecting again", self.name,
+                        self.gateway, reason)
+            delay, attempts, since, said = 0.02, 0, loop.time(), loop.time()
+            while True:
+                await asyncio.sleep(delay)
+                attempts += 1
+                try:
+                    await self.node.start()
+                    break
+                except FlowClosed:  # (closing)
+                    return
+                except (OSError, TetherError) as exc:
+                    if loop.time() - said >= 60:
+                        said = loop.time()
+                        log.warning("%s: still no link to the gateway %s after %d attempts "
+                                    "(%.0fs): %s", self.name, self.gateway, attempts,
+                                    loop.time() - since, exc)
+                    delay = min(delay * 2, self.retry_interval)
+            self.counters["reconnects"] += 1
+            self.linked.set()
+            log.warning("%s: link to the gateway %s is back (after %d attempt(s), %.1fs)",
+                        self.name, self.gateway, attempts, loop.time() - since)
 
     def _adopt(self, bridge: SocketBridge) -> None:
         self.bridges.add(bridge)
@@ -160,6 +209,7 @@ class _Edge:
             self._schedule_reaper()
 
     async def _close_edge(self, drain: float = 0.0) -> None:
+        self._closing = True
         if drain > 0 and (self.bridges or self.arriving or self.node.flows()):
             await self._drain(drain)
         if self._reaper is not None:
@@ -212,16 +262,18 @@ class Agent(_Edge):
                  name: str = "agent", token: bytes | str = b"",
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
                  fin_timeout: float = 60.0, cascade: str = "half",
-                 window: int = 256 * 1024, keepalive: float | None = 60.0) -> None:
+                 window: int = 256 * 1024, keepalive: float | None = 60.0,
+                 retry_interval: float = 2.0) -> None:
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
                          fin_timeout=fin_timeout, cascade=cascade, window=window,
-                         keepalive=keepalive)
+                         keepalive=keepalive, retry_interval=retry_interval)
         self.forwards = forwards
         self.servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
         """Connect to the gateway, then listen on every forward."""
         await self.node.start()
+        self._linked_up()
         loop = asyncio.get_running_loop()
         try:
             for host, port, service in self.forwards:
@@ -330,12 +382,13 @@ class Connector(_Edge):
                  name: str = "connector", token: bytes | str = b"",
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
                  fin_timeout: float = 60.0, connect_timeout: float = 5.0,
-                 window: int = 256 * 1024, keepalive: float | None = 60.0) -> None:
+                 window: int = 256 * 1024, keepalive: float | None = 60.0,
+                 retry_interval: float = 2.0) -> None:
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive seconds, got {connect_timeout!r}")
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
                          fin_timeout=fin_timeout, cascade="half", window=window,
-                         keepalive=keepalive)
+                         keepalive=keepalive, retry_interval=retry_interval)
         self.services = {svc: (host, port) for svc, host, port in services}
         if len(self.services) != len(services):
             names = [svc for svc, _, _ in services]
@@ -347,7 +400,8 @@ class Connector(_Edge):
         """Connect to the gateway, register the services, start accepting flows."""
         await self.node.start()
         for service in self.services:
-            self.node.register(service)
+            self.node.register(service)  # (registered again on every new link)
+        self._linked_up()
         spawn_owned(self.tasks, self._accept_loop())
 
     async def aclose(self, drain: float = 0.0) -> None:
@@ -366,6 +420,11 @@ class Connector(_Edge):
         while True:
             try:
                 flow = await self.node.accept()
+            except FlowDown:  # the link is lost: flows come again once it is back
+                if not self.node.linked:
+                    self.linked.clear()  # (before `_keep_link` may have seen it)
+                await self.linked.wait()
+                continue
             except TetherError:
                 return
             spawn_owned(self.tasks, self._connect(flow))
