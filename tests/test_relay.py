@@ -232,6 +232,7 @@ def test_tether_status_prints_json_and_metrics(relay: Shared) -> None:
     assert "# TYPE tether_flows gauge" in metrics and "# TYPE tether_links gauge" in metrics
     agent = relay.ag.metrics()
     assert "# TYPE tether_open gauge" in agent and "# TYPE tether_node_flows gauge" in agent
+    assert "# TYPE tether_linked gauge" in agent
     assert "# TYPE tether_connections_total counter" in agent
     assert get_status(relay.gw.admin_port, "/metrics").count("# TYPE tether_") > 5
 

@@ -269,6 +269,7 @@ def test_edges_connect_again_to_a_restarted_gateway(rig: Rig) -> None:
     gw.proc.kill()
     ag.wait_log(r"link to the gateway .* lost")
     co.wait_log(r"link to the gateway .* lost")
+    assert not ag.status()["linked"] and not co.status()["linked"]
     t0 = time.monotonic()
     assert _echo_once(port) == "reset"
     assert time.monotonic() - t0 < 1
@@ -279,4 +280,5 @@ def test_edges_connect_again_to_a_restarted_gateway(rig: Rig) -> None:
     gw2.wait_log(r"\bconnector registered service echo$", timeout=5)
     assert _echo_once(port) == "ok"
     assert ag.status()["reconnects"] == 1 and co.status()["reconnects"] == 1
+    assert ag.status()["linked"] and co.status()["linked"]
     rig.wait_idle(gw2, co, ag)

@@ -243,8 +243,8 @@ class _Edge:
     def stats(self) -> dict[str, Any]:
         """Counters, the node's view, and every open connection with age and bytes."""
         loop_now = asyncio.get_running_loop().time()
-        return {"name": self.name, "open": len(self.bridges), **self.counters,
-                "node": self.node.stats(),
+        return {"name": self.name, "gateway": self.gateway, "linked": self.node.linked,
+                "open": len(self.bridges), **self.counters, "node": self.node.stats(),
                 "flows": [{"id": str(b.flow.id), "service": b.flow.service,
                            "state": b.flow.state.name, "age": round(loop_now - b.opened_at, 3),
                            "bytes_up": b.bytes_up, "bytes_down": b.bytes_down}
