@@ -405,3 +405,41 @@ async def test_a_link_whose_session_never_comes_is_ended_logged_and_counted(
             assert m.peers()["b"].state is not PeerState.UP
         finally:
             conn.close()
+
+
+# 6. An ACK from the peer naming messages it was never sent (beyond what is in flight)
+#    dropped the messages still waiting for the window, silently: neither delivered nor
+#    reported. It is bad input: only that link ends, and the messages are sent again.
+
+async def test_an_ack_beyond_what_was_transmitted_is_a_protocol_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tether.mesh")
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    max_message=1024, **FAST) as a:  # type: ignore[arg-type]
+        # "b" announces a window of one message: a's 2nd..5th wait for ACKs
+        collect = _Collect()
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
+                               collect)
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, MIN_WINDOW).encode(),
+                               conn.now)
+        conn.flush()
+        try:
+            await _session_up(a, 7)
+            for i in range(1, 6):
+                await a.send("b", b"%d" % i + b"." * 999)
+            info = a.peers()["b"]
+            assert info.queued == 5
+            conn.link.send_ack(5, conn.now)  # only MSG 1 was transmitted
+            conn.flush()
+            ended = await asyncio.wait_for(conn.closed, 5)
+            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
+            assert "ACK of MSG 5" in ended.reason, ended.reason
+            assert a.counters["protocol_errors"] == 1
+            assert any("protocol error from b: ACK of MSG 5" in line
+                       for line in _warnings(caplog)), _warnings(caplog)
+            # nothing was dropped on its word: the five wait for b (or a report)
+            assert a.peers()["b"].queued == 5
+            assert a.peers()["b"].counters["failures"] == 0
+        finally:
+            conn.close()

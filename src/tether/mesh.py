@@ -802,7 +802,15 @@ class Mesh:
                 self._protocol_error(conn, peer, "MSG before SESSION")
         elif isinstance(event, AckReceived):
             peer = self._conn_peer.get(conn)
-            if peer is not None and conn is peer.link and peer.up and peer.outbox.ack(event.seq):
+            if peer is None or conn is not peer.link or not peer.up:
+                return
+            try:
+                acked = peer.outbox.ack_transmitted(event.seq)
+            except RemoteProtocolError as exc:  # it acknowledges what it never received
+                self._protocol_error(conn, peer, str(exc))
+                self._session_lost(peer, f"protocol error: {exc}")
+                return
+            if acked:
                 if peer.outbox.waiting and self._transmit_window(peer, conn):
                     self._dirty_conns.add(conn)  # the window opened: written this turn
                     self._schedule_flush()

@@ -201,6 +201,24 @@ class Outbox:
         else:
             self.sent_high = entry.seq
 
+    def ack_transmitted(self, seq: int) -> int:
+        """An ACK frame: the peer consumed every message up to `seq`, which it can only
+        have been sent on this session: drop them, or raise `RemoteProtocolError` if
+        `seq` names a message that is not in flight (one waiting for the window, or one
+        never queued): the peer acknowledges what it never received. Returns how many
+        were dropped."""
+        sent = self._sent
+        if sent:
+            limit = sent[-1].seq
+        elif self._waiting:
+            limit = self._waiting[0].seq - 1
+        else:
+            limit = self.next_seq - 1
+        if seq > limit:
+            raise RemoteProtocolError(f"ACK of MSG {seq}, beyond the last one transmitted "
+                                      f"to it ({limit})")
+        return self.ack(seq)
+
     def ack(self, seq: int) -> int:
         """The peer consumed every message up to `seq`: drop them. Returns how many."""
         sent = self._sent
