@@ -443,3 +443,36 @@ async def test_an_ack_beyond_what_was_transmitted_is_a_protocol_error(
             assert a.peers()["b"].counters["failures"] == 0
         finally:
             conn.close()
+
+
+# 7. A SESSION claiming messages this node never transmitted (received/consumed beyond
+#    them) made the outbox drop them as consumed: queued messages vanished, neither
+#    delivered nor reported. It is bad input too.
+
+async def test_a_session_claiming_untransmitted_messages_is_a_protocol_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tether.mesh")
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": f"127.0.0.1:{free_port()}"},
+                    **FAST) as a:  # type: ignore[arg-type]
+        fa = Failures(a)
+        for i in range(3):  # b is not reachable yet: they wait, never transmitted
+            await a.send("b", b"%d" % i)
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b"), _Collect())
+        window = conn.link.max_payload + MESSAGE_OVERHEAD
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 3, 3, window).encode(),
+                               conn.now)
+        conn.flush()
+        try:
+            ended = await asyncio.wait_for(conn.closed, 5)
+            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
+            assert "SESSION says received 3" in ended.reason, ended.reason
+            assert a.counters["protocol_errors"] == 1
+            assert any("protocol error from b: SESSION says received 3" in line
+                       for line in _warnings(caplog)), _warnings(caplog)
+            info = a.peers()["b"]
+            assert info.queued == 3 and info.state is not PeerState.UP, info
+            assert fa.got == []
+        finally:
+            conn.close()
+            await fa.stop()

@@ -462,6 +462,8 @@ class Mesh:
         retired = self._retired.pop(name, None)
         if retired is not None:
             peer.inbox, peer.outbox.next_seq, peer.outbox.peer_incarnation = retired
+            # (the peer may hold any of them: its SESSION may name them)
+            peer.outbox.sent_high = peer.outbox.next_seq - 1
         self._peers[name] = peer
         return peer
 
@@ -895,6 +897,8 @@ class Mesh:
                         return  # a link this side replaced already
                 elif conn is peer.link and peer.up:
                     raise RemoteProtocolError("second SESSION on a link")
+                peer.outbox.check_session(info.incarnation, info.known == self.incarnation,
+                                          info.received)
                 if (info.incarnation != peer.inbox.incarnation
                         and peer.unread_bytes > self.queue_bytes):
                     self._refuse_session(peer, conn)

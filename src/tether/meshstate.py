@@ -235,6 +235,21 @@ class Outbox:
                 n += 1
         return n
 
+    def check_session(self, peer_incarnation: int, knows_me: bool, received: int) -> None:
+        """Raise `RemoteProtocolError` if the peer's SESSION claims to hold messages of
+        this node that were never transmitted to it: `session` would drop them as
+        consumed (or count them as in flight), neither delivered nor reported. An
+        incarnation of the peer this outbox has not had a session with yet holds
+        nothing (it is new, or `sent_high` is of another one)."""
+        if not knows_me:
+            return
+        known = peer_incarnation == self.peer_incarnation
+        limit = self.sent_high if known or self.peer_incarnation == 0 else 0
+        if received > limit:
+            raise RemoteProtocolError(
+                f"SESSION says received {received} of this node's messages, but the last "
+                f"one transmitted to it is {limit}")
+
     def session(self, peer_incarnation: int, knows_me: bool, consumed: int,
                 received: int, window: int) -> SessionResult:
         """A session starts on a new link: the peer is `peer_incarnation`, and holds at
