@@ -20,7 +20,14 @@ from tether.errors import ErrorCode
 from tether.events import LinkTerminated
 from tether.link import LinkConfig
 from tether.mesh import Failure, FailuresNotTaken, Mesh, PeerState
-from tether.meshstate import KIND_SESSION, MESSAGE_OVERHEAD, MIN_WINDOW, SessionInfo
+from tether.meshstate import (
+    KIND_CLOSING,
+    KIND_SESSION,
+    MESSAGE_OVERHEAD,
+    MIN_WINDOW,
+    ClosingInfo,
+    SessionInfo,
+)
 
 
 class Failures:
@@ -473,6 +480,37 @@ async def test_a_session_claiming_untransmitted_messages_is_a_protocol_error(
             info = a.peers()["b"]
             assert info.queued == 3 and info.state is not PeerState.UP, info
             assert fa.got == []
+        finally:
+            conn.close()
+            await fa.stop()
+
+
+async def test_a_closing_claiming_untransmitted_messages_is_a_protocol_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tether.mesh")
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    max_message=1024, **FAST) as a:  # type: ignore[arg-type]
+        fa = Failures(a)
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
+                               _Collect())
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, MIN_WINDOW).encode(),
+                               conn.now)
+        conn.flush()
+        try:
+            await _session_up(a, 7)
+            for i in range(3):  # a window of one message: the 2nd and 3rd wait
+                await a.send("b", b"%d" % i + b"." * 999)
+            conn.link.send_message(KIND_CLOSING, 0, ClosingInfo(7, a.incarnation, 3).encode(),
+                                   conn.now)
+            conn.flush()
+            ended = await asyncio.wait_for(conn.closed, 5)
+            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
+            assert "CLOSING says consumed 3" in ended.reason, ended.reason
+            assert a.counters["protocol_errors"] == 1
+            assert any("protocol error from b: CLOSING says consumed 3" in line
+                       for line in _warnings(caplog)), _warnings(caplog)
+            assert a.peers()["b"].queued == 3 and fa.got == []
         finally:
             conn.close()
             await fa.stop()

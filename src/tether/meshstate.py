@@ -207,17 +207,21 @@ class Outbox:
         `seq` names a message that is not in flight (one waiting for the window, or one
         never queued): the peer acknowledges what it never received. Returns how many
         were dropped."""
-        sent = self._sent
-        if sent:
-            limit = sent[-1].seq
-        elif self._waiting:
-            limit = self._waiting[0].seq - 1
-        else:
-            limit = self.next_seq - 1
+        limit = self.ack_limit
         if seq > limit:
             raise RemoteProtocolError(f"ACK of MSG {seq}, beyond the last one transmitted "
                                       f"to it ({limit})")
         return self.ack(seq)
+
+    @property
+    def ack_limit(self) -> int:
+        """The highest sequence number the peer's current incarnation may acknowledge
+        on this session: the last one in flight (none of those waiting)."""
+        if self._sent:
+            return self._sent[-1].seq
+        if self._waiting:
+            return self._waiting[0].seq - 1
+        return self.next_seq - 1
 
     def ack(self, seq: int) -> int:
         """The peer consumed every message up to `seq`: drop them. Returns how many."""
@@ -298,9 +302,13 @@ class Outbox:
     def peer_closing(self, peer_incarnation: int, knows_me: bool, consumed: int) -> int:
         """The peer's incarnation is shutting down gracefully and consumed exactly the
         messages up to `consumed`: drop those; the others were certainly not delivered
-        (they are no longer in doubt). Returns how many were dropped."""
+        (they are no longer in doubt). Returns how many were dropped. Raises
+        `RemoteProtocolError` if `consumed` names a message not in flight to it."""
         if peer_incarnation != self.peer_incarnation:
             return 0
+        if knows_me and consumed > self.ack_limit:
+            raise RemoteProtocolError(f"CLOSING says consumed {consumed}, beyond the last "
+                                      f"message transmitted to it ({self.ack_limit})")
         n = self.ack(consumed) if knows_me else 0
         sent = self._sent
         while sent:
