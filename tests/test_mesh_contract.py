@@ -514,3 +514,36 @@ async def test_a_closing_claiming_untransmitted_messages_is_a_protocol_error(
         finally:
             conn.close()
             await fa.stop()
+
+
+# 8. An ACK and the end of the link in one read (a peer that acknowledges, then closes
+#    or replaces the link: its aclose sends ACK, CLOSING and GOAWAY at once): the ACK
+#    opened the window and the mesh wrote to the link the GOAWAY had already closed.
+#    The exception ended the read before the link's end reached the mesh: the peer
+#    stayed UP on a dead link, `send` raised LocalProtocolError, nothing was delivered
+#    or reported.
+
+async def test_an_ack_then_the_end_of_the_link_in_one_read() -> None:
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    max_message=1024, **FAST) as a:  # type: ignore[arg-type]
+        fa = Failures(a)
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
+                               _Collect())
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, MIN_WINDOW).encode(),
+                               conn.now)
+        conn.flush()
+        await _session_up(a, 7)
+        for i in range(3):  # a window of one message: the 2nd and 3rd wait
+            await a.send("b", b"%d" % i + b"." * 999)
+        conn.link.send_ack(1, conn.now)  # consumed the 1st (the window opens) ...
+        conn.close("bye", ErrorCode.SHUTDOWN)  # ... and goes, in the same segment
+        await eventually(lambda: a.peers()["b"].state is not PeerState.UP, timeout=2,
+                         what="b down")
+        assert a.peers()["b"].queued == 2
+        await a.send("b", b"3")  # accepted, queued: no error
+        await a.aclose()
+        await asyncio.sleep(0)
+        reports = fa.got
+        await fa.stop()
+        assert [m.body[:1] for f in reports for m in f.undelivered] == [b"1", b"2", b"3"]

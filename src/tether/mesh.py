@@ -414,7 +414,7 @@ class Mesh:
         self._send_acks()
         for peer in self._peers.values():
             conn = peer.link
-            if peer.up and conn is not None:
+            if peer.up and conn is not None and not conn.link.is_closed:
                 info = ClosingInfo(self.incarnation, peer.inbox.incarnation,
                                    peer.inbox.consumed)
                 conn.link.send_message(KIND_CLOSING, 0, info.encode(), conn.now)
@@ -813,7 +813,10 @@ class Mesh:
                 self._session_lost(peer, f"protocol error: {exc}")
                 return
             if acked:
-                if peer.outbox.waiting and self._transmit_window(peer, conn):
+                # (the link may have ended later in the same read, GOAWAY after the ACK:
+                # its LinkTerminated follows; what waits goes on the next link)
+                if (peer.outbox.waiting and not conn.link.is_closed
+                        and self._transmit_window(peer, conn)):
                     self._dirty_conns.add(conn)  # the window opened: written this turn
                     self._schedule_flush()
                 peer.wake_space()
