@@ -17,7 +17,7 @@ import pytest
 from test_mesh import FAST, Receiver, _Collect, cluster, eventually, free_port, next_failure
 from tether.aio import LinkConnection, open_link
 from tether.errors import ErrorCode
-from tether.events import LinkTerminated
+from tether.events import LinkTerminated, MessageReceived
 from tether.link import LinkConfig
 from tether.mesh import Failure, FailuresNotTaken, Mesh, PeerState
 from tether.meshstate import (
@@ -547,3 +547,38 @@ async def test_an_ack_then_the_end_of_the_link_in_one_read() -> None:
         reports = fa.got
         await fa.stop()
         assert [m.body[:1] for f in reports for m in f.undelivered] == [b"1", b"2", b"3"]
+
+
+@pytest.mark.parametrize("end", ["link", "flow"])
+async def test_a_flow_opened_then_ended_in_one_read(end: str) -> None:
+    """The same with a flow opened on the mesh link just before the link's end (or the
+    flow's reset): refusing it raised (it had ended already); after the link's end the
+    peer stayed UP on a dead link, after the flow's reset a healthy link was lost."""
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    **FAST) as a:  # type: ignore[arg-type]
+        collect = _Collect()
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b"), collect)
+        window = conn.link.max_payload + MESSAGE_OVERHEAD
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, window).encode(),
+                               conn.now)
+        conn.flush()
+        await _session_up(a, 7)
+        stream = conn.link.open_flow("x", conn.now)
+        try:
+            if end == "link":
+                conn.close("bye", ErrorCode.SHUTDOWN)  # in the same segment
+                await eventually(lambda: a.peers()["b"].state is not PeerState.UP,
+                                 timeout=2, what="b down")
+                await eventually(lambda: not a._conns, timeout=2, what="link forgotten")
+            else:
+                conn.link.reset(stream, ErrorCode.REFUSED, "changed my mind", conn.now)
+                conn.flush()
+                await a.send("b", b"still up")  # the link goes on
+                await eventually(lambda: any(isinstance(e, MessageReceived) and
+                                             e.body == b"still up" for e in collect.events),
+                                 timeout=2, what="the message on the same link")
+                assert not conn.link.is_closed
+                assert a.peers()["b"].counters["disconnects"] == 0
+        finally:
+            conn.close()

@@ -825,8 +825,10 @@ class Mesh:
         elif isinstance(event, LinkTerminated):
             self._on_terminated(conn, event, dialled)
         elif isinstance(event, FlowOpenRequested):
-            conn.link.reject_flow(event.stream, ErrorCode.NO_SUCH_SERVICE,
-                                  "mesh links carry no flows", conn.now)
+            # (unless the peer reset it, or the link ended, later in the same read)
+            if conn.link.flow_state(event.stream) is not None:
+                conn.link.reject_flow(event.stream, ErrorCode.NO_SUCH_SERVICE,
+                                      "mesh links carry no flows", conn.now)
         elif isinstance(event, GoAwayReceived):
             log.info("mesh %s: %s is going away: %s", self.name, conn.link.peer_name,
                      event.reason)
