@@ -582,3 +582,26 @@ async def test_a_flow_opened_then_ended_in_one_read(end: str) -> None:
                 assert a.peers()["b"].counters["disconnects"] == 0
         finally:
             conn.close()
+
+
+async def test_a_second_session_on_a_link_is_a_protocol_error_at_the_leader() -> None:
+    """The follower's second SESSION on a live link (say, another incarnation: its MSGs
+    would be taken for duplicates of the first one's) was ignored without a word by the
+    leader; the follower already treats the leader's second SESSION as bad input."""
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    **FAST) as a:  # type: ignore[arg-type]
+        conn = await _raw_peer(a, 7)  # "b" > "a": a leads
+        try:
+            await _session_up(a, 7)
+            window = conn.link.max_payload + MESSAGE_OVERHEAD
+            conn.link.send_message(KIND_SESSION, 0,
+                                   SessionInfo(8, a.incarnation, 0, 0, window).encode(),
+                                   conn.now)
+            conn.flush()
+            ended = await asyncio.wait_for(conn.closed, 5)
+            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
+            assert "second SESSION on a link" in ended.reason, ended.reason
+            assert a.counters["protocol_errors"] == 1
+            assert a.peers()["b"].incarnation == 7
+        finally:
+            conn.close()

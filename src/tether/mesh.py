@@ -897,11 +897,10 @@ class Mesh:
                         f"SESSION window {info.window} cannot hold one message of the "
                         f"link's maximum payload {conn.link.max_payload} (+"
                         f"{MESSAGE_OVERHEAD})")
-                if self.name < peer.name:
-                    if conn is not peer.link or peer.up:
-                        return  # a link this side replaced already
-                elif conn is peer.link and peer.up:
+                if conn is peer.link and peer.up:
                     raise RemoteProtocolError("second SESSION on a link")
+                if self.name < peer.name and conn is not peer.link:
+                    return  # a link this side replaced already
                 peer.outbox.check_session(info.incarnation, info.known == self.incarnation,
                                           info.received)
                 if (info.incarnation != peer.inbox.incarnation
