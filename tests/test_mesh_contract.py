@@ -605,3 +605,44 @@ async def test_a_second_session_on_a_link_is_a_protocol_error_at_the_leader() ->
             assert a.peers()["b"].incarnation == 7
         finally:
             conn.close()
+
+
+# 9. `send` queued the message, then waited for the socket's write buffer to drain: a
+#    send cancelled (or timed out) in that wait raised, yet its message was accepted and
+#    went on to be delivered; an application that sends it again (a raising call
+#    accepted nothing) has it delivered twice.
+
+async def test_a_send_cancelled_in_its_backpressure_wait_accepted_nothing() -> None:
+    liveness = {**FAST, "liveness": 5.0}  # b's raw link does not read: no PONG
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    queue_bytes=64 << 20, **liveness) as a:  # type: ignore[arg-type]
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b"), _Collect())
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, 1 << 40).encode(),
+                               conn.now)
+        conn.flush()
+        try:
+            await _session_up(a, 7)
+            assert conn.transport is not None
+            conn.transport.pause_reading()  # b reads nothing: a's socket fills up
+            accepted: list[int] = []
+
+            async def pump() -> None:
+                for i in range(10_000):
+                    await a.send("b", b"%d " % i + b"." * 60_000)
+                    accepted.append(i)
+
+            task = asyncio.ensure_future(pump())
+            link = a._peers["b"].link
+            assert link is not None
+            await eventually(lambda: link._paused, what="a's socket full")
+            await asyncio.sleep(0.05)  # the pump waits for the socket
+            assert not task.done()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            # every message the application was told about, and no other, is a's
+            assert a.peers()["b"].queued == len(accepted), (a.peers()["b"].queued,
+                                                             len(accepted))
+        finally:
+            conn.close()

@@ -199,7 +199,7 @@ class _Peer:
     __slots__ = ("address", "change_waiters", "counters", "dialer", "down_since", "flaps",
                  "host", "inbox", "last_error", "link", "link_max", "name", "outbox",
                  "pending", "port", "removed", "space_waiters", "stale_bytes",
-                 "stalled_since", "timer", "unflushed", "up", "up_since")
+                 "stalled_since", "timer", "unflushed", "up", "up_since", "written")
 
     def __init__(self, name: str, address: str, queue_bytes: int) -> None:
         self.name = name
@@ -226,6 +226,9 @@ class _Peer:
         self.counters = dict.fromkeys(_PEER_COUNTERS, 0)
         self.removed = False
         self.unflushed = 0  # bytes of messages given to `link` since it was last written
+        # the link `send` last wrote a batch of messages to: the next send waits for its
+        # socket's write buffer to drain (backpressure) before it accepts its message
+        self.written: LinkConnection | None = None
 
     @property
     def unread_bytes(self) -> int:
@@ -562,6 +565,16 @@ class Mesh:
         `remote` not taken from `failures()` hold more than `queue_bytes`."""
         peer = self._target(remote)
         data = self._check(body, kind)
+        written = peer.written
+        if written is not None:
+            # The last send wrote a batch to the link: honour the socket's backpressure
+            # and let the loop run (ACKs, other tasks), before accepting this message: a
+            # send cancelled while it waits has accepted nothing.
+            await written.drain()
+            await asyncio.sleep(0)
+            if peer.written is written:
+                peer.written = None
+            peer = self._target(remote)  # (closed or removed meanwhile: raises)
         cost = len(data) + MESSAGE_OVERHEAD
         if self._failed_bytes:
             self._refuse_if_reports_pile_up([peer])
@@ -586,9 +599,8 @@ class Mesh:
             if self._failed_bytes:
                 self._refuse_if_reports_pile_up([peer])
         written = self._enqueue(peer, kind, data)
-        if written is not None:  # a batch went out: honour the socket's backpressure,
-            await written.drain()  # and let the loop run (ACKs, other tasks)
-            await asyncio.sleep(0)
+        if written is not None:  # a batch went out: the next send waits for the socket
+            peer.written = written
 
     def broadcast(self, body: bytes | bytearray | memoryview, kind: int = 0) -> list[str]:
         """Queue `body` for every peer. See `custom_broadcast`."""
