@@ -646,3 +646,26 @@ async def test_a_send_cancelled_in_its_backpressure_wait_accepted_nothing() -> N
                                                              len(accepted))
         finally:
             conn.close()
+
+
+# 10. `aclose(drain=...)` cancelled (or timed out) in its drain left the mesh half
+#     closed: the next `aclose` returned at once, the queued messages were never
+#     reported, `failures()` never ended, links and timers stayed.
+
+async def test_an_aclose_cancelled_in_its_drain_still_closes() -> None:
+    a = Mesh("a", listen="127.0.0.1:0", peers={"b": f"127.0.0.1:{free_port()}"},
+             **FAST)  # type: ignore[arg-type]
+    await a.start()
+    await a.send("b", b"1")
+    await a.send("b", b"2")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(a.aclose(drain=5.0), 0.1)  # b never answers
+    await asyncio.wait_for(a.aclose(), 2)
+    reports = await asyncio.wait_for(_all_failures(a), 2)
+    assert [m.body for f in reports for m in f.undelivered] == [b"1", b"2"]
+    assert reports[0].reason.startswith("shutdown"), reports[0].reason
+    assert not a._conns and not a._tasks
+
+
+async def _all_failures(mesh: Mesh) -> list[Failure]:
+    return [f async for f in mesh.failures()]

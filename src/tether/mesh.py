@@ -346,6 +346,8 @@ class Mesh:
         self._dirty_conns: set[LinkConnection] = set()
         self._flush_handle: asyncio.Handle | None = None
         self._stopping = False  # aclose() called: no new sends
+        self._closer: asyncio.Future[None] | None = None  # aclose()'s shutdown
+        self._drain_cut = False  # aclose() was cancelled: drain no longer
         self._closing = False  # past the drain: links are being closed
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -400,16 +402,27 @@ class Mesh:
         which of its messages this node consumed; messages still queued here are
         returned in `Failure`s (reason "shutdown: ..."), which `failures()` still yields.
         `messages()` ends; messages received and not yet taken are discarded (their
-        senders know they were not delivered)."""
-        if self._stopping:
-            return
-        self._stopping = True
-        if self._server is not None:
-            self._server.close()
+        senders know they were not delivered).
+
+        Cancelled (or timed out), it ends the drain at once and the shutdown completes
+        all the same (in the background; a later `aclose` waits for it). A second call
+        waits for the first one's shutdown."""
+        if self._closer is None:
+            self._stopping = True
+            if self._server is not None:
+                self._server.close()
+            self._closer = asyncio.ensure_future(self._shutdown(drain))
+        try:
+            await asyncio.shield(self._closer)
+        except asyncio.CancelledError:
+            self._drain_cut = True  # the shutdown goes on without waiting any longer
+            raise
+
+    async def _shutdown(self, drain: float) -> None:
         if drain > 0 and self._loop is not None:
             deadline = self._loop.time() + drain
-            while any(p.outbox for p in self._peers.values()) and \
-                    self._loop.time() < deadline:
+            while not self._drain_cut and any(p.outbox for p in self._peers.values()) \
+                    and self._loop.time() < deadline:
                 await asyncio.sleep(0.01)
         self._closing = True
         _wake(self._msg_waiters)  # messages() ends
