@@ -17,10 +17,17 @@ import pytest
 from test_mesh import FAST, Receiver, _Collect, cluster, eventually, free_port, next_failure
 from tether.aio import LinkConnection, open_link
 from tether.errors import ErrorCode
-from tether.events import LinkTerminated
+from tether.events import LinkTerminated, MessageReceived
 from tether.link import LinkConfig
 from tether.mesh import Failure, FailuresNotTaken, Mesh, PeerState
-from tether.meshstate import KIND_SESSION, MESSAGE_OVERHEAD, MIN_WINDOW, SessionInfo
+from tether.meshstate import (
+    KIND_CLOSING,
+    KIND_SESSION,
+    MESSAGE_OVERHEAD,
+    MIN_WINDOW,
+    ClosingInfo,
+    SessionInfo,
+)
 
 
 class Failures:
@@ -405,3 +412,260 @@ async def test_a_link_whose_session_never_comes_is_ended_logged_and_counted(
             assert m.peers()["b"].state is not PeerState.UP
         finally:
             conn.close()
+
+
+# 6. An ACK from the peer naming messages it was never sent (beyond what is in flight)
+#    dropped the messages still waiting for the window, silently: neither delivered nor
+#    reported. It is bad input: only that link ends, and the messages are sent again.
+
+async def test_an_ack_beyond_what_was_transmitted_is_a_protocol_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tether.mesh")
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    max_message=1024, **FAST) as a:  # type: ignore[arg-type]
+        # "b" announces a window of one message: a's 2nd..5th wait for ACKs
+        collect = _Collect()
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
+                               collect)
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, MIN_WINDOW).encode(),
+                               conn.now)
+        conn.flush()
+        try:
+            await _session_up(a, 7)
+            for i in range(1, 6):
+                await a.send("b", b"%d" % i + b"." * 999)
+            info = a.peers()["b"]
+            assert info.queued == 5
+            conn.link.send_ack(5, conn.now)  # only MSG 1 was transmitted
+            conn.flush()
+            ended = await asyncio.wait_for(conn.closed, 5)
+            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
+            assert "ACK of MSG 5" in ended.reason, ended.reason
+            assert a.counters["protocol_errors"] == 1
+            assert any("protocol error from b: ACK of MSG 5" in line
+                       for line in _warnings(caplog)), _warnings(caplog)
+            # nothing was dropped on its word: the five wait for b (or a report)
+            assert a.peers()["b"].queued == 5
+            assert a.peers()["b"].counters["failures"] == 0
+        finally:
+            conn.close()
+
+
+# 7. A SESSION claiming messages this node never transmitted (received/consumed beyond
+#    them) made the outbox drop them as consumed: queued messages vanished, neither
+#    delivered nor reported. It is bad input too.
+
+async def test_a_session_claiming_untransmitted_messages_is_a_protocol_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tether.mesh")
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": f"127.0.0.1:{free_port()}"},
+                    **FAST) as a:  # type: ignore[arg-type]
+        fa = Failures(a)
+        for i in range(3):  # b is not reachable yet: they wait, never transmitted
+            await a.send("b", b"%d" % i)
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b"), _Collect())
+        window = conn.link.max_payload + MESSAGE_OVERHEAD
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 3, 3, window).encode(),
+                               conn.now)
+        conn.flush()
+        try:
+            ended = await asyncio.wait_for(conn.closed, 5)
+            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
+            assert "SESSION says received 3" in ended.reason, ended.reason
+            assert a.counters["protocol_errors"] == 1
+            assert any("protocol error from b: SESSION says received 3" in line
+                       for line in _warnings(caplog)), _warnings(caplog)
+            info = a.peers()["b"]
+            assert info.queued == 3 and info.state is not PeerState.UP, info
+            assert fa.got == []
+        finally:
+            conn.close()
+            await fa.stop()
+
+
+async def test_a_closing_claiming_untransmitted_messages_is_a_protocol_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tether.mesh")
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    max_message=1024, **FAST) as a:  # type: ignore[arg-type]
+        fa = Failures(a)
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
+                               _Collect())
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, MIN_WINDOW).encode(),
+                               conn.now)
+        conn.flush()
+        try:
+            await _session_up(a, 7)
+            for i in range(3):  # a window of one message: the 2nd and 3rd wait
+                await a.send("b", b"%d" % i + b"." * 999)
+            conn.link.send_message(KIND_CLOSING, 0, ClosingInfo(7, a.incarnation, 3).encode(),
+                                   conn.now)
+            conn.flush()
+            ended = await asyncio.wait_for(conn.closed, 5)
+            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
+            assert "CLOSING says consumed 3" in ended.reason, ended.reason
+            assert a.counters["protocol_errors"] == 1
+            assert any("protocol error from b: CLOSING says consumed 3" in line
+                       for line in _warnings(caplog)), _warnings(caplog)
+            assert a.peers()["b"].queued == 3 and fa.got == []
+        finally:
+            conn.close()
+            await fa.stop()
+
+
+# 8. An ACK and the end of the link in one read (a peer that acknowledges, then closes
+#    or replaces the link: its aclose sends ACK, CLOSING and GOAWAY at once): the ACK
+#    opened the window and the mesh wrote to the link the GOAWAY had already closed.
+#    The exception ended the read before the link's end reached the mesh: the peer
+#    stayed UP on a dead link, `send` raised LocalProtocolError, nothing was delivered
+#    or reported.
+
+async def test_an_ack_then_the_end_of_the_link_in_one_read() -> None:
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    max_message=1024, **FAST) as a:  # type: ignore[arg-type]
+        fa = Failures(a)
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
+                               _Collect())
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, MIN_WINDOW).encode(),
+                               conn.now)
+        conn.flush()
+        await _session_up(a, 7)
+        for i in range(3):  # a window of one message: the 2nd and 3rd wait
+            await a.send("b", b"%d" % i + b"." * 999)
+        conn.link.send_ack(1, conn.now)  # consumed the 1st (the window opens) ...
+        conn.close("bye", ErrorCode.SHUTDOWN)  # ... and goes, in the same segment
+        await eventually(lambda: a.peers()["b"].state is not PeerState.UP, timeout=2,
+                         what="b down")
+        assert a.peers()["b"].queued == 2
+        await a.send("b", b"3")  # accepted, queued: no error
+        await a.aclose()
+        await asyncio.sleep(0)
+        reports = fa.got
+        await fa.stop()
+        assert [m.body[:1] for f in reports for m in f.undelivered] == [b"1", b"2", b"3"]
+
+
+@pytest.mark.parametrize("end", ["link", "flow"])
+async def test_a_flow_opened_then_ended_in_one_read(end: str) -> None:
+    """The same with a flow opened on the mesh link just before the link's end (or the
+    flow's reset): refusing it raised (it had ended already); after the link's end the
+    peer stayed UP on a dead link, after the flow's reset a healthy link was lost."""
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    **FAST) as a:  # type: ignore[arg-type]
+        collect = _Collect()
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b"), collect)
+        window = conn.link.max_payload + MESSAGE_OVERHEAD
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, window).encode(),
+                               conn.now)
+        conn.flush()
+        await _session_up(a, 7)
+        stream = conn.link.open_flow("x", conn.now)
+        try:
+            if end == "link":
+                conn.close("bye", ErrorCode.SHUTDOWN)  # in the same segment
+                await eventually(lambda: a.peers()["b"].state is not PeerState.UP,
+                                 timeout=2, what="b down")
+                await eventually(lambda: not a._conns, timeout=2, what="link forgotten")
+            else:
+                conn.link.reset(stream, ErrorCode.REFUSED, "changed my mind", conn.now)
+                conn.flush()
+                await a.send("b", b"still up")  # the link goes on
+                await eventually(lambda: any(isinstance(e, MessageReceived) and
+                                             e.body == b"still up" for e in collect.events),
+                                 timeout=2, what="the message on the same link")
+                assert not conn.link.is_closed
+                assert a.peers()["b"].counters["disconnects"] == 0
+        finally:
+            conn.close()
+
+
+async def test_a_second_session_on_a_link_is_a_protocol_error_at_the_leader() -> None:
+    """The follower's second SESSION on a live link (say, another incarnation: its MSGs
+    would be taken for duplicates of the first one's) was ignored without a word by the
+    leader; the follower already treats the leader's second SESSION as bad input."""
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    **FAST) as a:  # type: ignore[arg-type]
+        conn = await _raw_peer(a, 7)  # "b" > "a": a leads
+        try:
+            await _session_up(a, 7)
+            window = conn.link.max_payload + MESSAGE_OVERHEAD
+            conn.link.send_message(KIND_SESSION, 0,
+                                   SessionInfo(8, a.incarnation, 0, 0, window).encode(),
+                                   conn.now)
+            conn.flush()
+            ended = await asyncio.wait_for(conn.closed, 5)
+            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
+            assert "second SESSION on a link" in ended.reason, ended.reason
+            assert a.counters["protocol_errors"] == 1
+            assert a.peers()["b"].incarnation == 7
+        finally:
+            conn.close()
+
+
+# 9. `send` queued the message, then waited for the socket's write buffer to drain: a
+#    send cancelled (or timed out) in that wait raised, yet its message was accepted and
+#    went on to be delivered; an application that sends it again (a raising call
+#    accepted nothing) has it delivered twice.
+
+async def test_a_send_cancelled_in_its_backpressure_wait_accepted_nothing() -> None:
+    liveness = {**FAST, "liveness": 5.0}  # b's raw link does not read: no PONG
+    async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
+                    queue_bytes=64 << 20, **liveness) as a:  # type: ignore[arg-type]
+        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b"), _Collect())
+        conn.link.send_message(KIND_SESSION, 0,
+                               SessionInfo(7, a.incarnation, 0, 0, 1 << 40).encode(),
+                               conn.now)
+        conn.flush()
+        try:
+            await _session_up(a, 7)
+            assert conn.transport is not None
+            conn.transport.pause_reading()  # b reads nothing: a's socket fills up
+            accepted: list[int] = []
+
+            async def pump() -> None:
+                for i in range(10_000):
+                    await a.send("b", b"%d " % i + b"." * 60_000)
+                    accepted.append(i)
+
+            task = asyncio.ensure_future(pump())
+            link = a._peers["b"].link
+            assert link is not None
+            await eventually(lambda: link._paused, what="a's socket full")
+            await asyncio.sleep(0.05)  # the pump waits for the socket
+            assert not task.done()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            # every message the application was told about, and no other, is a's
+            assert a.peers()["b"].queued == len(accepted), (a.peers()["b"].queued,
+                                                             len(accepted))
+        finally:
+            conn.close()
+
+
+# 10. `aclose(drain=...)` cancelled (or timed out) in its drain left the mesh half
+#     closed: the next `aclose` returned at once, the queued messages were never
+#     reported, `failures()` never ended, links and timers stayed.
+
+async def test_an_aclose_cancelled_in_its_drain_still_closes() -> None:
+    a = Mesh("a", listen="127.0.0.1:0", peers={"b": f"127.0.0.1:{free_port()}"},
+             **FAST)  # type: ignore[arg-type]
+    await a.start()
+    await a.send("b", b"1")
+    await a.send("b", b"2")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(a.aclose(drain=5.0), 0.1)  # b never answers
+    await asyncio.wait_for(a.aclose(), 2)
+    reports = await asyncio.wait_for(_all_failures(a), 2)
+    assert [m.body for f in reports for m in f.undelivered] == [b"1", b"2"]
+    assert reports[0].reason.startswith("shutdown"), reports[0].reason
+    assert not a._conns and not a._tasks
+
+
+async def _all_failures(mesh: Mesh) -> list[Failure]:
+    return [f async for f in mesh.failures()]

@@ -101,7 +101,7 @@ class Model:
 
     def deliver_acks(self) -> None:
         for seq in self.acks:
-            self.outbox.ack(seq)
+            self.outbox.ack_transmitted(seq)  # (raises if an honest ACK looked bogus)
         self.acks.clear()
         self.pump()
 
@@ -122,6 +122,8 @@ class Model:
         if not a_leads:
             self.inbox.session(A_INC)
         self.inbox.acked = max(self.inbox.acked, self.inbox.consumed)
+        # (raises if an honest SESSION looked bogus)
+        self.outbox.check_session(info.incarnation, info.known == A_INC, info.received)
         result = self.outbox.session(info.incarnation, info.known == A_INC, info.consumed,
                                      info.received, info.window)
         if result.unconfirmed:

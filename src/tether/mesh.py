@@ -199,7 +199,7 @@ class _Peer:
     __slots__ = ("address", "change_waiters", "counters", "dialer", "down_since", "flaps",
                  "host", "inbox", "last_error", "link", "link_max", "name", "outbox",
                  "pending", "port", "removed", "space_waiters", "stale_bytes",
-                 "stalled_since", "timer", "unflushed", "up", "up_since")
+                 "stalled_since", "timer", "unflushed", "up", "up_since", "written")
 
     def __init__(self, name: str, address: str, queue_bytes: int) -> None:
         self.name = name
@@ -226,6 +226,9 @@ class _Peer:
         self.counters = dict.fromkeys(_PEER_COUNTERS, 0)
         self.removed = False
         self.unflushed = 0  # bytes of messages given to `link` since it was last written
+        # the link `send` last wrote a batch of messages to: the next send waits for its
+        # socket's write buffer to drain (backpressure) before it accepts its message
+        self.written: LinkConnection | None = None
 
     @property
     def unread_bytes(self) -> int:
@@ -343,6 +346,8 @@ class Mesh:
         self._dirty_conns: set[LinkConnection] = set()
         self._flush_handle: asyncio.Handle | None = None
         self._stopping = False  # aclose() called: no new sends
+        self._closer: asyncio.Future[None] | None = None  # aclose()'s shutdown
+        self._drain_cut = False  # aclose() was cancelled: drain no longer
         self._closing = False  # past the drain: links are being closed
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
@@ -397,16 +402,27 @@ class Mesh:
         which of its messages this node consumed; messages still queued here are
         returned in `Failure`s (reason "shutdown: ..."), which `failures()` still yields.
         `messages()` ends; messages received and not yet taken are discarded (their
-        senders know they were not delivered)."""
-        if self._stopping:
-            return
-        self._stopping = True
-        if self._server is not None:
-            self._server.close()
+        senders know they were not delivered).
+
+        Cancelled (or timed out), it ends the drain at once and the shutdown completes
+        all the same (in the background; a later `aclose` waits for it). A second call
+        waits for the first one's shutdown."""
+        if self._closer is None:
+            self._stopping = True
+            if self._server is not None:
+                self._server.close()
+            self._closer = asyncio.ensure_future(self._shutdown(drain))
+        try:
+            await asyncio.shield(self._closer)
+        except asyncio.CancelledError:
+            self._drain_cut = True  # the shutdown goes on without waiting any longer
+            raise
+
+    async def _shutdown(self, drain: float) -> None:
         if drain > 0 and self._loop is not None:
             deadline = self._loop.time() + drain
-            while any(p.outbox for p in self._peers.values()) and \
-                    self._loop.time() < deadline:
+            while not self._drain_cut and any(p.outbox for p in self._peers.values()) \
+                    and self._loop.time() < deadline:
                 await asyncio.sleep(0.01)
         self._closing = True
         _wake(self._msg_waiters)  # messages() ends
@@ -414,7 +430,7 @@ class Mesh:
         self._send_acks()
         for peer in self._peers.values():
             conn = peer.link
-            if peer.up and conn is not None:
+            if peer.up and conn is not None and not conn.link.is_closed:
                 info = ClosingInfo(self.incarnation, peer.inbox.incarnation,
                                    peer.inbox.consumed)
                 conn.link.send_message(KIND_CLOSING, 0, info.encode(), conn.now)
@@ -462,6 +478,8 @@ class Mesh:
         retired = self._retired.pop(name, None)
         if retired is not None:
             peer.inbox, peer.outbox.next_seq, peer.outbox.peer_incarnation = retired
+            # (the peer may hold any of them: its SESSION may name them)
+            peer.outbox.sent_high = peer.outbox.next_seq - 1
         self._peers[name] = peer
         return peer
 
@@ -560,6 +578,16 @@ class Mesh:
         `remote` not taken from `failures()` hold more than `queue_bytes`."""
         peer = self._target(remote)
         data = self._check(body, kind)
+        written = peer.written
+        if written is not None:
+            # The last send wrote a batch to the link: honour the socket's backpressure
+            # and let the loop run (ACKs, other tasks), before accepting this message: a
+            # send cancelled while it waits has accepted nothing.
+            await written.drain()
+            await asyncio.sleep(0)
+            if peer.written is written:
+                peer.written = None
+            peer = self._target(remote)  # (closed or removed meanwhile: raises)
         cost = len(data) + MESSAGE_OVERHEAD
         if self._failed_bytes:
             self._refuse_if_reports_pile_up([peer])
@@ -584,9 +612,8 @@ class Mesh:
             if self._failed_bytes:
                 self._refuse_if_reports_pile_up([peer])
         written = self._enqueue(peer, kind, data)
-        if written is not None:  # a batch went out: honour the socket's backpressure,
-            await written.drain()  # and let the loop run (ACKs, other tasks)
-            await asyncio.sleep(0)
+        if written is not None:  # a batch went out: the next send waits for the socket
+            peer.written = written
 
     def broadcast(self, body: bytes | bytearray | memoryview, kind: int = 0) -> list[str]:
         """Queue `body` for every peer. See `custom_broadcast`."""
@@ -802,8 +829,19 @@ class Mesh:
                 self._protocol_error(conn, peer, "MSG before SESSION")
         elif isinstance(event, AckReceived):
             peer = self._conn_peer.get(conn)
-            if peer is not None and conn is peer.link and peer.up and peer.outbox.ack(event.seq):
-                if peer.outbox.waiting and self._transmit_window(peer, conn):
+            if peer is None or conn is not peer.link or not peer.up:
+                return
+            try:
+                acked = peer.outbox.ack_transmitted(event.seq)
+            except RemoteProtocolError as exc:  # it acknowledges what it never received
+                self._protocol_error(conn, peer, str(exc))
+                self._session_lost(peer, f"protocol error: {exc}")
+                return
+            if acked:
+                # (the link may have ended later in the same read, GOAWAY after the ACK:
+                # its LinkTerminated follows; what waits goes on the next link)
+                if (peer.outbox.waiting and not conn.link.is_closed
+                        and self._transmit_window(peer, conn)):
                     self._dirty_conns.add(conn)  # the window opened: written this turn
                     self._schedule_flush()
                 peer.wake_space()
@@ -812,8 +850,10 @@ class Mesh:
         elif isinstance(event, LinkTerminated):
             self._on_terminated(conn, event, dialled)
         elif isinstance(event, FlowOpenRequested):
-            conn.link.reject_flow(event.stream, ErrorCode.NO_SUCH_SERVICE,
-                                  "mesh links carry no flows", conn.now)
+            # (unless the peer reset it, or the link ended, later in the same read)
+            if conn.link.flow_state(event.stream) is not None:
+                conn.link.reject_flow(event.stream, ErrorCode.NO_SUCH_SERVICE,
+                                      "mesh links carry no flows", conn.now)
         elif isinstance(event, GoAwayReceived):
             log.info("mesh %s: %s is going away: %s", self.name, conn.link.peer_name,
                      event.reason)
@@ -882,11 +922,12 @@ class Mesh:
                         f"SESSION window {info.window} cannot hold one message of the "
                         f"link's maximum payload {conn.link.max_payload} (+"
                         f"{MESSAGE_OVERHEAD})")
-                if self.name < peer.name:
-                    if conn is not peer.link or peer.up:
-                        return  # a link this side replaced already
-                elif conn is peer.link and peer.up:
+                if conn is peer.link and peer.up:
                     raise RemoteProtocolError("second SESSION on a link")
+                if self.name < peer.name and conn is not peer.link:
+                    return  # a link this side replaced already
+                peer.outbox.check_session(info.incarnation, info.known == self.incarnation,
+                                          info.received)
                 if (info.incarnation != peer.inbox.incarnation
                         and peer.unread_bytes > self.queue_bytes):
                     self._refuse_session(peer, conn)

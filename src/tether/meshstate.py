@@ -201,6 +201,28 @@ class Outbox:
         else:
             self.sent_high = entry.seq
 
+    def ack_transmitted(self, seq: int) -> int:
+        """An ACK frame: the peer consumed every message up to `seq`, which it can only
+        have been sent on this session: drop them, or raise `RemoteProtocolError` if
+        `seq` names a message that is not in flight (one waiting for the window, or one
+        never queued): the peer acknowledges what it never received. Returns how many
+        were dropped."""
+        limit = self.ack_limit
+        if seq > limit:
+            raise RemoteProtocolError(f"ACK of MSG {seq}, beyond the last one transmitted "
+                                      f"to it ({limit})")
+        return self.ack(seq)
+
+    @property
+    def ack_limit(self) -> int:
+        """The highest sequence number the peer's current incarnation may acknowledge
+        on this session: the last one in flight (none of those waiting)."""
+        if self._sent:
+            return self._sent[-1].seq
+        if self._waiting:
+            return self._waiting[0].seq - 1
+        return self.next_seq - 1
+
     def ack(self, seq: int) -> int:
         """The peer consumed every message up to `seq`: drop them. Returns how many."""
         sent = self._sent
@@ -216,6 +238,21 @@ class Outbox:
                 self.bytes -= waiting.popleft().cost
                 n += 1
         return n
+
+    def check_session(self, peer_incarnation: int, knows_me: bool, received: int) -> None:
+        """Raise `RemoteProtocolError` if the peer's SESSION claims to hold messages of
+        this node that were never transmitted to it: `session` would drop them as
+        consumed (or count them as in flight), neither delivered nor reported. An
+        incarnation of the peer this outbox has not had a session with yet holds
+        nothing (it is new, or `sent_high` is of another one)."""
+        if not knows_me:
+            return
+        known = peer_incarnation == self.peer_incarnation
+        limit = self.sent_high if known or self.peer_incarnation == 0 else 0
+        if received > limit:
+            raise RemoteProtocolError(
+                f"SESSION says received {received} of this node's messages, but the last "
+                f"one transmitted to it is {limit}")
 
     def session(self, peer_incarnation: int, knows_me: bool, consumed: int,
                 received: int, window: int) -> SessionResult:
@@ -265,9 +302,13 @@ class Outbox:
     def peer_closing(self, peer_incarnation: int, knows_me: bool, consumed: int) -> int:
         """The peer's incarnation is shutting down gracefully and consumed exactly the
         messages up to `consumed`: drop those; the others were certainly not delivered
-        (they are no longer in doubt). Returns how many were dropped."""
+        (they are no longer in doubt). Returns how many were dropped. Raises
+        `RemoteProtocolError` if `consumed` names a message not in flight to it."""
         if peer_incarnation != self.peer_incarnation:
             return 0
+        if knows_me and consumed > self.ack_limit:
+            raise RemoteProtocolError(f"CLOSING says consumed {consumed}, beyond the last "
+                                      f"message transmitted to it ({self.ack_limit})")
         n = self.ack(consumed) if knows_me else 0
         sent = self._sent
         while sent:
