@@ -25,6 +25,7 @@ import asyncio
 import logging
 import math
 import os
+import random
 import socket
 import ssl
 from collections.abc import Callable
@@ -115,7 +116,8 @@ class _Edge:
 
     async def _keep_link(self) -> None:
         """Once the link to the gateway is lost (the gateway restarted, the network), dial
-        again until it is back -- 20 ms at first, doubling up to `retry_interval` --
+        again until it is back -- 20 ms at first, doubling up to `retry_interval`, less a
+        random part of each wait --
         so that a gateway's restart does not leave every edge without one. Meanwhile an
         agent refuses its applications' connections (reset, logged), and no flow
         reaches a connector. A line when the link is lost, one a minute while it stays
@@ -130,8 +132,8 @@ class _Edge:
                         self.gateway, reason)
             delay, attempts, since, said = 0.02, 0, loop.time(), loop.time()
             while True:
-                await asyncio.sleep(delay)
-                attempts += 1
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # (a fleet of edges
+                attempts += 1  # dialling a restarted gateway spreads out)
                 try:
                     await self.node.start()
                     break
