@@ -252,6 +252,23 @@ async def _session_up(a: Mesh, incarnation: int) -> None:
                      a.peers()["b"].state is PeerState.UP, what="session up")
 
 
+async def _window_of_one(a: Mesh, incarnation: int = 7) -> LinkConnection:
+    """"b" played by hand, its SESSION up as `incarnation` with the smallest window (one
+    1 KiB message): `a`'s messages after the first wait for ACKs."""
+    conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
+                           _Collect())
+    conn.link.send_message(KIND_SESSION, 0,
+                           SessionInfo(incarnation, a.incarnation, 0, 0, MIN_WINDOW).encode(),
+                           conn.now)
+    conn.flush()
+    try:
+        await _session_up(a, incarnation)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 async def _fill_a_window_and_leave(a: Mesh, incarnation: int, count: int) -> None:
     """As `incarnation` of "b", send `a` `count` messages (a window's worth), then go."""
     conn = await _raw_peer(a, incarnation)
@@ -424,15 +441,8 @@ async def test_an_ack_beyond_what_was_transmitted_is_a_protocol_error(
     async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
                     max_message=1024, **FAST) as a:  # type: ignore[arg-type]
         # "b" announces a window of one message: a's 2nd..5th wait for ACKs
-        collect = _Collect()
-        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
-                               collect)
-        conn.link.send_message(KIND_SESSION, 0,
-                               SessionInfo(7, a.incarnation, 0, 0, MIN_WINDOW).encode(),
-                               conn.now)
-        conn.flush()
+        conn = await _window_of_one(a)
         try:
-            await _session_up(a, 7)
             for i in range(1, 6):
                 await a.send("b", b"%d" % i + b"." * 999)
             info = a.peers()["b"]
@@ -491,14 +501,8 @@ async def test_a_closing_claiming_untransmitted_messages_is_a_protocol_error(
     async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
                     max_message=1024, **FAST) as a:  # type: ignore[arg-type]
         fa = Failures(a)
-        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
-                               _Collect())
-        conn.link.send_message(KIND_SESSION, 0,
-                               SessionInfo(7, a.incarnation, 0, 0, MIN_WINDOW).encode(),
-                               conn.now)
-        conn.flush()
+        conn = await _window_of_one(a)
         try:
-            await _session_up(a, 7)
             for i in range(3):  # a window of one message: the 2nd and 3rd wait
                 await a.send("b", b"%d" % i + b"." * 999)
             conn.link.send_message(KIND_CLOSING, 0, ClosingInfo(7, a.incarnation, 3).encode(),
@@ -527,13 +531,7 @@ async def test_an_ack_then_the_end_of_the_link_in_one_read() -> None:
     async with Mesh("a", listen="127.0.0.1:0", peers={"b": "127.0.0.1:9"},
                     max_message=1024, **FAST) as a:  # type: ignore[arg-type]
         fa = Failures(a)
-        conn = await open_link("127.0.0.1", a.port, LinkConfig(name="b", max_payload=1024),
-                               _Collect())
-        conn.link.send_message(KIND_SESSION, 0,
-                               SessionInfo(7, a.incarnation, 0, 0, MIN_WINDOW).encode(),
-                               conn.now)
-        conn.flush()
-        await _session_up(a, 7)
+        conn = await _window_of_one(a)
         for i in range(3):  # a window of one message: the 2nd and 3rd wait
             await a.send("b", b"%d" % i + b"." * 999)
         conn.link.send_ack(1, conn.now)  # consumed the 1st (the window opens) ...
