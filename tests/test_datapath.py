@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import platform
 import socket
+import threading
 
 import pytest
 
@@ -74,7 +75,16 @@ def test_a_failing_write_keeps_the_others_held_for_the_next_end() -> None:
 
 
 def test_one_coalescer_per_thread() -> None:
-    assert current() is current()
+    """The same one for every call in a thread, and another one in another thread (the
+    sync facade's loop thread and the application's threads never share one)."""
+    mine = current()
+    assert current() is mine
+    theirs: list[WriteCoalescer] = []
+    thread = threading.Thread(target=lambda: theirs.extend((current(), current())))
+    thread.start()
+    thread.join(5)
+    assert len(theirs) == 2 and theirs[0] is theirs[1], theirs
+    assert theirs[0] is not mine
 
 
 async def test_a_gateway_read_of_many_frames_reaches_the_far_end_intact() -> None:

@@ -114,9 +114,14 @@ class Recorder:
         assert open_now == still_open
 
     async def stop(self) -> None:
+        """Stop consuming; re-raise what ended the consumer early (a broken contract
+        that `record` asserted, e.g. an event after the Closed of its id)."""
         if self.task is not None:
             self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            (ended,) = await asyncio.gather(self.task, return_exceptions=True)
+            if isinstance(ended, BaseException) \
+                    and not isinstance(ended, asyncio.CancelledError):
+                raise ended
 
 
 async def gather_all(*aws: Awaitable[Any]) -> list[Any]:

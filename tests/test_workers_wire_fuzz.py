@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -57,7 +58,7 @@ def test_route_records_with_any_header_raise_only_the_protocol_error(
 
 @given(st.sampled_from([b"[", b"{\"a\":"]), st.integers(1, 200_000))
 def test_nested_json_is_a_protocol_error(opener: bytes, depth: int) -> None:
-    with contextlib.suppress(RemoteProtocolError):
+    with pytest.raises(RemoteProtocolError):
         decode_json(opener * depth)
 
 
