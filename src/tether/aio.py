@@ -204,9 +204,9 @@ def writelines(transport: asyncio.WriteTransport, pieces: list[bytes | memoryvie
     """`transport.writelines(pieces)` (one writev, no join), then the protocol is paused
     as after a `write` if the transport's buffer went above its high-water mark."""
     transport.writelines(pieces)
-    if _WRITELINES_SKIPS_PAUSE:
-        check = getattr(transport, "_maybe_pause_protocol", None)
-        if check is not None:
+    if _WRITELINES_SKIPS_PAUSE and hasattr(transport, "_high_water"):  # (a socket's own
+        check = getattr(transport, "_maybe_pause_protocol", None)  # transport: an SSL
+        if check is not None:  # transport's writelines goes through its write)
             check()
 
 
@@ -501,7 +501,7 @@ class LinkConnection(asyncio.BufferedProtocol):
                     return  # session carries its last frames; the connection closes)
                 transport.write(self._tls.send(b"".join(pieces)))
             else:
-                writelines(transport, pieces)
+                transport.writelines(pieces)  # (TLS, or closing: no pause to follow)
 
     def _finish(self, event: LinkTerminated) -> None:
         self._write(self.link.buffers_to_send())  # the last frames (GOAWAY) go first
