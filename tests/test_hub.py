@@ -511,6 +511,43 @@ def test_stalled_consumer_bounded_memory_nothing_lost(arun: Run) -> None:
     arun(main())
 
 
+def test_messages_arriving_in_pieces_count_whole_against_the_queue_bound(arun: Run) -> None:
+    """A message completed over several reads counts with all its bytes against
+    ``queue_high``, not only with those of its last read: a peer that sends its
+    messages in pieces cannot fill the queue past the bound while the application
+    is stalled."""
+    async def main() -> None:
+        high = 64 * 1024
+        async with Hub(queue_high=high, framing=LengthPrefixed()) as hub:
+            loop = asyncio.get_running_loop()
+            sock = socket.create_connection(("127.0.0.1", hub.port))
+            sock.setblocking(False)
+            message = b"m" * 20_000
+            frame = LengthPrefixed().encode(message)
+            pieces = [frame[i:i + 5000] for i in range(0, len(frame), 5000)]
+            sent = complete = 0
+            try:
+                while complete < 40 and not hub.stats().paused:
+                    for piece in pieces:  # one read each: wait for it to be read
+                        await loop.sock_sendall(sock, piece)
+                        sent += len(piece)
+                        await until(lambda: hub.stats().bytes_in == sent)  # noqa: B023
+                    complete += 1
+                queued = sum(len(m) for conn in hub._data for m in conn.rx or ())
+                assert hub.stats().paused == 1, (complete, queued)
+                assert queued <= high + len(frame), queued
+                got = 0
+                while got < complete:
+                    events = await hub._next_batch(False)
+                    assert events is not None
+                    got += sum(1 for e in events if isinstance(e, Data) and e.data == message)
+                assert got == complete and hub.stats().paused == 0
+            finally:
+                sock.close()
+
+    arun(main())
+
+
 def test_a_vanished_peer_we_keep_writing_to_ends_idle_within_its_timeout(arun: Run) -> None:
     """A peer that went silent without a FIN and reads nothing more (its window full)
     while the application keeps writing to it: our writes do not keep it alive; it

@@ -288,8 +288,8 @@ class _HandshakeLog:
 class _Conn(asyncio.Protocol):
     """One accepted socket. Minimal state; everything else is the hub's."""
 
-    __slots__ = ("decoder", "fid", "hub", "last_rx", "npending", "paused", "pending", "rx",
-                 "state", "timeout", "transport", "wblocked")
+    __slots__ = ("carry", "decoder", "fid", "hub", "last_rx", "npending", "paused", "pending",
+                 "rx", "state", "timeout", "transport", "wblocked")
 
     fid: FlowId
     decoder: Decoder
@@ -301,6 +301,7 @@ class _Conn(asyncio.Protocol):
         self.pending: bytes | list[bytes] | None = None
         self.rx: list[bytes] | None = None  # messages queued, not yet taken
         self.npending = 0
+        self.carry = 0  # bytes of reads that completed no message: not counted yet
         self.paused = False
         self.wblocked = False
         self.timeout: float | None = None
@@ -324,7 +325,12 @@ class _Conn(asyncio.Protocol):
         if self.timeout is not None:
             self.last_rx = hub._time()
         if not msgs:
+            self.carry += nbytes  # counted with the read that completes the message
             return
+        carry = self.carry
+        if carry:
+            nbytes += carry
+            self.carry = 0
         rx = self.rx
         if rx is None:
             self.rx = msgs
@@ -1342,6 +1348,8 @@ class Hub:
 
     def _too_large(self, conn: _Conn, exc: MessageTooLarge, nbytes: int) -> None:
         self._bytes_in += nbytes
+        nbytes += conn.carry
+        conn.carry = 0
         log.info("hub %s: closing %s: %s", self._name, conn.fid, exc)
         if exc.messages:
             n = len(exc.messages)
