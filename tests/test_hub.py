@@ -322,6 +322,41 @@ def test_shutdown_closes_everyone_once_and_ends_iteration(arun: Run) -> None:
     arun(main())
 
 
+def test_aclose_timeout_longer_than_close_timeout_lets_writes_flush(arun: Run) -> None:
+    """``aclose(timeout)`` gives the connections ``timeout`` seconds to flush what was
+    sent to them, even when it is longer than ``close_timeout``: a peer that reads
+    only after a while still gets everything, then a clean EOF (no abort)."""
+    async def main() -> None:
+        hub = await Hub(close_timeout=0.1, max_write_buffer=64 * 1024 * 1024).start()
+        rec = Recorder(hub).start()
+        sock = socket.create_connection(("127.0.0.1", hub.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await until(lambda: len(rec.opened) == 1)
+            (fid,) = rec.opened
+            total = 16 * 1024 * 1024  # far more than the kernel buffers hold
+            hub.send(fid, b"z" * (total - 1))  # with the delimiter: `total` bytes
+            await asyncio.sleep(0.05)
+            closing = asyncio.ensure_future(hub.aclose(timeout=5.0))
+            await asyncio.sleep(0.4)  # past close_timeout, well within aclose's timeout
+            got = 0
+            while True:
+                chunk = await loop.sock_recv(sock, 1 << 20)
+                if not chunk:
+                    break
+                got += len(chunk)
+            assert got == total
+            await closing
+            assert rec.closed == {fid: "shutdown"}
+        finally:
+            sock.close()
+        await rec.stop()
+
+    arun(main())
+
+
 def test_options_are_validated_and_the_listen_socket_configured(arun: Run) -> None:
     for bad in ({"idle_timeout": 0}, {"slow_consumer": "ignore"}, {"queue_high": 0},
                 {"queue_low": -1}, {"max_write_buffer": 0}, {"name": "a@b"},

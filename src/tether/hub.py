@@ -700,11 +700,14 @@ class Hub:
         try:
             self._server.close()
             self._flush()
+            wheel = self._wheel
             for conn in list(self._conns.values()):
                 if conn.state == _OPEN:
                     self._end(conn, "shutdown")
                 else:
                     self._finalize(conn)
+                # flushing is bounded by this call's timeout (below), not close_timeout
+                wheel.cancel(conn.fid.serial)
             self._finishing.clear()
             wait = self._close_timeout if timeout is None else timeout
             deadline = loop.time() + wait
