@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import subprocess
@@ -676,3 +677,32 @@ def test_no_per_connection_state_is_left_after_many_connects_and_closes(arun: Ru
             await rec.stop()
 
     arun(main())
+
+
+def test_connections_beyond_max_unseen_opens_are_refused_while_nobody_takes_events(
+        arun: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """Connections that come and go while the application takes no events left an
+    Opened and a Closed each in the hub's queues, without bound (1.8 KB per connection
+    measured). With `max_unseen_opens` Opened events waiting, a new connection is ended
+    as it is accepted, logged and counted; the application then gets exactly the ones
+    it was told of, each opened and closed."""
+    async def main() -> None:
+        async with Hub(max_unseen_opens=10) as hub:
+            for _ in range(30):  # each comes and goes; nobody takes events
+                _, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            await until(lambda: hub.stats().refused == 20)
+            stats = hub.stats()
+            assert (stats.opened, stats.refused) == (10, 20), stats
+            opened = [await asyncio.wait_for(hub.recv_open(), 2) for _ in range(10)]
+            closed = [await asyncio.wait_for(hub.recv_close(), 2) for _ in range(10)]
+            assert sorted(c.id for c in closed) == sorted(o.id for o in opened)
+            _, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+            assert (await asyncio.wait_for(hub.recv_open(), 2)).id.serial == 11
+            writer.close()
+
+    with caplog.at_level(logging.WARNING, logger="tether.hub"):
+        arun(main())
+    assert "max_unseen_opens" in caplog.text

@@ -202,6 +202,10 @@ class HubStats:
     """TLS handshakes that failed or did not complete within ``handshake_timeout``
     (each logged with the peer's address and why); such a connection is never opened,
     so it is in no other counter."""
+    refused: int = 0
+    """Connections reset as they were accepted because ``max_unseen_opens`` ``Opened``
+    events were waiting for the application already (never opened: in no other
+    counter)."""
 
     @property
     def closed_total(self) -> int:
@@ -399,7 +403,11 @@ class Hub:
     happens beyond it: ``"disconnect"`` (reason ``"slow consumer"``) or ``"drop"`` the
     message (counted in ``stats().dropped``). ``linger`` is how long a connection whose
     peer closed stays writable at most, and ``close_timeout`` how long a closing
-    connection may take to flush before it is aborted.
+    connection may take to flush before it is aborted. ``max_unseen_opens`` bounds the
+    ``Opened`` events the application has not taken: beyond it, a new connection is
+    reset as it is accepted (logged, counted in ``stats().refused``), so that
+    connections coming and going while the application takes no events cannot grow
+    the event queues without bound.
 
     Use ``async with Hub(...) as hub`` or ``await hub.start()`` / ``await hub.aclose()``.
     """
@@ -439,6 +447,7 @@ class Hub:
         "_lingering",
         "_loop",
         "_low",
+        "_max_unseen",
         "_msgs_in",
         "_msgs_out",
         "_name",
@@ -449,6 +458,8 @@ class Hub:
         "_pool",
         "_port",
         "_qbytes",
+        "_refused",
+        "_refused_logged",
         "_reuse_port",
         "_router",
         "_seal",
@@ -493,6 +504,7 @@ class Hub:
         slow_consumer: Literal["disconnect", "drop"] = "disconnect",
         linger: float = 5.0,
         close_timeout: float = 5.0,
+        max_unseen_opens: int = 10_000,
         workers: int = 1,
         handler: Handler | None = None,
     ) -> None:
@@ -520,6 +532,8 @@ class Hub:
             raise ValueError(f"max_write_buffer must be positive, got {max_write_buffer!r}")
         if not linger >= 0 or not close_timeout >= 0:
             raise ValueError("linger and close_timeout must be >= 0")
+        if max_unseen_opens < 1:
+            raise ValueError(f"max_unseen_opens must be positive, got {max_unseen_opens!r}")
         if tls is not None and not handshake_timeout > 0:
             raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
         FlowId(node=name, serial=0, worker=worker)  # validates name and worker
@@ -544,6 +558,9 @@ class Hub:
         self._slow_drop = slow_consumer == "drop"
         self._linger = linger
         self._close_timeout = close_timeout
+        self._max_unseen = max_unseen_opens
+        self._refused = 0
+        self._refused_logged = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | TLSServer | None = None
         self._state = "new"
@@ -1236,6 +1253,9 @@ class Hub:
             conn.state = _GONE
             transport.abort()
             return
+        if len(self._opens) >= self._max_unseen:
+            self._refuse(conn, transport)
+            return
         conn.state = _OPEN
         serial = self._next_serial
         self._next_serial = serial + 1
@@ -1254,6 +1274,21 @@ class Hub:
         self._push_open(Opened(fid, _format_peer(transport.get_extra_info("peername"))))
         if self._router is not None:
             self._router.opened(serial)
+
+    def _refuse(self, conn: _Conn, transport: asyncio.Transport) -> None:
+        """End a connection as it is accepted (abort): the application has
+        `max_unseen_opens` Opened events to take already. One line a second at most,
+        with the count."""
+        conn.state = _GONE
+        transport.abort()
+        self._refused += 1
+        now = self._time()
+        if now - self._refused_logged >= 1.0:
+            self._refused_logged = now
+            log.warning("hub %s: reset a new connection from %s: %d Opened events not "
+                        "taken by the application (max_unseen_opens); %d reset so far",
+                        self._name, _format_peer(transport.get_extra_info("peername")),
+                        len(self._opens), self._refused)
 
     def _handshake_failed(self, peer: object, why: str) -> None:
         """A TLS handshake failed or timed out (:class:`~tether.aio.TLSServer`)."""
@@ -1461,6 +1496,7 @@ class Hub:
             dropped=self._dropped,
             incomplete=self._incomplete,
             handshakes_failed=self._handshakes_failed,
+            refused=self._refused,
         )
 
 

@@ -99,7 +99,7 @@ Handler: TypeAlias = "str | Callable[[Hub], Awaitable[None]]"
 (the workers import it by name), called with the worker's hub."""
 
 _SUMMED: Final = ("bytes_in", "bytes_out", "messages_in", "messages_out", "dropped",
-                  "incomplete", "handshakes_failed")
+                  "incomplete", "handshakes_failed", "refused")
 _GAUGES: Final = ("queued", "queued_bytes", "paused")
 _FLOOR_STEP: Final = 1 << 24  # a restarted worker's serials start above a multiple of it
 _MESH_TICK: Final = 0.25  # seconds between looks at the mesh's peers
@@ -277,6 +277,7 @@ class WorkerPool:
                 "queue_low": hub._low, "max_write_buffer": hub._wlimit,
                 "slow_consumer": "drop" if hub._slow_drop else "disconnect",
                 "linger": hub._linger, "close_timeout": hub._close_timeout,
+                "max_unseen_opens": hub._max_unseen,
                 "tls": hub._tls_files.to_json() if hub._tls_files is not None else None,
             },
         }
@@ -811,7 +812,8 @@ class WorkerPool:
             queued=sum(int(st["queued"]) for st in live),
             queued_bytes=sum(int(st["queued_bytes"]) for st in live),
             paused=sum(int(st["paused"]) for st in live), dropped=total("dropped"),
-            incomplete=total("incomplete"), handshakes_failed=total("handshakes_failed"))
+            incomplete=total("incomplete"), handshakes_failed=total("handshakes_failed"),
+            refused=total("refused"))
 
     def routing_stats(self) -> dict[str, int]:
         """The routing counters (docs/workers.md) summed over every process."""

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
 
@@ -268,12 +269,7 @@ class _Worker:
         s = self.hub.stats()
         self.control.write(msg(KIND_STATS, encode_json({
             "worker": self.index, "pid": os.getpid(), "floor": self.floor,
-            "hub": {"open": s.open, "opened": s.opened, "closed": s.closed,
-                    "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
-                    "messages_in": s.messages_in, "messages_out": s.messages_out,
-                    "queued": s.queued, "queued_bytes": s.queued_bytes, "paused": s.paused,
-                    "dropped": s.dropped, "incomplete": s.incomplete,
-                    "handshakes_failed": s.handshakes_failed},
+            "hub": asdict(s),  # (every HubStats field, the supervisor sums them)
             "routing": self.router.counters(), "rss": rss_bytes(),
             "cpu": time.process_time(), "time": time.time()})))
 
