@@ -781,7 +781,8 @@ def test_mesh_under_partition(make_rig: MakeRig) -> None:
     compared with what the sender was told: every number arrives once and in order, or
     is returned in a Failure (a number in both only among a Failure's first
     `unconfirmed`); a cut shorter than the establish timeout loses nothing and fails
-    nothing."""
+    nothing, a longer one fails messages into and out of the cut host, and only
+    those."""
     _concurrently(lambda: _mesh_partition(make_rig, 1.0), lambda: _mesh_partition(make_rig, 6.0))
 
 
@@ -834,3 +835,7 @@ def _mesh_partition(make_rig: MakeRig, cut: float) -> None:
     else:
         assert all(p.split("->")[0] == "n2" or p.split("->")[1].startswith("n2")
                    for p in failed_pairs), failed_pairs
+        # n1's messages to n2 and n2's to n3 waited the whole cut less the liveness
+        # (5 s) for a peer with no session: longer than the establish timeout
+        assert {p.split(":")[0] for p in failed_pairs} >= {"n1->n2", "n2->n3"}, \
+            f"a {cut:g}s cut, establish timeout {ESTABLISH:g}s: failed only {failed_pairs}"

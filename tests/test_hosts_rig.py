@@ -15,6 +15,7 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -129,6 +130,39 @@ def test_teardown_leaves_nothing_even_when_the_test_fails() -> None:
 
 # faults -----------------------------------------------------------------------------------
 
+UDP_LISTEN = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 9999))
+s.settimeout(float(sys.argv[2]))
+print("ready", flush=True)
+try:
+    print("got", s.recvfrom(100)[0].decode(), flush=True)
+except TimeoutError:
+    print("nothing", flush=True)
+"""
+UDP_SEND = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(10):
+    try:
+        s.sendto(b"probe", (sys.argv[1], 9999))
+    except OSError:
+        pass
+    time.sleep(0.05)
+"""
+
+
+def _udp_probe(rig: Rig, src: str, dst: str, name: str) -> HostProc:
+    """Datagrams from `src` to a listener on `dst` for half a second; the listener prints
+    "got" or, after 1 s, "nothing". (No answer needed: one direction at a time.)"""
+    listener = rig[dst].run(f"{name}-listen", [sys.executable, "-c", UDP_LISTEN,
+                                               rig[dst].ip, "1.0"])
+    listener.expect(r"^ready")
+    rig[src].run(f"{name}-send", [sys.executable, "-c", UDP_SEND, rig[dst].ip])
+    return listener
+
+
 def test_silence_drops_everything_both_ways_without_a_reset(make_rig: MakeRig) -> None:
     rig = make_rig(["a", "b"])
     echo = rig["b"].echo_server()
@@ -138,7 +172,13 @@ def test_silence_drops_everything_both_ways_without_a_reset(make_rig: MakeRig) -
     rig["b"].silence()
     assert "silence" in rig["b"].faults
     sent = app.send("send two")
-    time.sleep(1.0)
+    # each way on its own: a lost request and a lost reply look the same to the app
+    probes = {"into b": _udp_probe(rig, "a", "b", "in"),
+              "out of b": _udp_probe(rig, "b", "a", "out")}
+    for way, probe in probes.items():
+        _, line = probe.expect(r"^(got|nothing)", timeout=5)
+        assert line.text == "nothing", f"silence let a datagram {way} through"
+    time.sleep(max(0.0, sent + 1.0 - time.monotonic()))
     # Nothing came back, and nothing ended: no RST, no FIN, no ICMP error.
     assert not app.find(r"^(recv b'two|reset|eof|closed)"), app.output()
     # Inside the silent host, traffic over loopback still flows (to its own address too).

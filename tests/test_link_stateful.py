@@ -6,7 +6,9 @@ After every step, on both sides: every stream the link was told of (opened here,
 nothing else; no per-stream state (liveness entry, auto-tuned window) outlives its
 stream; the peer never made this side hold more than a stream's window; a link that
 is not closed always has a next deadline, and one that is closed has none and no
-stream. Without forged frames, every byte arrives in order on the other side.
+stream. Without forged frames, every byte arrives in order on the other side, all of
+it before the FIN or CLOSE that follows it; a sender that used up its credit gets it
+back once the peer consumes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from linkpair import Pair
 from tether import wire
 from tether.errors import ErrorCode, LocalProtocolError
-from tether.events import DataReceived, FlowEnded, FlowOpenRequested, LinkTerminated
+from tether.events import DataReceived, FinReceived, FlowEnded, FlowOpenRequested, LinkTerminated
 from tether.flowstate import FlowState
 from tether.link import Link, LinkConfig, LinkState
 
@@ -94,6 +96,12 @@ class LinkPairMachine(RuleBasedStateMachine):
                     side.held.pop(e.stream, None)
                 elif isinstance(e, LinkTerminated):
                     side.terminated += 1
+                if not self.forged and (isinstance(e, FinReceived) or (
+                        isinstance(e, FlowEnded) and e.initiator == "peer"
+                        and e.reason == "peer")):  # a FIN or a CLOSE follows all the data
+                    other = self.s["server" if name == "client" else "client"]
+                    assert side.got.get(e.stream, b"") == other.sent.get(e.stream, b""), \
+                        f"{name} stream {e.stream}: EOF before all the data arrived"
 
     def _link(self, name: str) -> Link:
         return self.p.side(name)
@@ -241,6 +249,59 @@ class LinkPairMachine(RuleBasedStateMachine):
         self.answer(other, -1, True)
         self._settle()
         self.write(name, -1, size)
+        self._settle()
+
+    @rule(name=sides, pick=picks, size=sizes)
+    def fin_both(self, name: str, pick: int, size: int) -> None:
+        """Write and FIN (the data still queued) one way, then FIN the other: the stream
+        ends CLOSED on both sides (the clean close, otherwise only reached by two
+        `fin`s on one stream)."""
+        sid = self._live(name, pick)
+        if sid is None:
+            return
+        self.write(name, pick, size)
+        self.fin(name, pick)
+        self._settle()
+        other = "server" if name == "client" else "client"
+        if sid in self._link(other).streams():
+            self.fin(other, sorted(self._link(other).streams()).index(sid))
+            self._settle()
+
+    @rule(name=sides, pick=picks, resume=st.booleans())
+    def fill(self, name: str, pick: int, resume: bool) -> None:
+        """Write a live stream's whole send credit, then one byte more (none of it
+        taken): the sender is out of credit. With `resume`, the peer then consumes all
+        it holds of the stream, and the sender has credit again."""
+        sid = self._live(name, pick)
+        if sid is None:
+            return
+        link = self._link(name)
+        credit = link.send_credit(sid)
+        if credit:
+            self.write(name, pick, credit)
+        self.write(name, pick, 1)
+        if not resume:
+            return
+        self._settle()
+        other = "server" if name == "client" else "client"
+        held = self.s[other].held.get(sid, 0)
+        if held:
+            self.s[other].held[sid] = 0
+            self._link(other).consumed(sid, held, self.p.now)
+            self._settle()
+        if not self.forged and sid in link.streams() and \
+                link.flow_state(sid) in (FlowState.OPEN, FlowState.REMOTE_FIN) and \
+                sid in self._link(other).streams():
+            assert link.send_credit(sid) > 0, f"{name} stream {sid}: no credit back"
+
+    @rule(name=sides, liveness=st.sampled_from([None, 3.0]), size=sizes)
+    def drain(self, name: str, liveness: float | None, size: int) -> None:
+        """GOAWAY with a live flow of each side's opening: the link drains (DRAINING)
+        until those flows end, then terminates by itself."""
+        other = "server" if name == "client" else "client"
+        self.open_accepted(name, liveness, size)
+        self.open_accepted(other, liveness, size)
+        self._link(name).goaway(self.p.now, "drain")
         self._settle()
 
     @rule(dt=steps)

@@ -208,6 +208,7 @@ OPS = st.one_of(
     st.tuples(st.just("crash_b"), st.just(0)),
     st.tuples(st.just("close_b"), st.just(0)),
     st.tuples(st.just("give_up"), st.just(0)),
+    st.tuples(st.just("exchange"), st.integers(1, 5)),
 )
 
 
@@ -235,6 +236,11 @@ def run(ops: list[tuple[str, int]], window: int = UNBOUNDED) -> Model:
             m.close_b()
         elif op == "give_up":
             m.give_up()
+        elif op == "exchange":  # sent, received and taken by B's application, not acked
+            for _ in range(n):
+                m.send()
+            m.deliver(len(m.msgs))
+            m.take(len(m.app_queue))
         m.check_outbox()
     return m
 
@@ -243,7 +249,7 @@ WINDOWS = st.one_of(st.integers(MIN_WINDOW, 3 * MIN_WINDOW), st.just(UNBOUNDED))
 
 
 @settings(max_examples=600, deadline=None)
-@given(st.lists(OPS, max_size=60), WINDOWS)
+@given(st.lists(OPS, min_size=20, max_size=60), WINDOWS)
 def test_once_in_order_or_reported(ops: list[tuple[str, int]], window: int) -> None:
     m = run(ops, window)
     m.settle()
