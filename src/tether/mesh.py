@@ -127,9 +127,11 @@ class Failure:
     """Messages the mesh gives back, whole, with the reason.
 
     `undelivered` holds them in send order. The first `unconfirmed` of them were
-    transmitted to an incarnation of `remote` that ended (crashed, was killed, or
-    could not be reached again) before acknowledging them: its application *may* have
-    received some of them. The rest were certainly not delivered.
+    transmitted to `remote` and never acknowledged before the mesh gave up on them --
+    its incarnation ended (crashed, was killed), it could not be reached again within
+    `establish_timeout`, it was removed (`remove_peer`), or this node closed: its
+    application *may* have received some of them (a removed peer that still runs
+    often has). The rest were certainly not delivered.
     """
 
     remote: str
