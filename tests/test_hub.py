@@ -706,3 +706,28 @@ def test_connections_beyond_max_unseen_opens_are_refused_while_nobody_takes_even
     with caplog.at_level(logging.WARNING, logger="tether.hub"):
         arun(main())
     assert "max_unseen_opens" in caplog.text
+
+
+@pytest.mark.parametrize("framing", [Lines(), LengthPrefixed(width=4)],
+                         ids=["lines", "length-prefixed"])
+def test_queued_bytes_give_back_what_they_counted(arun: Run,
+                                                  framing: Lines | LengthPrefixed) -> None:
+    """`stats().queued_bytes` counts a message's bytes on the wire (its framing's too)
+    and gave back only its payload when it was taken: under a queue that never empties,
+    the framing's bytes piled up (the bound then paused reading earlier and earlier)."""
+    async def main() -> None:
+        async with Hub(framing=framing) as hub:
+            _, writer = await connect(hub.port)
+            try:
+                writer.write(b"".join(framing.encode(b"0123456789") for _ in range(100)))
+                await hub.recv_open()
+                await until(lambda: hub.stats().queued == 100)
+                full = hub.stats().queued_bytes
+                for _ in range(50):
+                    await hub.recv_data()
+                assert hub.stats().queued == 50
+                assert hub.stats().queued_bytes == full // 2, full
+            finally:
+                writer.close()
+
+    arun(main())

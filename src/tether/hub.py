@@ -52,7 +52,7 @@ from typing import (
 
 from .aio import SocketOptions, TLSServer, serve_tls
 from .errors import FlowClosed, TetherError
-from .framing import Decoder, Framing, Lines, MessageTooLarge
+from .framing import Decoder, Framing, LengthPrefixed, Lines, MessageTooLarge
 from .ids import FlowId
 from .liveness import TimingWheel
 from .tlsfiles import ServerTLS
@@ -448,6 +448,7 @@ class Hub:
         "_loop",
         "_low",
         "_max_unseen",
+        "_msg_cost",
         "_msgs_in",
         "_msgs_out",
         "_name",
@@ -559,6 +560,11 @@ class Hub:
         self._linger = linger
         self._close_timeout = close_timeout
         self._max_unseen = max_unseen_opens
+        # what a message taken gives back to queued_bytes: its framing's bytes too, as
+        # they were counted when it was read
+        self._msg_cost = _MSG_OVERHEAD + (
+            len(framing.delimiter) if isinstance(framing, Lines)
+            else framing.width if isinstance(framing, LengthPrefixed) else 0)
         self._refused = 0
         self._refused_logged = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1138,8 +1144,8 @@ class Hub:
                         self._release(self._taken)
                 self._dhead = head
                 self._dpos = pos
-                if data:
-                    self._qbytes -= len(message) + _MSG_OVERHEAD
+                if data:  # (as counted: its bytes on the wire, framing included)
+                    self._qbytes -= len(message) + self._msg_cost
                 else:
                     self._qbytes = 0
                 if self._paused and self._qbytes <= self._low:
