@@ -117,6 +117,12 @@ class Framing(Protocol):
         ...
 
     @property
+    def per_message(self) -> int:
+        """The bytes a message takes on the wire besides its own (its delimiter or its
+        length prefix)."""
+        ...
+
+    @property
     def decoded_type(self) -> type[tuple[bytes, ...]]:
         """The tuple type in which decoded messages are handed over; ``encode_many``
         may trust its contents (``tuple`` when there is nothing to trust)."""
@@ -178,6 +184,11 @@ class Raw:
     def with_max_size(self, max_size: int) -> Raw:
         """``self``: Raw has no size limit."""
         return self
+
+    @property
+    def per_message(self) -> int:
+        """0: Raw adds nothing."""
+        return 0
 
     @property
     def decoded_type(self) -> type[tuple[bytes, ...]]:
@@ -290,6 +301,11 @@ class Lines:
     def decoder(self) -> _LinesDecoder:
         """A decoder for one connection."""
         return _LinesDecoder(self.delimiter, self.max_size)
+
+    @property
+    def per_message(self) -> int:
+        """The delimiter's length."""
+        return len(self.delimiter)
 
     @property
     def decoded_type(self) -> type[tuple[bytes, ...]]:
@@ -463,6 +479,11 @@ class LengthPrefixed:
     def with_max_size(self, max_size: int) -> LengthPrefixed:
         """The same width with another ``max_size``."""
         return LengthPrefixed(self.width, max_size)
+
+    @property
+    def per_message(self) -> int:
+        """The length prefix's width."""
+        return self.width
 
     @property
     def decoded_type(self) -> type[tuple[bytes, ...]]:

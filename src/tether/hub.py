@@ -52,7 +52,7 @@ from typing import (
 
 from .aio import SocketOptions, TLSServer, serve_tls
 from .errors import FlowClosed, TetherError
-from .framing import Decoder, Framing, LengthPrefixed, Lines, MessageTooLarge
+from .framing import Decoder, Framing, Lines, MessageTooLarge
 from .ids import FlowId
 from .liveness import TimingWheel
 from .tlsfiles import ServerTLS
@@ -562,9 +562,7 @@ class Hub:
         self._max_unseen = max_unseen_opens
         # what a message taken gives back to queued_bytes: its framing's bytes too, as
         # they were counted when it was read
-        self._msg_cost = _MSG_OVERHEAD + (
-            len(framing.delimiter) if isinstance(framing, Lines)
-            else framing.width if isinstance(framing, LengthPrefixed) else 0)
+        self._msg_cost = _MSG_OVERHEAD + framing.per_message
         self._refused = 0
         self._refused_logged = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
