@@ -578,29 +578,54 @@ async def test_a_failing_handler_is_restarted_with_backoff() -> None:
         assert pool.exit_codes()[1] == 1
 
 
-async def test_hubs_on_two_machines_route_ids_over_the_mesh() -> None:
-    """Hubs "a" and "b" (2 workers each) join a mesh: ids of either are used from the
-    other; when "b" goes away, its ids we sent to are closed "down" and then raise
-    FlowClosed saying that node "b" is gone."""
-    meshes = {n: Mesh(n, listen="127.0.0.1:0", establish_timeout=1.0, liveness=1.0,
-                      retry_interval=0.2) for n in ("a", "b")}
-    hubs = {n: Hub("127.0.0.1", 0, name=n, workers=2, handler=APP) for n in ("a", "b")}
+@contextlib.asynccontextmanager
+async def meshed_hubs(workers: int, establish_timeout: float, liveness: float
+                      ) -> AsyncIterator[tuple[dict[str, Hub], dict[str, Mesh], list[Client]]]:
+    """Hubs "a" and "b" of `workers` workers each, started, their supervisors' meshes
+    peering with each other; and a list for the test's clients. On exit the clients
+    are closed, then the hubs, and no worker may be left."""
+    meshes = {n: Mesh(n, listen="127.0.0.1:0", establish_timeout=establish_timeout,
+                      liveness=liveness, retry_interval=0.2) for n in ("a", "b")}
+    hubs = {n: Hub("127.0.0.1", 0, name=n, workers=workers, handler=APP) for n in ("a", "b")}
     for n in hubs:
         pool_of(hubs[n]).mesh = meshes[n]
+    clients: list[Client] = []
     try:
         for hub in hubs.values():
             await hub.start()
         meshes["a"].add_peer("b", f"127.0.0.1:{meshes['b'].port}")
         meshes["b"].add_peer("a", f"127.0.0.1:{meshes['a'].port}")
+        yield hubs, meshes, clients
+    finally:
+        for c in clients:
+            c.close()
+        for hub in hubs.values():
+            await hub.aclose(1.0)
+        for hub in hubs.values():
+            assert pool_of(hub).pids() == {}
+
+
+async def until_node_b_is_known(client: Client) -> None:
+    """Until the worker of hub "a" holding `client` knows node "b": an id above any
+    serial of b is routed there, then found unknown."""
+    deadline = time.monotonic() + TIMEOUT
+    nobody = FlowId("b", 1 << 47, 1)
+    while await client.ask(f"CLOSE {nobody}") != "CLOSE True":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_hubs_on_two_machines_route_ids_over_the_mesh() -> None:
+    """Hubs "a" and "b" (2 workers each) join a mesh: ids of either are used from the
+    other; when "b" goes away, its ids we sent to are closed "down" and then raise
+    FlowClosed saying that node "b" is gone."""
+    async with meshed_hubs(2, establish_timeout=1.0, liveness=1.0) as (hubs, _, clients):
         clients_a, by_a = await spread(hubs["a"].port, 2, each=2)
         clients_b, by_b = await spread(hubs["b"].port, 2, each=2)
+        clients += clients_a + clients_b
         a1, watcher, b1, b2 = by_a[1][0], by_a[2][0], by_b[1][0], by_b[2][0]
         assert b2.id.node == "b" and a1.id.node == "a"
-        deadline = time.monotonic() + TIMEOUT
-        nobody = FlowId("b", 1 << 47, 1)  # above any serial of b: routed, then unknown there
-        while await a1.ask(f"CLOSE {nobody}") != "CLOSE True":
-            assert time.monotonic() < deadline  # until the workers of a know node b
-            await asyncio.sleep(0.05)
+        await until_node_b_is_known(a1)
         assert "'zzz', which is not in the mesh of hub 'a'" in await a1.ask("SEND 1:1@zzz x")
         # 200 messages from a worker of hub a to a connection of hub b, in order
         a1.writer.write(b"".join(b"SEND %s m%d\n" % (str(b2.id).encode(), i)
@@ -627,13 +652,6 @@ async def test_hubs_on_two_machines_route_ids_over_the_mesh() -> None:
         status = pool_of(hubs["a"]).status()
         assert status["mesh"]["nodes"]["b"].startswith("b unreachable")
         assert status["mesh"]["mesh_failed"] >= 1
-        for c in clients_a + clients_b:
-            c.close()
-    finally:
-        for hub in hubs.values():
-            await hub.aclose(1.0)
-        for hub in hubs.values():
-            assert pool_of(hub).pids() == {}
 
 
 def test_supervisor_hub_has_no_events() -> None:

@@ -6,38 +6,22 @@ mesh gives back, and the refusal is logged and counted (real processes, real mes
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 
-from test_workers import APP, TIMEOUT, spread
-from tether.hub import Hub
-from tether.ids import FlowId
-from tether.mesh import Mesh
+from test_workers import meshed_hubs, spread, until_node_b_is_known
 from tether.workers import pool_of
 
 
 async def test_a_route_the_mesh_refuses_closes_its_connection_down(
         caplog: pytest.LogCaptureFixture) -> None:
-    meshes = {n: Mesh(n, listen="127.0.0.1:0", establish_timeout=5.0, liveness=5.0,
-                      retry_interval=0.2) for n in ("a", "b")}
-    hubs = {n: Hub("127.0.0.1", 0, name=n, workers=1, handler=APP) for n in ("a", "b")}
-    for n in hubs:
-        pool_of(hubs[n]).mesh = meshes[n]
-    clients = []
-    try:
-        for hub in hubs.values():
-            await hub.start()
-        meshes["a"].add_peer("b", f"127.0.0.1:{meshes['b'].port}")
-        meshes["b"].add_peer("a", f"127.0.0.1:{meshes['a'].port}")
+    async with meshed_hubs(1, establish_timeout=5.0, liveness=5.0) as (hubs, meshes,
+                                                                        clients):
         clients_a, by_a = await spread(hubs["a"].port, 1, start=1)
         clients_b, by_b = await spread(hubs["b"].port, 1, start=1)
-        clients = clients_a + clients_b
+        clients += clients_a + clients_b
         watcher, target = by_a[1][0], by_b[1][0]
-        deadline = time.monotonic() + TIMEOUT
-        nobody = FlowId("b", 1 << 47, 1)
-        while await watcher.ask(f"CLOSE {nobody}") != "CLOSE True":
-            assert time.monotonic() < deadline  # until the worker of a knows node b
+        await until_node_b_is_known(watcher)
         hubs["a"].send(target.id, b"reached")
         assert await target.line() == "reached"
         assert await watcher.ask("WATCH") == "WATCHING"
@@ -48,10 +32,3 @@ async def test_a_route_the_mesh_refuses_closes_its_connection_down(
         assert "refused" in caplog.text
         assert pool_of(hubs["a"]).status()["mesh"]["mesh_refused"] == 1
         assert "not in the mesh" in await watcher.ask(f"SEND {target.id} x")
-    finally:
-        for c in clients:
-            c.close()
-        for hub in hubs.values():
-            await hub.aclose(1.0)
-        for hub in hubs.values():
-            assert pool_of(hub).pids() == {}
