@@ -252,6 +252,19 @@ async def _session_up(a: Mesh, incarnation: int) -> None:
                      a.peers()["b"].state is PeerState.UP, what="session up")
 
 
+async def _ended_by_protocol_error(conn: LinkConnection, a: Mesh, says: str,
+                                   caplog: pytest.LogCaptureFixture | None = None) -> None:
+    """`a` ends the link `conn` as a protocol error saying `says`: GOAWAY
+    PROTOCOL_ERROR, counted once, and (with `caplog`) a WARNING line naming b."""
+    ended = await asyncio.wait_for(conn.closed, 5)
+    assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
+    assert says in ended.reason, ended.reason
+    assert a.counters["protocol_errors"] == 1
+    if caplog is not None:
+        assert any(f"protocol error from b: {says}" in line
+                   for line in _warnings(caplog)), _warnings(caplog)
+
+
 async def _window_of_one(a: Mesh, incarnation: int = 7) -> LinkConnection:
     """"b" played by hand, its SESSION up as `incarnation` with the smallest window (one
     1 KiB message): `a`'s messages after the first wait for ACKs."""
@@ -449,12 +462,7 @@ async def test_an_ack_beyond_what_was_transmitted_is_a_protocol_error(
             assert info.queued == 5
             conn.link.send_ack(5, conn.now)  # only MSG 1 was transmitted
             conn.flush()
-            ended = await asyncio.wait_for(conn.closed, 5)
-            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
-            assert "ACK of MSG 5" in ended.reason, ended.reason
-            assert a.counters["protocol_errors"] == 1
-            assert any("protocol error from b: ACK of MSG 5" in line
-                       for line in _warnings(caplog)), _warnings(caplog)
+            await _ended_by_protocol_error(conn, a, "ACK of MSG 5", caplog)
             # nothing was dropped on its word: the five wait for b (or a report)
             assert a.peers()["b"].queued == 5
             assert a.peers()["b"].counters["failures"] == 0
@@ -481,12 +489,7 @@ async def test_a_session_claiming_untransmitted_messages_is_a_protocol_error(
                                conn.now)
         conn.flush()
         try:
-            ended = await asyncio.wait_for(conn.closed, 5)
-            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
-            assert "SESSION says received 3" in ended.reason, ended.reason
-            assert a.counters["protocol_errors"] == 1
-            assert any("protocol error from b: SESSION says received 3" in line
-                       for line in _warnings(caplog)), _warnings(caplog)
+            await _ended_by_protocol_error(conn, a, "SESSION says received 3", caplog)
             info = a.peers()["b"]
             assert info.queued == 3 and info.state is not PeerState.UP, info
             assert fa.got == []
@@ -508,12 +511,7 @@ async def test_a_closing_claiming_untransmitted_messages_is_a_protocol_error(
             conn.link.send_message(KIND_CLOSING, 0, ClosingInfo(7, a.incarnation, 3).encode(),
                                    conn.now)
             conn.flush()
-            ended = await asyncio.wait_for(conn.closed, 5)
-            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
-            assert "CLOSING says consumed 3" in ended.reason, ended.reason
-            assert a.counters["protocol_errors"] == 1
-            assert any("protocol error from b: CLOSING says consumed 3" in line
-                       for line in _warnings(caplog)), _warnings(caplog)
+            await _ended_by_protocol_error(conn, a, "CLOSING says consumed 3", caplog)
             assert a.peers()["b"].queued == 3 and fa.got == []
         finally:
             conn.close()
@@ -596,10 +594,7 @@ async def test_a_second_session_on_a_link_is_a_protocol_error_at_the_leader() ->
                                    SessionInfo(8, a.incarnation, 0, 0, window).encode(),
                                    conn.now)
             conn.flush()
-            ended = await asyncio.wait_for(conn.closed, 5)
-            assert ended.code == ErrorCode.PROTOCOL_ERROR, ended
-            assert "second SESSION on a link" in ended.reason, ended.reason
-            assert a.counters["protocol_errors"] == 1
+            await _ended_by_protocol_error(conn, a, "second SESSION on a link")
             assert a.peers()["b"].incarnation == 7
         finally:
             conn.close()
