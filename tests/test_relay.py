@@ -839,6 +839,13 @@ def _echo_sync(port: int, data: bytes) -> bytes:
 FIN_TIMEOUT = 0.5
 
 
+def _fin_timeout_relay(rig: Rig, srv: socket.socket) -> tuple[Daemon, Daemon, Daemon]:
+    """A relay to the server `srv` (service "hold"), `--fin-timeout FIN_TIMEOUT` on both
+    edges."""
+    args = ["--fin-timeout", str(FIN_TIMEOUT)]
+    return rig.relay({"hold": srv.getsockname()[1]}, connector_args=args, agent_args=args)
+
+
 def _half_closed_pair(ag: Daemon, srv: socket.socket) -> tuple[socket.socket, socket.socket]:
     app = socket.create_connection((HOST, ag.ports["hold"]), timeout=5)
     app.sendall(b"request")
@@ -855,9 +862,7 @@ def test_fin_timeout_resets_a_half_closed_connection(rig: Rig) -> None:
     srv = socket.create_server((HOST, 0))
     srv.settimeout(5)
     with srv:
-        args = ["--fin-timeout", str(FIN_TIMEOUT)]
-        gw, co, ag = rig.relay({"hold": srv.getsockname()[1]}, connector_args=args,
-                               agent_args=args)
+        gw, co, ag = _fin_timeout_relay(rig, srv)
         app, conn = _half_closed_pair(ag, srv)
         with app, conn:
             app.shutdown(socket.SHUT_WR)
@@ -894,9 +899,7 @@ def test_fin_timeout_spares_an_upload_the_server_still_reads(rig: Rig) -> None:
     srv = socket.create_server((HOST, 0))
     srv.settimeout(5)
     with srv:
-        args = ["--fin-timeout", str(FIN_TIMEOUT)]
-        gw, co, ag = rig.relay({"hold": srv.getsockname()[1]}, connector_args=args,
-                               agent_args=args)
+        gw, co, ag = _fin_timeout_relay(rig, srv)
         with socket.create_connection((HOST, ag.ports["hold"]), timeout=20) as app:
             conn, _ = srv.accept()
             conn.settimeout(20)
@@ -923,9 +926,7 @@ def test_fin_timeout_spares_a_half_closed_connection_still_transferring(rig: Rig
     srv = socket.create_server((HOST, 0))
     srv.settimeout(5)
     with srv:
-        args = ["--fin-timeout", str(FIN_TIMEOUT)]
-        gw, co, ag = rig.relay({"hold": srv.getsockname()[1]}, connector_args=args,
-                               agent_args=args)
+        gw, co, ag = _fin_timeout_relay(rig, srv)
         app, conn = _half_closed_pair(ag, srv)
         with app, conn:
             app.shutdown(socket.SHUT_WR)
