@@ -31,7 +31,11 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 
 def test_a_link_measured_fast_is_not_bounded(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Not even one measured slow before: a fast measurement drops its bound."""
     bound = InflightBound(pair[0])
+    bound.follow(1000.0)
+    if bound.cap == 0:
+        pytest.skip("no TCP_INFO here")
     bound.follow(FAST * 2)
     assert bound.cap == 0
     assert not bound.exceeded()
