@@ -29,6 +29,7 @@ class _Edge(asyncio.Protocol):
         self.lost: asyncio.Future[Exception | None] = \
             asyncio.get_running_loop().create_future()
         self.received = b""
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -49,6 +50,7 @@ class _Edge(asyncio.Protocol):
             self.seen_in_callback += chunk
 
     def eof_received(self) -> bool:
+        self.eof = True
         return True  # half-close: the write side was ours to end
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,6 +116,32 @@ async def test_with_bytes_still_buffered_the_fin_follows_them() -> None:
                 break
             got += chunk
         assert len(got) == len(big)
+    finally:
+        transport.close()
+        peer.close()
+        await asyncio.sleep(0)
+
+
+async def test_after_the_peers_fin_ours_is_sent_once_and_the_end_is_clean() -> None:
+    """The usual order at an edge: the peer's FIN, then ours. One `shutdown(2)`, not
+    `write_eof()` as well: a second one fails with ENOTCONN once the peer's ACK has
+    closed the socket both sides shut down, and the transport takes that as fatal."""
+    transport, edge, peer = await _pair()
+    try:
+        peer.shutdown(socket.SHUT_WR)
+        for _ in range(200):
+            if edge.eof:
+                break
+            await asyncio.sleep(0.01)
+        assert edge.eof
+        shutdown_write(transport)
+        peer.setblocking(False)
+        loop = asyncio.get_running_loop()
+        assert await asyncio.wait_for(loop.sock_recv(peer, 100), 2) == b""
+        await asyncio.sleep(0.05)  # (uvloop's write_eof() would run here)
+        peer.close()
+        transport.close()
+        assert await asyncio.wait_for(edge.lost, 5) is None
     finally:
         transport.close()
         peer.close()
