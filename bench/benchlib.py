@@ -1,5 +1,6 @@
-"""What the benchmarks share: one JSON line per result, the machine's state, and the
-minimal relay that tether is measured against.
+"""What the benchmarks share: one JSON line per result, the machine's state, the child
+processes a benchmark starts (`Proc`, `processes`), and the minimal relay that tether
+is measured against.
 
 The minimal relay is an asyncio Protocol splice -- what a relay costs when it does
 nothing but pass bytes and ends on: `pause/resume_reading` for backpressure,
@@ -14,17 +15,21 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-__all__ = ["Downstream", "Side", "cpu_of", "cpu_pressure", "emit", "set_pad", "source_rev",
-           "start_relay"]
+__all__ = ["Downstream", "Proc", "Side", "cpu_of", "cpu_pressure", "emit", "processes",
+           "set_pad", "source_rev", "start_relay"]
 
 HOST = "127.0.0.1"
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+READY_TIMEOUT = 20.0  # how long a child process may take to print that it is ready
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LINGER_ZERO = b"\1\0\0\0\0\0\0\0"
 
@@ -75,6 +80,80 @@ def cpu_pressure() -> float | None:
             return float(f.readline().split()[1].split("=")[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+# ---------------------------------------------------------------------------------------
+# child processes
+
+
+class Proc:
+    """A child process whose output goes to a file (read for readiness lines): no thread
+    of this process reads it, so the daemons' logging costs this process nothing."""
+
+    def __init__(self, name: str, argv: list[str], *, cwd: str = ROOT) -> None:
+        self.name = name
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.log = tempfile.TemporaryFile("w+", errors="replace")  # noqa: SIM115
+        self.popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                      stdout=self.log, stderr=subprocess.STDOUT)
+        self.pid = self.popen.pid
+
+    @property
+    def lines(self) -> list[str]:
+        self.log.seek(0)
+        return self.log.read().splitlines()
+
+    def wait_for(self, pattern: str, timeout: float = READY_TIMEOUT) -> re.Match[str]:
+        rx = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.log.seek(0)
+            if m := rx.search(self.log.read()):
+                return m
+            if time.monotonic() > deadline or self.popen.poll() is not None:
+                tail = "\n  ".join(self.lines[-10:])
+                raise RuntimeError(f"{self.name} did not print {pattern!r}:\n  {tail}")
+            time.sleep(0.01)
+
+    def cpu(self) -> float:
+        return cpu_of(self.pid)
+
+    def rss(self) -> int:
+        """Resident memory in bytes (VmRSS of /proc/PID/status)."""
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{self.name}: no VmRSS")
+
+    def fds(self) -> int:
+        """Open file descriptors (/proc/PID/fd)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def stop(self) -> None:
+        """SIGTERM (a clean exit: cProfile dumps), then SIGKILL; reap."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    self.popen.kill()
+                self.popen.wait(10)
+        self.log.close()
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[list[Proc]]:
+    """A list to append every `Proc` started to: each is stopped (by PID, last first)
+    when the block ends, however it ends."""
+    started: list[Proc] = []
+    try:
+        yield started
+    finally:
+        for proc in reversed(started):
+            proc.stop()
 
 
 # ---------------------------------------------------------------------------------------

@@ -63,75 +63,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from benchlib import HOST, ROOT, cpu_of, cpu_pressure, emit, set_pad, source_rev, start_relay
+from benchlib import (
+    HOST,
+    READY_TIMEOUT,
+    Proc,
+    cpu_pressure,
+    emit,
+    processes,
+    set_pad,
+    source_rev,
+    start_relay,
+)
 
 CHUNK = 256 * 1024
-READY_TIMEOUT = 20.0
 # Bulk: how long the client waits after connecting before it writes (not timed).
 SETTLE = 0.1
 
 
 # ---------------------------------------------------------------------------------------
 # processes
-
-
-class Proc:
-    """A child process whose output goes to a file (read for readiness lines): no thread
-    of this process reads it, so the daemons' logging costs this process nothing."""
-
-    def __init__(self, name: str, argv: list[str], *, cwd: str = ROOT) -> None:
-        self.name = name
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.log = tempfile.TemporaryFile("w+", errors="replace")  # noqa: SIM115
-        self.popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                      stdout=self.log, stderr=subprocess.STDOUT)
-        self.pid = self.popen.pid
-
-    @property
-    def lines(self) -> list[str]:
-        self.log.seek(0)
-        return self.log.read().splitlines()
-
-    def wait_for(self, pattern: str, timeout: float = READY_TIMEOUT) -> re.Match[str]:
-        rx = re.compile(pattern, re.M)
-        deadline = time.monotonic() + timeout
-        while True:
-            self.log.seek(0)
-            if m := rx.search(self.log.read()):
-                return m
-            if time.monotonic() > deadline or self.popen.poll() is not None:
-                tail = "\n  ".join(self.lines[-10:])
-                raise RuntimeError(f"{self.name} did not print {pattern!r}:\n  {tail}")
-            time.sleep(0.01)
-
-    def cpu(self) -> float:
-        return cpu_of(self.pid)
-
-    def stop(self) -> None:
-        """SIGTERM (a clean exit: cProfile dumps), then SIGKILL; reap."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.popen.kill()
-                self.popen.wait(10)
-        self.log.close()
-
-
-@contextlib.contextmanager
-def processes() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    try:
-        yield started
-    finally:
-        for proc in reversed(started):
-            proc.stop()
 
 
 def free_port() -> int:

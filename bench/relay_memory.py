@@ -12,7 +12,8 @@ VmRSS) and open descriptors (`/proc/PID/fd`). One JSON line per daemon and step,
 the slope (bytes per connection, least squares over the steps) per daemon and the
 connections one process could hold within the 20,000 descriptors it may open (the
 agent and the connector each hold one socket per connection; the gateway none).
-Every process started is ended by PID; every socket opened is closed.
+Every process started is ended by PID (SIGTERM, then SIGKILL: `benchlib.Proc`); every
+socket opened is closed.
 """
 
 from __future__ import annotations
@@ -20,59 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import re
 import resource
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 
-from benchlib import HOST, ROOT, cpu_pressure, emit, source_rev
-
-READY = 20.0
+from benchlib import HOST, Proc, cpu_pressure, emit, processes, source_rev
 
 
-class Daemon:
-    """One tether daemon (the CLI), its output in a file scanned for readiness lines."""
-
-    def __init__(self, role: str, argv: list[str]) -> None:
-        self.role = role
-        self.log = tempfile.TemporaryFile("w+", errors="replace")  # noqa: SIM115
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "tether.cli", "--log-level", "WARNING", *argv],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-    def wait_for(self, pattern: str) -> re.Match[str]:
-        rx = re.compile(pattern, re.M)
-        deadline = time.monotonic() + READY
-        while True:
-            self.log.seek(0)
-            if m := rx.search(self.log.read()):
-                return m
-            if time.monotonic() > deadline or self.popen.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"{self.role} did not print {pattern!r}:\n"
-                                   f"{self.log.read()[-2000:]}")
-            time.sleep(0.01)
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.popen.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.popen.pid}/fd"))
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL)
-        self.popen.wait(10)
-        self.log.close()
+def daemon(role: str, argv: list[str]) -> Proc:
+    """One tether daemon (the CLI), named by its role."""
+    return Proc(role, [sys.executable, "-m", "tether.cli", "--log-level", "WARNING", *argv])
 
 
 class Echo(asyncio.Protocol):
@@ -116,42 +73,42 @@ async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     echo = await loop.create_server(Echo, HOST, 0, backlog=4096)
     echo_port = echo.sockets[0].getsockname()[1]
-    daemons: list[Daemon] = []
     writers: list[asyncio.StreamWriter] = []
-    try:
-        gw = Daemon("gateway", ["gateway", "--listen", f"{HOST}:0", "--name", "gw1",
-                                "--admin", "none"])
-        daemons.append(gw)
-        gw_port = gw.wait_for(r"gateway gw1 listening on port (\d+)")[1]
-        co = Daemon("connector", ["connector", "--gateway", f"{HOST}:{gw_port}",
-                                  "--service", f"echo={HOST}:{echo_port}", "--admin", "none"])
-        daemons.append(co)
-        co.wait_for(r"serving echo")
-        ag = Daemon("agent", ["agent", "--gateway", f"{HOST}:{gw_port}", "--forward",
-                              f"{HOST}:0=echo", "--admin", "none"])
-        daemons.append(ag)
-        port = int(ag.wait_for(r"forwarding 127\.0\.0\.1:(\d+) to echo")[1])
-        await asyncio.sleep(0.5)
-        points: dict[str, list[tuple[int, int]]] = {d.role: [] for d in daemons}
-        for step in steps:
-            await open_connections(port, step - len(writers), writers)
-            await asyncio.sleep(args.settle)
+    with processes() as daemons:  # (stopped last: after the connections are closed)
+        try:
+            gw = daemon("gateway", ["gateway", "--listen", f"{HOST}:0", "--name", "gw1",
+                                    "--admin", "none"])
+            daemons.append(gw)
+            gw_port = gw.wait_for(r"gateway gw1 listening on port (\d+)")[1]
+            co = daemon("connector", ["connector", "--gateway", f"{HOST}:{gw_port}",
+                                      "--service", f"echo={HOST}:{echo_port}",
+                                      "--admin", "none"])
+            daemons.append(co)
+            co.wait_for(r"serving echo")
+            ag = daemon("agent", ["agent", "--gateway", f"{HOST}:{gw_port}", "--forward",
+                                  f"{HOST}:0=echo", "--admin", "none"])
+            daemons.append(ag)
+            port = int(ag.wait_for(r"forwarding 127\.0\.0\.1:(\d+) to echo")[1])
+            await asyncio.sleep(0.5)
+            points: dict[str, list[tuple[int, int]]] = {d.name: [] for d in daemons}
+            for step in steps:
+                await open_connections(port, step - len(writers), writers)
+                await asyncio.sleep(args.settle)
+                for d in daemons:
+                    rss, fds = d.rss(), d.fds()
+                    points[d.name].append((step, rss))
+                    emit("relay_memory", d.name, rss / 1e6, "MB RSS", connections=step,
+                         fds=fds)
             for d in daemons:
-                rss, fds = d.rss(), d.fds()
-                points[d.role].append((step, rss))
-                emit("relay_memory", d.role, rss / 1e6, "MB RSS", connections=step, fds=fds)
-        for d in daemons:
-            per = slope(points[d.role])
-            fds_per = 0 if d.role == "gateway" else 1
-            emit("relay_memory", f"{d.role} per connection", per, "B",
-                 steps=steps, max_connections_by_fds=(19_900 // fds_per) if fds_per else None,
-                 rss_at_19900_MB=round((points[d.role][0][1] + per * 19_900) / 1e6, 1))
-    finally:
-        for w in writers:
-            w.close()
-        for d in daemons:
-            d.stop()
-        echo.close()
+                per = slope(points[d.name])
+                fds_per = 0 if d.name == "gateway" else 1
+                emit("relay_memory", f"{d.name} per connection", per, "B", steps=steps,
+                     max_connections_by_fds=(19_900 // fds_per) if fds_per else None,
+                     rss_at_19900_MB=round((points[d.name][0][1] + per * 19_900) / 1e6, 1))
+        finally:
+            for w in writers:
+                w.close()
+            echo.close()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -29,6 +31,7 @@ class _Edge(asyncio.Protocol):
         self.lost: asyncio.Future[Exception | None] = \
             asyncio.get_running_loop().create_future()
         self.received = b""
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -49,6 +52,7 @@ class _Edge(asyncio.Protocol):
             self.seen_in_callback += chunk
 
     def eof_received(self) -> bool:
+        self.eof = True
         return True  # half-close: the write side was ours to end
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -56,7 +60,10 @@ class _Edge(asyncio.Protocol):
             self.lost.set_result(exc)
 
 
-async def _pair(with_fd: bool = False) -> tuple[asyncio.Transport, _Edge, socket.socket]:
+@asynccontextmanager
+async def _pair(with_fd: bool = False) -> AsyncIterator[tuple[asyncio.Transport, _Edge,
+                                                              socket.socket]]:
+    """An edge transport and its peer's plain socket; both closed at the end."""
     loop = asyncio.get_running_loop()
     listener = socket.create_server((HOST, 0))
     peer = socket.create_connection(listener.getsockname())
@@ -64,27 +71,33 @@ async def _pair(with_fd: bool = False) -> tuple[asyncio.Transport, _Edge, socket
     listener.close()
     ours.setblocking(False)
     transport, edge = await loop.create_connection(lambda: _Edge(peer, with_fd), sock=ours)
-    return transport, edge, peer
+    try:
+        yield transport, edge, peer
+    finally:
+        transport.close()
+        peer.close()
+        await asyncio.sleep(0)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll `condition` for up to 2 s (the caller asserts it)."""
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("with_fd", [False, True], ids=["found", "given"])
 async def test_the_fin_reaches_the_peer_before_the_callback_returns(with_fd: bool) -> None:
     """With the descriptor found from the transport, or given (as a bridge does)."""
-    transport, edge, peer = await _pair(with_fd)
-    try:
+    async with _pair(with_fd) as (transport, edge, peer):
         peer.sendall(b"go")
-        for _ in range(200):
-            if edge.received:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: bool(edge.received))
         assert edge.seen_in_callback == b"reply"
         assert edge.eof_in_callback
         # the read side is untouched: the peer may still talk, and the transport hears it
         peer.sendall(b"more")
-        for _ in range(200):
-            if edge.received == b"gomore":
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: edge.received == b"gomore")
         assert edge.received == b"gomore"
         # the peer closes too, then the edge: a clean end (no error from the transport
         # that never called shutdown(2) itself)
@@ -92,15 +105,10 @@ async def test_the_fin_reaches_the_peer_before_the_callback_returns(with_fd: boo
         await asyncio.sleep(0.05)
         transport.close()
         assert await asyncio.wait_for(edge.lost, 5) is None
-    finally:
-        transport.close()
-        peer.close()
-        await asyncio.sleep(0)
 
 
 async def test_with_bytes_still_buffered_the_fin_follows_them() -> None:
-    transport, _, peer = await _pair()
-    try:
+    async with _pair() as (transport, _, peer):
         big = b"x" * (64 << 20)  # more than the kernel takes at once: the transport buffers
         transport.write(big)
         assert transport.get_write_buffer_size() > 0
@@ -114,7 +122,21 @@ async def test_with_bytes_still_buffered_the_fin_follows_them() -> None:
                 break
             got += chunk
         assert len(got) == len(big)
-    finally:
-        transport.close()
+
+
+async def test_after_the_peers_fin_ours_is_sent_once_and_the_end_is_clean() -> None:
+    """The usual order at an edge: the peer's FIN, then ours. One `shutdown(2)`, not
+    `write_eof()` as well: a second one fails with ENOTCONN once the peer's ACK has
+    closed the socket both sides shut down, and the transport takes that as fatal."""
+    async with _pair() as (transport, edge, peer):
+        peer.shutdown(socket.SHUT_WR)
+        await _until(lambda: edge.eof)
+        assert edge.eof
+        shutdown_write(transport)
+        peer.setblocking(False)
+        loop = asyncio.get_running_loop()
+        assert await asyncio.wait_for(loop.sock_recv(peer, 100), 2) == b""
+        await asyncio.sleep(0.05)  # (uvloop's write_eof() would run here)
         peer.close()
-        await asyncio.sleep(0)
+        transport.close()
+        assert await asyncio.wait_for(edge.lost, 5) is None

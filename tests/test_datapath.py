@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import platform
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -18,7 +20,6 @@ from tether.coalesce import WriteCoalescer, current
 from tether.errors import ErrorCode, FlowError
 from tether.events import Event, FinReceived, FlowEnded
 from tether.flowstate import FlowState
-from tether.heap import keep_heap_pages
 
 
 class Holder:
@@ -108,10 +109,40 @@ async def test_a_gateway_read_of_many_frames_reaches_the_far_end_intact() -> Non
         assert bytes(got) == expected
 
 
+_HEAP_PAGES = r"""
+import ctypes
+from tether.heap import keep_heap_pages
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+applied = keep_heap_pages()
+before = libc.mallinfo2()
+block = libc.malloc(2 << 20)
+during = libc.mallinfo2()
+libc.free(block)
+after = libc.mallinfo2()
+print(applied, during.hblks - before.hblks, after.arena - before.arena)
+"""
+
+
 def test_keep_heap_pages_applies_on_glibc() -> None:
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("not a glibc system: the thresholds are glibc's")
-    assert keep_heap_pages() is True
+    """In a process of its own (the thresholds are the whole process's): a 2 MiB block
+    then comes from the heap, not from an mmap of its own, and its pages stay in the
+    heap once it is freed (glibc's defaults: an mmap, unmapped at the free)."""
+    libc, version = platform.libc_ver()
+    if libc != "glibc" or tuple(int(n) for n in version.split(".")[:2]) < (2, 33):
+        pytest.skip("not glibc 2.33 or later: the thresholds (and mallinfo2) are glibc's")
+    out = subprocess.run([sys.executable, "-c", _HEAP_PAGES], capture_output=True,
+                         text=True, timeout=30, check=True).stdout.split()
+    assert out == ["True", "0", str(2 << 20)], out  # applied, no mmap, the heap kept it
 
 
 class CreditSink:

@@ -123,7 +123,8 @@ async def test_both_edges_of_a_bridge_get_keepalive_and_no_user_timeout() -> Non
     """A `SocketBridge` given edge options sets them on its socket, accepted or connected:
     keepalive as configured, TCP_NODELAY, and no TCP_USER_TIMEOUT (it would abort a live
     server that keeps its window closed: see `SocketOptions.for_edge`). Without options,
-    TCP_NODELAY only."""
+    TCP_NODELAY only. The server's options are its own: both sockets it accepts get them,
+    the one from a client without options included."""
     loop = asyncio.get_running_loop()
     accepted: list[SocketBridge] = []
     edge = SocketOptions.for_edge(6)
@@ -141,7 +142,9 @@ async def test_both_edges_of_a_bridge_get_keepalive_and_no_user_timeout() -> Non
             if len(accepted) == 2:
                 break
             await asyncio.sleep(0.01)
-        for bridge, keepalive in ((accepted[0], True), (bridges[0], True), (bridges[1], False)):
+        assert len(accepted) == 2, accepted
+        for bridge, keepalive in ((accepted[0], True), (accepted[1], True),
+                                  (bridges[0], True), (bridges[1], False)):
             assert bridge.transport is not None
             sock = bridge.transport.get_extra_info("socket")
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
