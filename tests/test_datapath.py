@@ -290,16 +290,17 @@ async def _served_pair(gw: tether.Gateway, server: tether.Node, client: tether.N
 
 @pytest.mark.parametrize("end", ["fin", "cascade-fin", "dealloc"])
 async def test_a_gateway_passes_a_streams_end_on_before_handling_it(end: str) -> None:
-    """A read that is one FIN (or CLOSE): the gateway has already ended the other side
-    when its own link hands it the event -- the end left first, ahead of the
-    bookkeeping (`Link.peek_stream_end`). The far end still reads every byte first,
+    """A read that is one FIN (or CLOSE): the gateway has already written the other
+    side's end when its own link hands it the event -- the end left first, ahead of the
+    bookkeeping (`Link.peek_stream_end`), with nothing queued -- and the other side's
+    link knows it once the event is handled. The far end still reads every byte first,
     then EOF, and the flow ends once at each node."""
     async with gateway() as gw, \
             tether.Node("server", gateway=address(gw)) as server, \
             tether.Node("client", gateway=address(gw)) as client:
         mode = "cascade" if end == "cascade-fin" else "half-close"
         flow, peer = await _served_pair(gw, server, client, mode)
-        seen: list[tuple[FlowState | None, bool]] = []
+        seen: list[tuple[bool, bool, FlowState | None]] = []
         handle = gw.link_event
 
         def spy(conn: LinkConnection, event: Event) -> None:
@@ -307,8 +308,10 @@ async def test_a_gateway_passes_a_streams_end_on_before_handling_it(end: str) ->
                 splice, side = gw._ends[(conn, event.stream)]
                 if side is splice.b:  # the server's end arrived: where is the client's?
                     other = splice.a
-                    seen.append((other.conn.link.flow_state(other.stream),
-                                 other.conn.link.has_output))
+                    written, queued = other.end_written, other.conn.link.has_output
+                    handle(conn, event)
+                    seen.append((written, queued, other.conn.link.flow_state(other.stream)))
+                    return
             handle(conn, event)
 
         gw.link_event = spy  # type: ignore[method-assign]  # links call their handler's
@@ -319,8 +322,8 @@ async def test_a_gateway_passes_a_streams_end_on_before_handling_it(end: str) ->
         else:
             await peer.close_write()
         assert await asyncio.wait_for(read_to_eof(flow), 5) == b""
-        # the client side was ended (or half-closed) before the event, with nothing queued
-        assert seen and seen[0] == ({"fin": FlowState.LOCAL_FIN}.get(end), False), seen
+        # the client side's end was written before the event, nothing queued; then known
+        assert seen and seen[0] == (True, False, {"fin": FlowState.LOCAL_FIN}.get(end)), seen
         if end == "fin":
             await flow.close_write()
             assert await asyncio.wait_for(read_to_eof(peer), 5) == b""

@@ -1038,3 +1038,74 @@ def test_consuming_more_than_was_received_is_refused() -> None:
     p.server.consumed(a, 400, p.now)  # exactly what is left
     with pytest.raises(LocalProtocolError):
         p.server.consumed(a, 1, p.now)
+
+
+# --- a stream's end written ahead (a relay's close path) -----------------------------------
+
+
+def test_an_end_with_nothing_of_its_stream_queued_goes_with_the_urgent_frames() -> None:
+    """A FIN or CLOSE whose stream has nothing queued is written even while the link
+    writes only urgent frames (`take_output(0)`); behind its own stream's data it waits."""
+    p = Pair()
+    p.handshake()
+    quiet, _ = p.open()
+    busy, _ = p.open()
+    p.client.send_data(busy, b"x" * 1000, p.now)
+    p.client.send_fin(busy, p.now)  # behind its own data
+    p.client.send_fin(quiet, p.now)
+    urgent = b"".join(p.client.take_output(0))
+    assert urgent == wire.encode_empty(wire.FrameType.FIN, quiet)
+    rest = b"".join(p.client.take_output(1 << 20))
+    assert rest.endswith(wire.encode_empty(wire.FrameType.FIN, busy)) and b"x" * 1000 in rest
+
+
+def test_end_frame_is_offered_only_when_nothing_must_go_before_it() -> None:
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open()
+    assert p.client.end_frame(sid, True) == wire.encode_empty(wire.FrameType.FIN, sid)
+    assert p.client.end_frame(sid, False) == wire.encode_empty(wire.FrameType.CLOSE, sid)
+    assert p.client.end_frame(sid + 2, True) is None  # no such stream
+    p.client.send_data(sid, b"queued", p.now)
+    assert p.client.end_frame(sid, True) is None  # its data first
+    p.transfer()
+    p.server.consumed(sid, 6, p.now)  # credit back: a WINDOW frame, urgent, waits
+    p.server.send_keepalive(sid, p.now)
+    assert p.server.end_frame(sid, True) is None
+    p.transfer()
+    p.client.send_fin(sid, p.now)
+    p.transfer()
+    assert p.client.end_frame(sid, True) is None  # sent its FIN already
+    assert p.client.end_frame(sid, False) is not None  # may still CLOSE
+
+
+@pytest.mark.parametrize("how", ["fin", "dealloc"])
+def test_an_end_written_ahead_is_counted_and_not_sent_twice(how: str) -> None:
+    """The caller writes `end_frame` itself, then tells the link with `written=True`:
+    the stream's state and the link's counters follow, and the link sends nothing more
+    for it; the peer, given the written bytes, sees the end once."""
+    p = Pair()
+    p.handshake()
+    sid, _ = p.open()
+    p.take("client")
+    p.take("server")
+    frame = p.client.end_frame(sid, how == "fin")
+    assert frame is not None
+    before = (p.client.stats.frames_out, p.client.stats.bytes_out)
+    if how == "fin":
+        p.client.send_fin(sid, p.now, written=True)
+        assert p.client.flow_state(sid) is FlowState.LOCAL_FIN
+    else:
+        p.client.dealloc(sid, p.now, written=True)
+        assert p.client.flow_state(sid) is None
+    assert not p.client.has_output
+    assert (p.client.stats.frames_out, p.client.stats.bytes_out) == (before[0] + 1,
+                                                                     before[1] + len(frame))
+    p.server.receive_data(frame, p.now)
+    p.transfer()
+    events = p.take("server")
+    if how == "fin":
+        assert [e for e in events if isinstance(e, FinReceived)] == [FinReceived(stream=sid)]
+        assert p.server.flow_state(sid) is FlowState.REMOTE_FIN
+    else:
+        assert ended(events)[sid].state is FlowState.CLOSED

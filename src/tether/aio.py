@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from . import coalesce, readbuf
+from . import coalesce, heldreads, readbuf
 from .errors import ErrorCode, HandshakeError, PeerUnreachable
 from .events import Event, HandshakeCompleted, LinkTerminated
 from .inflight import InflightBound
@@ -219,10 +219,12 @@ def _paced(rate: float, seconds: float, low: int, high: int, previous: int) -> i
 class LinkHandler(Protocol):
     """Who receives a link's events (a Node, a Gateway).
 
-    A handler may also have a `stream_end_ahead(conn, stream, ftype)` method: it is
-    then called when a read is exactly one FIN or CLOSE frame (`ftype`) that the link
-    will apply to `stream` (`Link.peek_stream_end`), before the link handles it, so
-    that the end is passed on at once; the events follow as usual."""
+    A handler may also have a `stream_end_ahead(conn, stream, ftype) -> bool` method:
+    it is then called when a read is exactly one FIN or CLOSE frame (`ftype`) that the
+    link will apply to `stream` (`Link.peek_stream_end`), before the link handles it,
+    so that the end is passed on at once. It returns whether it passed the end on;
+    then the link handles the read once the loop has slept (`tether.heldreads`), else
+    at once. The events follow as usual."""
 
     def link_event(self, conn: LinkConnection, event: Event) -> None:
         """Called for every event of `conn.link`, in order, including the final
@@ -266,8 +268,9 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._tls = _ServerTLS(server_tls) if server_tls is not None else None
-        self._end_ahead: Callable[[LinkConnection, int, int], None] | None = getattr(
+        self._end_ahead: Callable[[LinkConnection, int, int], bool] | None = getattr(
             handler, "stream_end_ahead", None)
+        self._held_reads = heldreads.current()
 
     def __repr__(self) -> str:
         return f"<LinkConnection {self.config.name}<->{self.link.peer_name or '?'} " \
@@ -312,10 +315,19 @@ class LinkConnection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes read from the socket (`buffer_updated` passes them here)."""
+        held = self._held_reads
+        if held.reads:
+            held.apply()
         if len(data) == _HEADER_SIZE and self._end_ahead is not None and self._tls is None:
             ahead = self.link.peek_stream_end(data)  # a lone FIN or CLOSE: pass it on
-            if ahead is not None:  # first, written at once (nothing is coalescing yet)
-                self._end_ahead(self, ahead[1], ahead[0])
+            # first, written at once (nothing is coalescing yet); the rest, later
+            if ahead is not None and self._end_ahead(self, ahead[1], ahead[0]):
+                held.hold(self, bytes(data))
+                return
+        self.apply_held(data)
+
+    def apply_held(self, data: bytes | memoryview) -> None:
+        """Handle a read (one that `HeldReads` held, or one just read)."""
         coalescer = self._coalescer
         coalescer.begin()
         try:
@@ -358,11 +370,15 @@ class LinkConnection(asyncio.BufferedProtocol):
         return self.transport.get_extra_info(name) if self.transport is not None else None
 
     def eof_received(self) -> bool:
+        if self._held_reads.reads:
+            self._held_reads.apply()
         self.link.connection_lost("peer closed the connection", self.loop.time())
         self.flush()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._held_reads.reads:
+            self._held_reads.apply()
         reason = f"connection lost: {exc}" if exc else "connection closed"
         self.link.connection_lost(reason, self.loop.time())
         self.flush()
@@ -381,6 +397,8 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._paused = True
 
     def resume_writing(self) -> None:
+        if self._held_reads.reads:
+            self._held_reads.apply()
         self._paused = False
         if self._paused_bytes:  # the link drained that much in that long: size writes
             rate = self._paused_bytes / max(self.loop.time() - self._paused_at, 1e-4)
@@ -490,6 +508,8 @@ class LinkConnection(asyncio.BufferedProtocol):
                 self._chunk = min(2 * self._chunk, _CHUNK_MAX)  # kernel took it: grow
 
     def _look_again(self) -> None:
+        if self._held_reads.reads:
+            self._held_reads.apply()
         self._recheck = None
         self.flush()
 
@@ -540,6 +560,8 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
+        if self._held_reads.reads:
+            self._held_reads.apply()
         self._timer = None
         self.link.handle_timer(self.loop.time())
         self.flush()
@@ -560,13 +582,34 @@ class LinkConnection(asyncio.BufferedProtocol):
                 waiter.set_result(None)
 
     def close(self, reason: str = "shutdown", code: int = ErrorCode.SHUTDOWN) -> None:
-        """End the link now: its flows end with `reason`."""
+        """End the link now: its flows end with `reason` (once the reads held for this
+        thread are applied: a flow whose end was passed on ahead ends as it did)."""
+        if self._held_reads.reads:
+            self._held_reads.apply()
         self.link.close(code, reason, self.loop.time())
         self.flush()
+
+    def write_end(self, stream: int, fin: bool) -> bool:
+        """Write `stream`'s FIN (`fin`) or CLOSE now, if the link allows it ahead of what
+        it has queued (`Link.end_frame`) and the transport takes it at once (plain TCP,
+        not paused); True if written. The caller then tells the link, with
+        `send_fin(..., written=True)` or `dealloc(..., written=True)`, before anything
+        else reaches it (a gateway's splice: when the read it passes on is handled)."""
+        transport = self.transport
+        if not self._prioritized or self._paused or transport is None \
+                or transport.is_closing():
+            return False
+        frame = self.link.end_frame(stream, fin)
+        if frame is None:
+            return False
+        transport.write(frame)
+        return True
 
     async def aclose(self, reason: str = "shutdown", drain: float = 0.0) -> None:
         """Graceful close: GOAWAY, let flows finish for up to `drain` seconds, then close.
         Cancelled while draining, it closes at once (and raises `CancelledError`)."""
+        if self._held_reads.reads:
+            self._held_reads.apply()
         try:
             if drain > 0:
                 self.link.goaway(self.loop.time(), reason)

@@ -30,7 +30,7 @@ import sys
 import termios
 from collections.abc import Callable
 
-from . import coalesce, readbuf
+from . import coalesce, heldreads, readbuf
 from .aio import SocketOptions, writelines
 from .errors import ErrorCode, FlowError
 from .flow import Flow
@@ -115,6 +115,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         "_flow",
         "_flow_done",
         "_held",
+        "_held_reads",
         "_loop",
         "_lost_exc",
         "_out",
@@ -172,6 +173,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         self.bytes_at_reap = 0
         self._coalescer = coalesce.current()
         self._readbuf = readbuf.current()
+        self._held_reads = heldreads.current()  # applied before each callback's work
         self._held = False  # registered with the coalescer
         self._out: list[bytes | memoryview] = []  # flow -> socket, held until written
         self._out_bytes = 0
@@ -229,6 +231,8 @@ class SocketBridge(asyncio.BufferedProtocol):
     # the socket side --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._held_reads.reads:
+            self._held_reads.apply()
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
@@ -258,6 +262,8 @@ class SocketBridge(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes read from the socket (`buffer_updated` passes them here)."""
+        if self._held_reads.reads:
+            self._held_reads.apply()
         self.bytes_up += len(data)
         if self._flow is None:  # held until set_flow, up to _HELD_MAX
             held = b"" if self._pending is None else bytes(self._pending)
@@ -301,6 +307,8 @@ class SocketBridge(asyncio.BufferedProtocol):
             self.flow.fin_nowait()
 
     def eof_received(self) -> bool:
+        if self._held_reads.reads:
+            self._held_reads.apply()
         if self._pending is not None or self._flow is None:
             self._fin_pending = True
         else:
@@ -312,6 +320,8 @@ class SocketBridge(asyncio.BufferedProtocol):
         return True  # keep our write side open: TCP half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._held_reads.reads:
+            self._held_reads.apply()
         self._socket_done = True
         self._lost_exc = exc
         if self.first_end is None:
@@ -326,6 +336,8 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._write_paused = True
 
     def resume_writing(self) -> None:
+        if self._held_reads.reads:
+            self._held_reads.apply()
         self._write_paused = False
         if self._unconsumed and not self._flow_done:
             n, self._unconsumed = self._unconsumed, 0

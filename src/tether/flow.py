@@ -254,11 +254,13 @@ class Flow:
 
     def fin_nowait(self) -> None:
         """`close_write()` without awaiting."""
+        conn = self._conn
         if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN) \
-                and self._conn.link.flow_state(self.stream) is not None:
-            self._conn.link.send_fin(self.stream, self._conn.now)
+                and conn.link.flow_state(self.stream) is not None:
+            # the FIN first, when it may go at once: on a relay's edge, the path of a close
+            conn.link.send_fin(self.stream, conn.now, written=conn.write_end(self.stream, True))
             self._set_state()
-            self._conn.flush()
+            conn.flush()
 
     def dealloc_nowait(self) -> None:
         """`dealloc()` without awaiting."""
@@ -312,13 +314,16 @@ class Flow:
         self._end_ahead()  # (unless the sink heard it ahead already)
         self._wake_reader()
 
-    def _end_ahead(self) -> None:
+    def _end_ahead(self) -> bool:
         """The peer's FIN or CLOSE is about to be applied (`Node.stream_end_ahead`): an
         attached sink hears `flow_fin` now, once, so that it passes the end on first (a
-        CLOSE ends the peer's sending too); the events follow as usual."""
+        CLOSE ends the peer's sending too); the events follow as usual. True if the
+        sink heard it now."""
         if self._sink is not None and not self._fin_told:
             self._fin_told = True
             self._sink.flow_fin()
+            return True
+        return False
 
     def _on_credit(self) -> None:
         if self._sink is not None:

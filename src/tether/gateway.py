@@ -52,6 +52,7 @@ log = logging.getLogger("tether.gateway")
 # The events a splice handles, tested first (a tuple: `A | B` would build a union per call)
 _SPLICED = (DataReceived, WindowUpdated, FinReceived, KeepAliveReceived)
 _MAX_HOPS: Final = 8
+_FIN: Final = int(wire.FrameType.FIN)
 MAX_SERVICES_PER_NODE: Final = 4096
 """Services one node may register on its link: one that registers more is refused (its
 link closed), so that no node can grow the gateway's service table without bound."""
@@ -309,12 +310,11 @@ class Gateway:
             log.warning("gateway %s: protocol error from %s on stream %d: %s", self.name,
                         conn.link.peer_name, event.stream, event.reason)
 
-    def stream_end_ahead(self, conn: LinkConnection, stream: int, ftype: int) -> None:
+    def stream_end_ahead(self, conn: LinkConnection, stream: int, ftype: int) -> bool:
         """A FIN or CLOSE (`ftype`) for `stream` is about to be handled: the splice passes
-        it on now (see `LinkHandler`)."""
+        it on now; True if it did (see `LinkHandler`)."""
         entry = self._ends.get((conn, stream))
-        if entry is not None:
-            entry[0].end_ahead(entry[1], ftype == wire.FrameType.FIN)
+        return entry is not None and entry[0].end_ahead(entry[1], ftype == _FIN)
 
     def _on_control(self, conn: LinkConnection, event: MessageReceived) -> None:
         if event.kind == wire.KIND_SERVICES:

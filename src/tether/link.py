@@ -319,7 +319,8 @@ class Link:
     def take_output(self, limit: int) -> list[bytes | memoryview]:
         """What to write now when the socket should take at most about `limit` more
         bytes (a slow link): every urgent control frame -- WINDOW, KEEPALIVE, PING,
-        PONG, OPEN, OPEN_OK, OPEN_ERR, RESET, ACK --, then the other frames up to
+        PONG, OPEN, OPEN_OK, OPEN_ERR, RESET, ACK, and the FIN or CLOSE of a stream
+        that had nothing else queued --, then the other frames up to
         `limit` bytes, the streams with data queued served in turns (`SendQueue`), a
         DATA frame cut in two where it straddles the limit. The rest waits for the next
         call. So a flow's keepalive or credit waits behind at most `limit` bytes of
@@ -544,25 +545,45 @@ class Link:
         self._sent(s, now)
         return n
 
-    def send_fin(self, stream: int, now: float) -> None:
-        """Half-close: this side sends no more data; the peer reads EOF and may reply."""
+    def end_frame(self, stream: int, fin: bool) -> bytes | None:
+        """The FIN (`fin`) or CLOSE frame `send_fin` or `dealloc` would send on
+        `stream`, if it may be written at once, ahead of whatever this link has queued:
+        the stream is live and may end that way, and nothing of its own or urgent waits
+        to go before it. Else None. Changes nothing: whoever writes the frame then calls
+        `send_fin` or `dealloc` with `written=True` (before the link hears anything
+        more: until then the link does not know the stream ended).
+
+        A relay writes a stream's end so as soon as it reads the other side's (see
+        `peek_stream_end`), and tells the link afterwards."""
+        if self.state is not LinkState.OPEN and self.state is not LinkState.DRAINING:
+            return None
+        s = self._streams.get(stream)
+        if s is None or self._urgent or stream in self._send or (
+                fin and not s.fsm.can_send):
+            return None
+        return wire.encode_empty(wire.FrameType.FIN if fin else wire.FrameType.CLOSE, stream)
+
+    def send_fin(self, stream: int, now: float, *, written: bool = False) -> None:
+        """Half-close: this side sends no more data; the peer reads EOF and may reply.
+        `written`: the FIN was written already (see `end_frame`)."""
         s = self._stream(stream)
         if not s.fsm.process(FlowInput.LOCAL_FIN):
             return
-        self._emit_raw(wire.encode_empty(wire.FrameType.FIN, stream), now, stream=stream)
+        self._emit_end(wire.FrameType.FIN, stream, now, written)
         self._sent(s, now)
         if s.fsm.is_terminal:
             self._ended(s, ErrorCode.NO_ERROR, "closed", "local")
             self._maybe_drained(now)
 
-    def dealloc(self, stream: int, now: float) -> None:
+    def dealloc(self, stream: int, now: float, *, written: bool = False) -> None:
         """End the flow cleanly from this side: the peer reads what was sent, then EOF,
-        and its writes fail. Idempotent for a stream already ended."""
+        and its writes fail. Idempotent for a stream already ended. `written`: the CLOSE
+        was written already (see `end_frame`)."""
         s = self._streams.get(stream)
         if s is None:
             return
         s.fsm.process(FlowInput.LOCAL_DEALLOC)
-        self._emit_raw(wire.encode_empty(wire.FrameType.CLOSE, stream), now, stream=stream)
+        self._emit_end(wire.FrameType.CLOSE, stream, now, written)
         self._ended(s, ErrorCode.NO_ERROR, "local", "local")
         self._maybe_drained(now)
 
@@ -714,6 +735,21 @@ class Link:
         self.stats.frames_out += 1
         self.stats.bytes_out += len(raw)
         self._last_send = now
+
+    def _emit_end(self, ftype: int, stream: int, now: float, written: bool) -> None:
+        """Queue a stream's FIN or CLOSE: behind the stream's queued frames, if it has
+        any, else with the urgent frames. Nothing of its own is then left for it to
+        overtake, and the end of a flow does not wait its turn behind other flows'
+        data: on a relay, it is written as soon as it is passed on (a stream's end is
+        on the path of every close the application sees, see `peek_stream_end`).
+        `written`: the frame was written already (`end_frame`): only counted."""
+        if written:
+            self.stats.frames_out += 1
+            self.stats.bytes_out += wire.HEADER.size
+            self._last_send = now
+            return
+        self._emit_raw(wire.encode_empty(ftype, stream), now,
+                       urgent=stream not in self._send, stream=stream)
 
     def _send_hello(self) -> None:
         cfg = self.config

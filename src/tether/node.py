@@ -383,12 +383,11 @@ class Node:
             log.warning("node %s: protocol error from %s on stream %d: %s", self.name,
                         conn.link.peer_name, event.stream, event.reason)
 
-    def stream_end_ahead(self, conn: LinkConnection, stream: int, ftype: int) -> None:
+    def stream_end_ahead(self, conn: LinkConnection, stream: int, ftype: int) -> bool:
         """A FIN or CLOSE for `stream` is about to be handled: the flow's sink (a socket
-        bridge) hears of it now (see `LinkHandler`)."""
+        bridge) hears of it now; True if it did (see `LinkHandler`)."""
         flow = self._flows.get((conn, stream))
-        if flow is not None:
-            flow._end_ahead()
+        return flow is not None and flow._end_ahead()
 
     def _on_open_requested(self, conn: LinkConnection, event: FlowOpenRequested) -> None:
         now = conn.now

@@ -40,7 +40,8 @@ _CLOSE: Final = "close"
 class SpliceEnd:
     """One side of a splice: a stream on a link, and what waits to be sent into it."""
 
-    __slots__ = ("conn", "ended", "pending", "pending_bytes", "pending_end", "stream")
+    __slots__ = ("conn", "end_written", "ended", "pending", "pending_bytes", "pending_end",
+                 "stream")
 
     def __init__(self, conn: LinkConnection, stream: int) -> None:
         self.conn = conn
@@ -48,6 +49,7 @@ class SpliceEnd:
         self.pending: deque[bytes | memoryview] = deque()
         self.pending_bytes = 0
         self.pending_end: str | None = None
+        self.end_written = False  # its end went out ahead; its link is told later
         self.ended = False
 
     def __repr__(self) -> str:
@@ -120,15 +122,33 @@ class Splice:
         else:
             self._end_after_pending(dst, _FIN)
 
-    def end_ahead(self, src: SpliceEnd, fin: bool) -> None:
+    def end_ahead(self, src: SpliceEnd, fin: bool) -> bool:
         """`src`'s link is about to apply a FIN (`fin`) or a CLOSE from its peer: when
         nothing waits to go before it, end the other side now, ahead of the events
-        (`on_fin` and `on_end` then find it done). A cascade-mode FIN ends the other
-        side with a CLOSE here; `on_fin` deallocates `src` as usual."""
-        dst = self.other(src)
-        if dst.ended or dst.pending or dst.pending_end is not None:
-            return
-        self._end_after_pending(dst, _FIN if fin and self.mode != MODE_CASCADE else _CLOSE)
+        (`on_fin` and `on_end` then find it done), and return True. A cascade-mode FIN
+        ends the other side with a CLOSE here; `on_fin` deallocates `src` as usual.
+
+        The path of every close a relayed application sees: the frame is written first
+        (`LinkConnection.write_end`), and `dst`'s link is told when `src`'s read is
+        handled (`on_fin`, `on_end`): that read is held until then (`tether.heldreads`),
+        and nothing else reaches either link before it."""
+        dst = self.b if src is self.a else self.a
+        if dst.ended or dst.pending or dst.pending_end is not None or dst.end_written:
+            return False
+        conn = dst.conn
+        fin = fin and self.mode != MODE_CASCADE
+        if conn.write_end(dst.stream, fin):
+            dst.end_written = True
+            return True
+        link = conn.link
+        state = link.flow_state(dst.stream)
+        if fin:
+            if state is FlowState.OPEN or state is FlowState.REMOTE_FIN:
+                link.send_fin(dst.stream, conn.now)
+        elif state is not None:
+            link.dealloc(dst.stream, conn.now)
+        conn.flush()
+        return True
 
     def on_keepalive(self, src: SpliceEnd) -> None:
         """A sign of life from `src`'s end: pass it on, end to end."""
@@ -194,11 +214,12 @@ class Splice:
         dst.pending_bytes -= moved
         if not dst.pending and dst.pending_end is not None and not dst.ended:
             how, dst.pending_end = dst.pending_end, None
+            written, dst.end_written = dst.end_written, False
             if how == _FIN:
                 if link.flow_state(dst.stream) in (FlowState.OPEN, FlowState.REMOTE_FIN):
-                    link.send_fin(dst.stream, now)
+                    link.send_fin(dst.stream, now, written=written)
             else:
-                link.dealloc(dst.stream, now)
+                link.dealloc(dst.stream, now, written=written)
         dst.conn.flush()
         if moved and not src.ended:
             src.conn.link.consumed(src.stream, moved, src.conn.now)

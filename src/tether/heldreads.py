@@ -1,0 +1,94 @@
+"""HeldReads: the rest of a read whose stream end a relay passed on ahead, applied once
+the loop has slept.
+
+A relay hop that reads a lone FIN or CLOSE passes the end on first (the gateway's splice
+writes it to the next link, a node's socket bridge shuts its socket down: see
+`Link.peek_stream_end`), and the link's own handling of that frame -- the stream's
+state, the flow's events, the splice's or bridge's bookkeeping, its log line -- comes
+after. On loopback the next hop is woken by that write, and where the hops share a CPU
+(as the processes of a relay often do, see docs/benchmarks.md, "One close, step by
+step") it runs only once the writer sleeps: everything the writer does after its
+write is then on the path of the close, as much as what it did before.
+
+So the link keeps that read's bytes here, and they are applied:
+
+* at the start of the next callback of any link or socket bridge of this thread (its
+  `data_received`, `eof_received`, `connection_lost`, `resume_writing`, timers), so
+  that every event is still handled in the order its bytes arrived;
+* when the loop has been idle for `DELAY` (one timer for the thread, not one per read);
+* before a node or gateway closes (`apply`).
+
+Nothing but the timing changes: the held bytes are the frame itself, applied as if
+they had arrived a little later. What could tell the difference is the state seen
+between the two -- a counter, `tether status` -- for at most `DELAY` plus the loop's
+timer resolution.
+
+There is one per thread (one event loop runs in a thread at a time), taken by
+`current()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Protocol
+
+__all__ = ["DELAY", "HeldReads", "Holder", "current"]
+
+DELAY = 0.001
+"""How long the loop may stay idle with reads held: 1 ms, libuv's timer resolution."""
+
+
+class Holder(Protocol):
+    """A connection whose read waits here (a `LinkConnection`)."""
+
+    def apply_held(self, data: bytes) -> None:
+        """Handle `data`, a read held by `HeldReads.hold`."""
+
+
+class HeldReads:
+    """The reads held in this thread, in the order they were read (see the module
+    docstring)."""
+
+    __slots__ = ("_armed", "reads")
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[Holder, bytes]] = []
+        self._armed: asyncio.AbstractEventLoop | None = None  # the loop with our timer
+
+    def hold(self, holder: Holder, data: bytes) -> None:
+        """Keep `data`, just read by `holder`, to be applied later (see the module)."""
+        loop = asyncio.get_running_loop()
+        if self._armed is not loop:
+            if self._armed is not None:  # a loop this thread ran before, now stopped:
+                self.reads.clear()  # what it held belongs to connections it left behind
+            self._armed = loop
+            loop.call_later(DELAY, self._due)
+        self.reads.append((holder, data))
+
+    def apply(self) -> None:
+        """Apply every held read now, in order (also the ones held meanwhile)."""
+        while self.reads:
+            reads, self.reads = self.reads, []
+            for i, (holder, data) in enumerate(reads):
+                try:
+                    holder.apply_held(data)
+                except BaseException:
+                    self.reads[:0] = reads[i + 1:]  # still held: applied at the next call
+                    raise
+
+    def _due(self) -> None:
+        self._armed = None
+        self.apply()
+
+
+_local = threading.local()
+
+
+def current() -> HeldReads:
+    """This thread's held reads."""
+    try:
+        held: HeldReads = _local.held
+    except AttributeError:
+        held = _local.held = HeldReads()
+    return held
