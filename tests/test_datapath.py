@@ -262,8 +262,8 @@ async def test_a_write_that_finds_the_queue_full_sees_the_room_its_own_flush_mad
     async with gateway() as gw, \
             tether.Node("server", gateway=address(gw)) as server, \
             tether.Node("client", gateway=address(gw)) as client:
-        a, a_peer = await _served_pair(gw, server, client)
-        b, b_peer = await _served_pair(gw, server, client)
+        a, a_peer = await served_pair(gw, server, client)
+        b, b_peer = await served_pair(gw, server, client)
         conn = client._conn
         assert conn is not None
         conn.link.queue_limit = 4096
@@ -280,7 +280,7 @@ async def test_a_write_that_finds_the_queue_full_sees_the_room_its_own_flush_mad
 # --- a stream's end is passed on before the link's bookkeeping ---------------------------
 
 
-async def _served_pair(gw: tether.Gateway, server: tether.Node, client: tether.Node,
+async def served_pair(gw: tether.Gateway, server: tether.Node, client: tether.Node,
                        mode: str = "half-close") -> tuple[tether.Flow, tether.Flow]:
     server.register("svc")
     await registered(gw, "svc")
@@ -299,7 +299,7 @@ async def test_a_gateway_passes_a_streams_end_on_before_handling_it(end: str) ->
             tether.Node("server", gateway=address(gw)) as server, \
             tether.Node("client", gateway=address(gw)) as client:
         mode = "cascade" if end == "cascade-fin" else "half-close"
-        flow, peer = await _served_pair(gw, server, client, mode)
+        flow, peer = await served_pair(gw, server, client, mode)
         seen: list[tuple[bool, bool, FlowState | None]] = []
         handle = gw.link_event
 
@@ -340,7 +340,7 @@ async def test_a_bridged_socket_reads_eof_before_the_node_handles_the_fin() -> N
     async with gateway() as gw, \
             tether.Node("server", gateway=address(gw)) as server, \
             tether.Node("client", gateway=address(gw)) as client:
-        flow, peer = await _served_pair(gw, server, client)
+        flow, peer = await served_pair(gw, server, client)
         listener = socket.create_server(("127.0.0.1", 0))
         app = socket.create_connection(listener.getsockname())
         ours, _ = listener.accept()
@@ -418,7 +418,7 @@ async def test_a_links_large_reads_reach_the_flow_without_a_copy() -> None:
     async with tether.Gateway("127.0.0.1:0", name="gw", window=window) as gw, \
             tether.Node("server", gateway=address(gw), window=window) as server, \
             tether.Node("client", gateway=address(gw), window=window) as client:
-        flow, peer = await _served_pair(gw, server, client)
+        flow, peer = await served_pair(gw, server, client)
         sink = _KindSink(flow)
         flow.attach(sink)
         assert client._conn is not None and client._conn.transport is not None
@@ -441,7 +441,7 @@ async def test_a_links_write_chunk_stays_small_while_writes_are_small() -> None:
     async with gateway() as gw, \
             tether.Node("server", gateway=address(gw)) as server, \
             tether.Node("client", gateway=address(gw)) as client:
-        flow, peer = await _served_pair(gw, server, client)
+        flow, peer = await served_pair(gw, server, client)
         for i in range(300):
             await flow.write(b"%d" % i)
             assert await peer.read() == b"%d" % i

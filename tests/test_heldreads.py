@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 import tether
-from test_gateway import address, eventually, gateway, read_to_eof, registered
+from test_datapath import served_pair
+from test_gateway import address, eventually, gateway, read_to_eof
 from tether import heldreads
 from tether.aio import LinkConnection
 from tether.events import Event, FinReceived
@@ -83,9 +84,7 @@ async def test_a_gateway_handles_a_held_end_before_anything_else_of_its_thread(
     async with gateway() as gw, \
             tether.Node("server", gateway=address(gw)) as server, \
             tether.Node("client", gateway=address(gw)) as client:
-        server.register("svc")
-        await registered(gw, "svc")
-        flow, peer = await asyncio.gather(client.alloc("svc"), server.accept())
+        flow, peer = await served_pair(gw, server, client)
         order: list[str] = []
         handle = gw.link_event
 
