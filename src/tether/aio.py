@@ -370,15 +370,13 @@ class LinkConnection(asyncio.BufferedProtocol):
         return self.transport.get_extra_info(name) if self.transport is not None else None
 
     def eof_received(self) -> bool:
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         self.link.connection_lost("peer closed the connection", self.loop.time())
         self.flush()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         reason = f"connection lost: {exc}" if exc else "connection closed"
         self.link.connection_lost(reason, self.loop.time())
         self.flush()
@@ -397,8 +395,7 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._paused = True
 
     def resume_writing(self) -> None:
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         self._paused = False
         if self._paused_bytes:  # the link drained that much in that long: size writes
             rate = self._paused_bytes / max(self.loop.time() - self._paused_at, 1e-4)
@@ -508,8 +505,7 @@ class LinkConnection(asyncio.BufferedProtocol):
                 self._chunk = min(2 * self._chunk, _CHUNK_MAX)  # kernel took it: grow
 
     def _look_again(self) -> None:
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         self._recheck = None
         self.flush()
 
@@ -560,8 +556,7 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         self._timer = None
         self.link.handle_timer(self.loop.time())
         self.flush()
@@ -584,8 +579,7 @@ class LinkConnection(asyncio.BufferedProtocol):
     def close(self, reason: str = "shutdown", code: int = ErrorCode.SHUTDOWN) -> None:
         """End the link now: its flows end with `reason` (once the reads held for this
         thread are applied: a flow whose end was passed on ahead ends as it did)."""
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         self.link.close(code, reason, self.loop.time())
         self.flush()
 
@@ -608,8 +602,7 @@ class LinkConnection(asyncio.BufferedProtocol):
     async def aclose(self, reason: str = "shutdown", drain: float = 0.0) -> None:
         """Graceful close: GOAWAY, let flows finish for up to `drain` seconds, then close.
         Cancelled while draining, it closes at once (and raises `CancelledError`)."""
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         try:
             if drain > 0:
                 self.link.goaway(self.loop.time(), reason)

@@ -231,8 +231,7 @@ class SocketBridge(asyncio.BufferedProtocol):
     # the socket side --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
@@ -262,7 +261,7 @@ class SocketBridge(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes read from the socket (`buffer_updated` passes them here)."""
-        if self._held_reads.reads:
+        if self._held_reads.reads:  # (per read: no call when nothing is held)
             self._held_reads.apply()
         self.bytes_up += len(data)
         if self._flow is None:  # held until set_flow, up to _HELD_MAX
@@ -307,8 +306,7 @@ class SocketBridge(asyncio.BufferedProtocol):
             self.flow.fin_nowait()
 
     def eof_received(self) -> bool:
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         if self._pending is not None or self._flow is None:
             self._fin_pending = True
         else:
@@ -320,8 +318,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         return True  # keep our write side open: TCP half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         self._socket_done = True
         self._lost_exc = exc
         if self.first_end is None:
@@ -336,8 +333,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._write_paused = True
 
     def resume_writing(self) -> None:
-        if self._held_reads.reads:
-            self._held_reads.apply()
+        self._held_reads.apply()
         self._write_paused = False
         if self._unconsumed and not self._flow_done:
             n, self._unconsumed = self._unconsumed, 0

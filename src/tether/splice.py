@@ -139,15 +139,8 @@ class Splice:
         fin = fin and self.mode != MODE_CASCADE
         if conn.write_end(dst.stream, fin):
             dst.end_written = True
-            return True
-        link = conn.link
-        state = link.flow_state(dst.stream)
-        if fin:
-            if state is FlowState.OPEN or state is FlowState.REMOTE_FIN:
-                link.send_fin(dst.stream, conn.now)
-        elif state is not None:
-            link.dealloc(dst.stream, conn.now)
-        conn.flush()
+        else:  # (TLS, or a paused link: through the link's queue)
+            self._end_after_pending(dst, _FIN if fin else _CLOSE)
         return True
 
     def on_keepalive(self, src: SpliceEnd) -> None:
