@@ -553,7 +553,7 @@ class Link:
         `send_fin` or `dealloc` with `written=True` (before the link hears anything
         more: until then the link does not know the stream ended).
 
-        A relay writes a stream's end so as soon as it reads the other side's (see
+        A relay writes a stream's end as soon as it reads the other side's (see
         `peek_stream_end`), and tells the link afterwards."""
         if self.state is not LinkState.OPEN and self.state is not LinkState.DRAINING:
             return None
