@@ -12,6 +12,7 @@ no open flow, and every process it started is ended by PID (the `Rig` fixtures).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import hashlib
@@ -331,28 +332,42 @@ async def _one_connection(port: int, rng: random.Random, kind: str, crowd: Crowd
             await writer.wait_closed()
 
 
-def _explain(failures: list[tuple[str, BaseException]], ag: Daemon) -> str:
-    """The failed echo connections, with what the agent logged about their flows."""
-    out = []
+def _explain(failures: list[tuple[str, BaseException]], *daemons: Daemon) -> str:
+    """The failed echo connections, each with every line a daemon logged about it (by
+    its client port, then by the flow ids those lines name), then the daemons' warnings
+    by kind and their counters, and this process's descriptors: enough to tell a reset
+    the application caused from a refusal, a timeout or a daemon's own fault."""
+    out = [f"{sum(kind == 'echo' for kind, _ in failures)} echo connections failed, "
+           f"{len(failures)} connections in all; this process holds "
+           f"{len(os.listdir('/proc/self/fd'))} descriptors"]
+    logs = {d: [ln.text for ln in d.proc.lines("stderr")] for d in daemons}
+    shown = 0
     for kind, exc in failures:
-        if kind != "echo":
+        if kind != "echo" or shown >= 8:
             continue
+        shown += 1
         note = " ".join(getattr(exc, "__notes__", []))
         out.append(f"{exc!r} ({note})")
         port = re.search(r"from port (\d+)", note)
-        lines = [ln.text for ln in ag.proc.lines("stderr")]
-        fid = next((m[1] for ln in lines if port and (m := re.search(
-            rf"flow (\S+) allocated service=\S+ for 127\.0\.0\.1:{port[1]}$", ln))), None)
-        out += [f"    {ln}" for ln in lines if fid and f"flow {fid} " in ln]
-        if len(out) > 40:
-            break
+        if port is None:
+            continue
+        about = {f"127.0.0.1:{port[1]}"}
+        for d, lines in logs.items():
+            mine = [ln for ln in lines if any(a in ln for a in about)]
+            about |= {f"flow {m[1]} " for ln in mine
+                      if (m := re.search(r"flow (\S+@\S+|\S+) ", ln))}
+            mine = [ln for ln in lines if any(a in ln for a in about)]
+            out += [f"    {d.name}: {ln}" for ln in mine[:10]]
+    for d, lines in logs.items():
+        kinds = collections.Counter(
+            re.sub(r"\d+", "N", re.sub(r"flow \S+", "flow F", ln.split(" WARNING ", 1)[1]))[:100]
+            for ln in lines if " WARNING " in ln)
+        out += [f"{d.name} warned {n}x: {what}" for what, n in kinds.most_common(8)]
+        with contextlib.suppress(Exception):  # (a daemon that died says so above)
+            status = d.status()
+            out.append(f"{d.name} counters: " + ", ".join(
+                f"{k}={v}" for k, v in status.items() if type(v) is int))
     return "\n".join(out)
-
-
-def _warnings(*daemons: Daemon) -> str:
-    """The first warnings each daemon logged, for failure messages."""
-    return "\n".join(f"{d.name}: {ln.text}" for d in daemons
-                     for ln in [ln for ln in d.proc.lines("stderr") if " WARNING " in ln.text][:15])
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -395,8 +410,7 @@ async def test_thousand_concurrent_connections_with_random_lifetimes(rig: Rig) -
         elapsed = time.monotonic() - started
         failures = [(kinds[i], r) for i, r in enumerate(results) if isinstance(r, BaseException)]
         # Only connections that reset or closed early may fail (e.g. their peer's reset).
-        assert not [f for f in failures if f[0] == "echo"], \
-            _explain(failures, ag) + "\n" + _warnings(gw, co, ag)
+        assert not [f for f in failures if f[0] == "echo"], _explain(failures, ag, gw, co)
         assert not [f for f in failures if isinstance(f[1], AssertionError)], failures[:10]
         assert results.count("echo") == kinds.count("echo")
         # Every "echo" and "reset" connection was open when the last one connected.
