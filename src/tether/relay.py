@@ -106,12 +106,10 @@ class _Edge:
         self.counters: dict[str, int] = dict.fromkeys(
             ("connections", "refused", "fin_timeouts", "edge_timeouts", "bytes_up",
              "bytes_down", "reconnects"), 0)
-        self.linked = asyncio.Event()  # the link to the gateway is up
         self._closing = False
 
     def _linked_up(self) -> None:
         """The node's link is up: keep it so (`_keep_link`)."""
-        self.linked.set()
         spawn_owned(self.tasks, self._keep_link())
 
     async def _keep_link(self) -> None:
@@ -125,7 +123,6 @@ class _Edge:
         loop = asyncio.get_running_loop()
         while True:
             reason = await self.node.link_lost()
-            self.linked.clear()
             if self._closing:
                 return
             log.warning("%s: link to the gateway %s lost (%s): connecting again", self.name,
@@ -147,7 +144,6 @@ class _Edge:
                                     loop.time() - since, exc)
                     delay = min(delay * 2, self.retry_interval)
             self.counters["reconnects"] += 1
-            self.linked.set()
             log.warning("%s: link to the gateway %s is back (after %d attempt(s), %.1fs)",
                         self.name, self.gateway, attempts, loop.time() - since)
 
@@ -423,9 +419,10 @@ class Connector(_Edge):
             try:
                 flow = await self.node.accept()
             except FlowDown:  # the link is lost: flows come again once it is back
-                if not self.node.linked:
-                    self.linked.clear()  # (before `_keep_link` may have seen it)
-                await self.linked.wait()
+                try:
+                    await self.node.wait_linked()
+                except TetherError:  # (closed)
+                    return
                 continue
             except TetherError:
                 return
