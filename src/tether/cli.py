@@ -14,7 +14,7 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from . import daemonlog
@@ -42,6 +42,28 @@ async def _until_signalled(stop: asyncio.Event) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def _shut_down(what: str, close: Callable[[float], Coroutine[Any, Any, None]],
+                     drain: float) -> None:
+    """`close(drain)`; a second SIGINT or SIGTERM meanwhile (an operator's second
+    Ctrl-C) ends the drain at once: what is still open is reset."""
+    loop = asyncio.get_running_loop()
+    closing = asyncio.create_task(close(drain))
+
+    def hurry() -> None:
+        if not closing.done() and not closing.cancelling():
+            log.warning("%s: signalled again: not draining any longer", what)
+            closing.cancel()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, hurry)
+    try:
+        await closing
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # (we are cancelled, not the drain)
+            raise
+        await close(0.0)
 
 
 def _tls_client_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -129,7 +151,7 @@ async def _gateway(args: argparse.Namespace) -> int:
         log.info("gateway %s shutting down: %s", args.name, gw.stats())
         if admin is not None:
             await admin.aclose()
-        await gw.aclose(drain=args.drain)
+        await _shut_down(f"gateway {args.name}", gw.aclose, args.drain)
     return 0
 
 
@@ -149,7 +171,7 @@ async def _agent(args: argparse.Namespace) -> int:
     finally:
         if admin is not None:
             await admin.aclose()
-        await agent.aclose(drain=args.drain)
+        await _shut_down(f"agent {args.name}", agent.aclose, args.drain)
     return 0
 
 
@@ -169,7 +191,7 @@ async def _connector(args: argparse.Namespace) -> int:
     finally:
         if admin is not None:
             await admin.aclose()
-        await connector.aclose(drain=args.drain)
+        await _shut_down(f"connector {args.name}", connector.aclose, args.drain)
     return 0
 
 
