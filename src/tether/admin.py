@@ -88,9 +88,14 @@ class _StatsCollector:
 class AdminServer:
     """Serves `/status` and `/metrics` for one daemon. `stats` is called per request.
     A client that has not sent its whole request within `request_timeout` seconds gets
-    "408 Request Timeout" and is closed (before, a silent client was held for ever)."""
+    "408 Request Timeout" and is closed (before, a silent client was held for ever).
+    At most `max_connections` are held at once: a new one beyond that ends the oldest
+    still waiting for its request ("503 Service Unavailable"), so that idle clients
+    cannot take the file descriptors the daemon's own connections need, nor keep a
+    status request out."""
 
     request_timeout: float = 10.0
+    max_connections: int = 64
 
     def __init__(self, listen: tuple[str, int], role: str, name: str,
                  stats: Callable[[], dict[str, Any]]) -> None:
@@ -101,6 +106,7 @@ class AdminServer:
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(role, name, stats))
         self._server: asyncio.Server | None = None
+        self.waiting: dict[_AdminProtocol, None] = {}  # no request yet, oldest first
 
     async def start(self) -> None:
         """Listen."""
@@ -125,6 +131,7 @@ class AdminServer:
 
     def respond(self, path: str) -> tuple[str, str, bytes]:
         """(status line, content type, body) for a GET of `path`."""
+        path = path.partition("?")[0]  # (a query changes nothing here)
         if path in ("/", "/status"):
             body = json.dumps({"role": self.role, **self.stats()}, indent=2, default=str)
             return "200 OK", "application/json", body.encode() + b"\n"
@@ -142,11 +149,17 @@ class _AdminProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        waiting = self.server.waiting
+        if len(waiting) >= self.server.max_connections:
+            oldest = next(iter(waiting))
+            oldest._reply("503 Service Unavailable", "text/plain", b"too many clients\n")
+        waiting[self] = None
         self.timer = asyncio.get_running_loop().call_later(
             self.server.request_timeout, self._reply, "408 Request Timeout", "text/plain",
             b"no request\n")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.waiting.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
 
@@ -172,6 +185,7 @@ class _AdminProtocol(asyncio.Protocol):
 
     def _reply(self, status: str, ctype: str, body: bytes) -> None:
         assert self.transport is not None
+        self.server.waiting.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
         head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
