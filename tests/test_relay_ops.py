@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from procs import tether_argv
 from relayrig import HOST, Rig
+
+LONG_NAME = "s" * 256
 
 
 @pytest.fixture
@@ -87,3 +91,37 @@ def test_idle_admin_connections_cannot_exhaust_the_daemon(rig: Rig) -> None:
     finally:
         for s in idle:
             s.close()
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["gateway", "--heartbeat", "-1"], "--heartbeat"),
+    (["gateway", "--heartbeat", "0"], "--heartbeat"),
+    (["gateway", "--link-timeout", "nan"], "--link-timeout"),
+    (["gateway", "--drain", "-3"], "--drain"),
+    (["agent", "--gateway", "127.0.0.1:1", "--forward", "127.0.0.1:0=web", "--drain", "nan"],
+     "--drain"),
+    (["gateway", "--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
+     "/nonexistent/cert.pem"),
+    (["agent", "--gateway", "127.0.0.1:1", "--forward", "127.0.0.1:0=web",
+      "--tls-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
+    (["agent", "--gateway", "127.0.0.1:1", "--forward", f"127.0.0.1:0={LONG_NAME}"],
+     "1 to 255 bytes"),
+])
+def test_bad_option_values_are_refused_naming_what_is_wrong(argv: list[str],
+                                                              said: str) -> None:
+    """A value no daemon can run with is refused at once, before anything starts: a
+    non-zero exit and one line naming the option or file, no traceback. Before: a
+    gateway with `--heartbeat -1` started, then failed every link's handshake with a
+    traceback in its log; a negative or NaN `--drain` meant no drain; a missing TLS file
+    said only "[Errno 2] No such file or directory"; an agent forwarding to a service
+    name no gateway can take started, and reset every connection."""
+    if argv[0] == "gateway":
+        argv = [*argv, "--listen", f"{HOST}:0", "--admin", "none"]
+    try:
+        done = subprocess.run(tether_argv(*argv), capture_output=True, text=True,
+                              timeout=5)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{argv} was not refused: it ran") from exc
+    assert done.returncode in (1, 2), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert said in done.stderr.splitlines()[-1], done.stderr

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 from . import daemonlog
@@ -32,9 +34,39 @@ __all__ = ["main"]
 log = logging.getLogger("tether.cli")
 
 
+def _positive_seconds(text: str) -> float:
+    """An option's value in seconds, more than 0 (and finite)."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, more than 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An option's value in seconds, 0 or more (and finite)."""
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, 0 or more")
+    return value
+
+
+@contextlib.contextmanager
+def _tls_files(**files: str | None) -> Iterator[None]:
+    """OpenSSL's errors name no file ("[Errno 2] No such file or directory"): these do."""
+    try:
+        yield
+    except OSError as exc:  # (ssl.SSLError too)
+        given = ", ".join(f"--{opt.replace('_', '-')} {path}"
+                          for opt, path in files.items() if path)
+        raise ValueError(f"cannot load {given}: {exc.strerror or exc}") from exc
+
+
 def _tls_server_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     tls = ServerTLS.from_args(args)
-    return tls.context() if tls is not None else None
+    if tls is None:
+        return None
+    with _tls_files(tls_cert=tls.cert, tls_key=tls.key, tls_client_ca=tls.client_ca):
+        return tls.context()
 
 
 async def _until_signalled(stop: asyncio.Event) -> None:
@@ -69,9 +101,10 @@ async def _shut_down(what: str, close: Callable[[float], Coroutine[Any, Any, Non
 def _tls_client_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not args.tls_ca:
         return None
-    ctx = ssl.create_default_context(cafile=args.tls_ca)
-    if args.tls_cert:
-        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    with _tls_files(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key):
+        ctx = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert:
+            ctx.load_cert_chain(args.tls_cert, args.tls_key)
     return ctx
 
 
@@ -131,9 +164,11 @@ async def _gateway(args: argparse.Namespace) -> int:
         peers[peer] = address
     peer_tls = None
     if args.peer_tls_ca:
-        peer_tls = ssl.create_default_context(cafile=args.peer_tls_ca)
-        if args.tls_cert:
-            peer_tls.load_cert_chain(args.tls_cert, args.tls_key)
+        with _tls_files(peer_tls_ca=args.peer_tls_ca, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key):
+            peer_tls = ssl.create_default_context(cafile=args.peer_tls_ca)
+            if args.tls_cert:
+                peer_tls.load_cert_chain(args.tls_cert, args.tls_key)
     gw = Gateway(args.listen, name=args.name, token=args.token, peers=peers,
                  retry_interval=args.retry_interval, peer_tls=peer_tls,
                  tls=_tls_server_context(args), heartbeat=args.heartbeat,
@@ -226,7 +261,7 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--window", type=int, default=256 * 1024, metavar="BYTES",
                    help="receive window per flow: more is faster in bulk, costs memory "
                         "per flow (default 262144)")
-    p.add_argument("--drain", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--drain", type=_seconds, default=2.0, metavar="SECONDS",
                    help="on SIGTERM, take no new connection and let the open ones finish "
                         "this long before resetting them (default 2)")
     p.add_argument("--retry-interval", type=float, default=2.0, metavar="SECONDS",
@@ -258,11 +293,11 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--token", default=None,
                     help="shared secret every node must present in its HELLO")
     add_server_tls_arguments(gw, "links")
-    gw.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
+    gw.add_argument("--heartbeat", type=_positive_seconds, default=5.0, metavar="SECONDS",
                     help="PING a link after this long with nothing sent (default 5)")
-    gw.add_argument("--link-timeout", type=float, default=15.0, metavar="SECONDS",
+    gw.add_argument("--link-timeout", type=_positive_seconds, default=15.0, metavar="SECONDS",
                     help="a link silent this long is lost (default 15)")
-    gw.add_argument("--drain", type=float, default=2.0, metavar="SECONDS",
+    gw.add_argument("--drain", type=_seconds, default=2.0, metavar="SECONDS",
                     help="on SIGTERM, let flows finish this long before closing (default 2)")
     gw.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
                     help="a peer gateway of the cluster (repeatable): services are learned "

@@ -50,8 +50,15 @@ def parse_forward(text: str) -> tuple[str, int, str]:
     address, sep, service = text.partition("=")
     if not sep or not service:
         raise ValueError(f"--forward {text!r}: expected LISTEN_HOST:PORT=SERVICE")
+    _check_service_name(service, "--forward", text)
     host, port = parse_address(address)
     return host, port, service
+
+
+def _check_service_name(service: str, option: str, text: str) -> None:
+    if len(service.encode()) > 255:  # (what `Node.register` and the wire take)
+        raise ValueError(f"{option} {text[:60]!r}...: a service name must be 1 to 255 "
+                         "bytes")
 
 
 def connect_failure(exc: OSError) -> str:
@@ -73,6 +80,7 @@ def parse_service(text: str) -> tuple[str, str, int]:
     service, sep, address = text.partition("=")
     if not sep or not service:
         raise ValueError(f"--service {text!r}: expected SERVICE=HOST:PORT")
+    _check_service_name(service, "--service", text)
     host, port = parse_address(address)
     return service, host, port
 
