@@ -125,3 +125,25 @@ def test_bad_option_values_are_refused_naming_what_is_wrong(argv: list[str],
     assert done.returncode in (1, 2), done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert said in done.stderr.splitlines()[-1], done.stderr
+
+
+@pytest.mark.parametrize("role", ["agent", "gateway", "connector"])
+def test_status_answers_during_the_drain(rig: Rig, role: str) -> None:
+    """While a daemon drains (SIGTERM), `tether status` still shows the connection it
+    waits for: the moment an operator wants to see what is left. Before, the admin
+    endpoint closed first: "connection refused" for the whole drain."""
+    echo = rig.echo_server()
+    drain = ["--drain", "60"]
+    gw, co, ag = rig.relay({"echo": echo.port}, gateway_args=drain, connector_args=drain,
+                           agent_args=drain)
+    daemon = {"agent": ag, "gateway": gw, "connector": co}[role]
+    with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
+        app.sendall(b"ping")
+        assert app.recv(10) == b"ping"
+        daemon.proc.popen.send_signal(signal.SIGTERM)
+        if role != "gateway":
+            daemon.wait_log("draining 1 connection")
+        else:
+            time.sleep(0.5)
+        assert daemon.proc.running
+        assert daemon.open_counts() == {k: 1 for k in daemon.open_counts()}

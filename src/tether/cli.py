@@ -184,9 +184,11 @@ async def _gateway(args: argparse.Namespace) -> int:
         await _until_signalled(asyncio.Event())
     finally:
         log.info("gateway %s shutting down: %s", args.name, gw.stats())
-        if admin is not None:
-            await admin.aclose()
-        await _shut_down(f"gateway {args.name}", gw.aclose, args.drain)
+        try:  # (the admin endpoint last: it shows what the drain waits for)
+            await _shut_down(f"gateway {args.name}", gw.aclose, args.drain)
+        finally:
+            if admin is not None:
+                await admin.aclose()
     return 0
 
 
@@ -204,9 +206,11 @@ async def _agent(args: argparse.Namespace) -> int:
     try:
         await _until_signalled(asyncio.Event())
     finally:
-        if admin is not None:
-            await admin.aclose()
-        await _shut_down(f"agent {args.name}", agent.aclose, args.drain)
+        try:  # (the admin endpoint last: it shows what the drain waits for)
+            await _shut_down(f"agent {args.name}", agent.aclose, args.drain)
+        finally:
+            if admin is not None:
+                await admin.aclose()
     return 0
 
 
@@ -224,9 +228,11 @@ async def _connector(args: argparse.Namespace) -> int:
     try:
         await _until_signalled(asyncio.Event())
     finally:
-        if admin is not None:
-            await admin.aclose()
-        await _shut_down(f"connector {args.name}", connector.aclose, args.drain)
+        try:  # (the admin endpoint last: it shows what the drain waits for)
+            await _shut_down(f"connector {args.name}", connector.aclose, args.drain)
+        finally:
+            if admin is not None:
+                await admin.aclose()
     return 0
 
 
