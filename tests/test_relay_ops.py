@@ -147,3 +147,31 @@ def test_status_answers_during_the_drain(rig: Rig, role: str) -> None:
             time.sleep(0.5)
         assert daemon.proc.running
         assert daemon.open_counts() == {k: 1 for k in daemon.open_counts()}
+
+
+def test_edge_byte_counters_include_open_connections(rig: Rig) -> None:
+    """An edge's `bytes_up`/`bytes_down` (and `tether_bytes_*_total`) count the bytes
+    of open connections as they move, not only once a connection has ended: a
+    long-lived connection's traffic shows in `rate()` while it flows. Before, they
+    stayed 0 for as long as the connection was open, then jumped."""
+    echo = rig.echo_server()
+    _gw, co, ag = rig.relay({"echo": echo.port})
+    with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
+        app.sendall(b"x" * 1000)
+        got = 0
+        while got < 1000:
+            got += len(app.recv(65536))
+        for edge in (ag, co):
+            status = edge.status()
+            assert (status["bytes_up"], status["bytes_down"]) == (1000, 1000), status
+            metrics = edge.metrics()
+            assert f'tether_bytes_up_total{{node="{edge.name}",role="{edge.role}"}} 1000.0' \
+                in metrics, metrics
+        app.sendall(b"y" * 500)
+        got = 0
+        while got < 500:
+            got += len(app.recv(65536))
+    rig.wait_idle(ag, co)
+    for edge in (ag, co):  # (once ended: counted once, not twice)
+        status = edge.status()
+        assert (status["bytes_up"], status["bytes_down"]) == (1500, 1500), status
