@@ -175,3 +175,26 @@ def test_edge_byte_counters_include_open_connections(rig: Rig) -> None:
     for edge in (ag, co):  # (once ended: counted once, not twice)
         status = edge.status()
         assert (status["bytes_up"], status["bytes_down"]) == (1500, 1500), status
+
+
+def test_the_gateways_shutdown_line_sums_up_instead_of_listing_every_flow(rig: Rig) -> None:
+    """The gateway's "shutting down" line gives its counters and how many flows and
+    links are open, in one short line. Before, it was the whole status, every open flow
+    listed (at 20,000 connections, a line of megabytes)."""
+    echo = rig.echo_server()
+    gw, _co, ag = rig.relay({"echo": echo.port}, gateway_args=["--drain", "0"])
+    apps = [socket.create_connection((HOST, ag.ports["echo"]), timeout=10)
+            for _ in range(30)]
+    try:
+        for app in apps:
+            app.sendall(b"ping")
+            assert app.recv(10) == b"ping"
+        gw.proc.popen.send_signal(signal.SIGTERM)
+        line = gw.wait_log("shutting down")
+        assert gw.proc.wait(10) == 0
+    finally:
+        for app in apps:
+            app.close()
+    assert len(line) < 1000, line
+    assert "'id'" not in line and "open_flows" not in line
+    assert "30 flows open, 2 links" in line and "flows_opened=30," in line

@@ -144,6 +144,14 @@ async def _with_admin(args: argparse.Namespace, role: str, name: str,
     return admin
 
 
+def _summary(stats: dict[str, Any]) -> str:
+    """A gateway's stats in one short line: what is open, then its counters (no list of
+    flows: at 20,000 of them, that was a line of megabytes)."""
+    counters = ", ".join(f"{k}={v}" for k, v in stats.items()
+                         if type(v) is int and k not in ("flows", "links"))
+    return f"{stats['flows']} flows open, {stats['links']} links; {counters}"
+
+
 async def _gateway(args: argparse.Namespace) -> int:
     tokens = _load_json(args.tokens, "tokens")
     if tokens is not None:
@@ -183,7 +191,7 @@ async def _gateway(args: argparse.Namespace) -> int:
     try:
         await _until_signalled(asyncio.Event())
     finally:
-        log.info("gateway %s shutting down: %s", args.name, gw.stats())
+        log.info("gateway %s shutting down: %s", args.name, _summary(gw.stats()))
         try:  # (the admin endpoint last: it shows what the drain waits for)
             await _shut_down(f"gateway {args.name}", gw.aclose, args.drain)
         finally:
