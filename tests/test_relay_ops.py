@@ -3,6 +3,7 @@ endpoint and its metrics. Real processes and sockets (tests/relayrig.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -12,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from procs import tether_argv
-from relayrig import HOST, Rig
+from relayrig import HOST, TCP_CLOSE, Rig, tcp_state
+from tether.admin import AdminServer
 
 LONG_NAME = "s" * 256
 
@@ -198,3 +200,26 @@ def test_the_gateways_shutdown_line_sums_up_instead_of_listing_every_flow(rig: R
     assert len(line) < 1000, line
     assert "'id'" not in line and "open_flows" not in line
     assert "30 flows open, 2 links" in line and "flows_opened=30," in line
+
+
+async def test_a_client_that_does_not_read_its_answer_is_not_held_for_ever() -> None:
+    """A client that asks for a large status and then reads nothing is cut off (reset)
+    once `request_timeout` has passed, with what was not sent dropped. Before, the
+    endpoint kept the connection and the unsent answer in memory for ever: a few such
+    clients against a gateway with many open flows held megabytes each."""
+    big = {"open_flows": [{"id": f"{i}@gw1", "service": "web"} for i in range(400_000)]}
+    admin = AdminServer((HOST, 0), "gateway", "gw1", lambda: big)
+    admin.request_timeout = 0.5
+    await admin.start()
+    try:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect((HOST, admin.port))
+        client.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+        with client:
+            deadline = time.monotonic() + 5
+            while tcp_state(client) != TCP_CLOSE:
+                assert time.monotonic() < deadline, "still held: the answer waits for ever"
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.aclose()

@@ -24,6 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
+from .bridge import reset_socket
+
 __all__ = ["AdminServer", "fetch_status", "flatten"]
 
 log = logging.getLogger("tether.admin")
@@ -88,7 +90,8 @@ class _StatsCollector:
 class AdminServer:
     """Serves `/status` and `/metrics` for one daemon. `stats` is called per request.
     A client that has not sent its whole request within `request_timeout` seconds gets
-    "408 Request Timeout" and is closed (before, a silent client was held for ever).
+    "408 Request Timeout" and is closed (before, a silent client was held for ever);
+    one that does not read its answer is reset after as long again.
     At most `max_connections` are held at once: a new one beyond that ends the oldest
     still waiting for its request ("503 Service Unavailable"), so that idle clients
     cannot take the file descriptors the daemon's own connections need, nor keep a
@@ -192,6 +195,9 @@ class _AdminProtocol(asyncio.Protocol):
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
         self.transport.write(head.encode() + body)
         self.transport.close()
+        if self.transport.get_write_buffer_size():  # a client that does not read: it
+            self.timer = asyncio.get_running_loop().call_later(  # gets as long again
+                self.server.request_timeout, reset_socket, self.transport)
 
 
 async def fetch_status(host: str, port: int, path: str = "/status",
