@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from procs import tether_argv
+from procs import ProcGroup, tether_argv
 from relayrig import HOST, TCP_CLOSE, Rig, tcp_state
 from tether.admin import AdminServer
 
@@ -223,3 +223,15 @@ async def test_a_client_that_does_not_read_its_answer_is_not_held_for_ever() -> 
                 await asyncio.sleep(0.05)
     finally:
         await admin.aclose()
+
+
+@pytest.mark.parametrize("level", ["debug", "Warning"])
+def test_log_level_is_taken_in_any_case(level: str) -> None:
+    """`--log-level debug` is DEBUG, as other daemons take it. Before: "invalid
+    choice: 'debug'", exit 2."""
+    with ProcGroup() as group:
+        proc = group.start("gateway", tether_argv("--log-level", level, "gateway", "--listen",
+                                                  f"{HOST}:0", "--admin", "none"))
+        proc.expect(r"^gateway gw listening on port \d+$", stream="stderr")
+        shown = [ln.text for ln in proc.lines("stderr") if " INFO " in ln.text]
+        assert bool(shown) == (level == "debug"), shown

@@ -291,7 +291,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="tether",
         description="Long-lived network flows that never hang. Run one of the daemons below; "
                     "`tether SUBCOMMAND --help` tells more.")
-    parser.add_argument("--log-level", default="INFO",
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log verbosity (default INFO); logs go to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
