@@ -235,3 +235,18 @@ def test_log_level_is_taken_in_any_case(level: str) -> None:
         proc.expect(r"^gateway gw listening on port \d+$", stream="stderr")
         shown = [ln.text for ln in proc.lines("stderr") if " INFO " in ln.text]
         assert bool(shown) == (level == "debug"), shown
+
+
+def test_admin_address_errors_name_the_option(rig: Rig) -> None:
+    """A bad or busy `--admin` address is told as such. Before: a malformed one was
+    found only after the link to the gateway was up, and a busy port said only
+    "address already in use" (which port of which option?) after the agent had
+    started forwarding."""
+    gw = rig.gateway()
+    for admin, gateway in (("bogus", "127.0.0.1:1"), (gw.admin, gw.address)):
+        done = subprocess.run(tether_argv("agent", "--gateway", gateway, "--forward",
+                                          f"{HOST}:0=web", "--admin", admin),
+                              capture_output=True, text=True, timeout=10)
+        assert done.returncode == 1, done.stderr
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith(f"tether agent: --admin {admin}: "), done.stderr

@@ -134,12 +134,26 @@ def _parse_peer(text: str) -> tuple[str, str]:
     return name, address
 
 
-async def _with_admin(args: argparse.Namespace, role: str, name: str,
-                      stats: Callable[[], dict[str, Any]]) -> AdminServer | None:
+def _admin_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """Where --admin listens (None: nowhere); checked before anything starts."""
     if args.admin in ("", "none", "off"):
         return None
-    admin = AdminServer(parse_address(args.admin), role, name, stats)
-    await admin.start()
+    try:
+        return parse_address(args.admin)
+    except ValueError as exc:
+        raise ValueError(f"--admin {args.admin}: {exc}") from None
+
+
+async def _with_admin(args: argparse.Namespace, role: str, name: str,
+                      stats: Callable[[], dict[str, Any]]) -> AdminServer | None:
+    address = _admin_address(args)
+    if address is None:
+        return None
+    admin = AdminServer(address, role, name, stats)
+    try:
+        await admin.start()
+    except OSError as exc:
+        raise ValueError(f"--admin {args.admin}: {exc.strerror or exc}") from exc
     print(f"{role} {name} admin endpoint on port {admin.port}", file=sys.stderr, flush=True)
     return admin
 
@@ -153,6 +167,7 @@ def _summary(stats: dict[str, Any]) -> str:
 
 
 async def _gateway(args: argparse.Namespace) -> int:
+    _admin_address(args)
     tokens = _load_json(args.tokens, "tokens")
     if tokens is not None:
         _names_to(tokens, "tokens", lambda v: isinstance(v, str) and v != "",
@@ -201,6 +216,7 @@ async def _gateway(args: argparse.Namespace) -> int:
 
 
 async def _agent(args: argparse.Namespace) -> int:
+    _admin_address(args)
     forwards = [parse_forward(f) for f in args.forward]
     agent = Agent(args.gateway, forwards, name=args.name, token=args.token or b"",
                   tls=_tls_client_context(args), liveness=args.liveness,
@@ -223,6 +239,7 @@ async def _agent(args: argparse.Namespace) -> int:
 
 
 async def _connector(args: argparse.Namespace) -> int:
+    _admin_address(args)
     services = [parse_service(s) for s in args.service]
     connector = Connector(args.gateway, services, name=args.name, token=args.token or b"",
                           tls=_tls_client_context(args), liveness=args.liveness,
