@@ -250,3 +250,30 @@ def test_admin_address_errors_name_the_option(rig: Rig) -> None:
         assert done.returncode == 1, done.stderr
         last = done.stderr.splitlines()[-1]
         assert last.startswith(f"tether agent: --admin {admin}: "), done.stderr
+
+
+async def test_tether_status_takes_an_http_1_1_answer() -> None:
+    """`tether status` through a proxy that answers in HTTP/1.1 (nginx does, whatever the
+    request's version) prints the status. Before: "admin endpoint ... answered:
+    HTTP/1.1 200 OK", exit 1."""
+    body = b'{"role": "gateway"}\n'
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *tether_argv("status", f"{HOST}:{port}"), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert proc.returncode == 0, err
+    assert out == body

@@ -216,7 +216,8 @@ async def fetch_status(host: str, port: int, path: str = "/status",
     except TimeoutError:  # its own text is empty: "tether status: " said nothing
         raise TimeoutError(f"no answer from {host}:{port} within {timeout:g}s") from None
     head, _, body = raw.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
+    status = head.split(b"\r\n", 1)[0].split()
+    if len(status) < 2 or not status[0].startswith(b"HTTP/1.") or status[1] != b"200":
         first = head.splitlines()[0].decode(errors="replace") if head else "nothing"
         raise OSError(f"admin endpoint {host}:{port} answered: {first[:200]}")
     return body
