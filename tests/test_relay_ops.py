@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from procs import ProcGroup, tether_argv
-from relayrig import HOST, TCP_CLOSE, Rig, tcp_state
+from relayrig import HOST, TCP_CLOSE, Rig, tcp_state, wait_until
 from tether.admin import AdminServer
 
 LONG_NAME = "s" * 256
@@ -277,3 +277,20 @@ async def test_tether_status_takes_an_http_1_1_answer() -> None:
         await server.wait_closed()
     assert proc.returncode == 0, err
     assert out == body
+
+
+def test_agent_status_counts_a_connection_waiting_for_its_flow(rig: Rig) -> None:
+    """A connection the agent accepted and holds while its flow is being allocated (here
+    the gateway is frozen) is open: `open` counts it. Before, `open` said 0 for as long
+    as the allocation took, though the agent held the connection (and would drain it)."""
+    echo = rig.echo_server()
+    gw, co, ag = rig.relay({"echo": echo.port})
+    with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
+        gw.proc.stop()
+        try:
+            app.sendall(b"ping")
+            wait_until(lambda: ag.status()["open"] != 1, 3.0, "the agent's open count")
+        finally:
+            gw.proc.cont()
+        assert app.recv(10) == b"ping"
+    rig.wait_idle(gw, co, ag)

@@ -248,6 +248,7 @@ class _Edge:
 
     def stats(self) -> dict[str, Any]:
         """Counters, the node's view, and every open connection with age and bytes.
+        `open` counts the connections held, a flow allocated for them or not yet;
         `bytes_up` and `bytes_down` count the open connections' bytes too."""
         loop_now = asyncio.get_running_loop().time()
         counters = dict(self.counters)
@@ -255,7 +256,8 @@ class _Edge:
             counters["bytes_up"] += bridge.bytes_up
             counters["bytes_down"] += bridge.bytes_down
         return {"name": self.name, "gateway": self.gateway, "linked": self.node.linked,
-                "open": len(self.bridges), **counters, "node": self.node.stats(),
+                "open": len(self.bridges) + len(self.arriving), **counters,
+                "node": self.node.stats(),
                 "flows": [{"id": str(b.flow.id), "service": b.flow.service,
                            "state": b.flow.state.name, "age": round(loop_now - b.opened_at, 3),
                            "bytes_up": b.bytes_up, "bytes_down": b.bytes_down}
