@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from procs import ProcGroup, tether_argv
-from relayrig import HOST, TCP_CLOSE, Rig, tcp_state, wait_until
+from relayrig import HOST, TCP_CLOSE, Rig, free_port, tcp_state, wait_until
 from tether.admin import AdminServer
 
 LONG_NAME = "s" * 256
@@ -294,3 +294,23 @@ def test_agent_status_counts_a_connection_waiting_for_its_flow(rig: Rig) -> None
             gw.proc.cont()
         assert app.recv(10) == b"ping"
     rig.wait_idle(gw, co, ag)
+
+
+def test_forward_listen_errors_say_which_forward(rig: Rig) -> None:
+    """An agent refuses a listen address given twice before it starts, and a busy one
+    with the forward it is for. Before: it started forwarding the first, then failed
+    on the second with only "error while attempting to bind on address ...: address
+    already in use"."""
+    gw = rig.gateway()
+    port = free_port()
+    cases = (([f"{HOST}:{port}=web", f"{HOST}:{port}=db"], f"{HOST}:{port} is given twice"),
+             ([f"{HOST}:{gw.port}=web"], f"cannot listen on {HOST}:{gw.port} for service web"))
+    for forwards, said in cases:
+        argv = ["agent", "--gateway", gw.address, "--admin", "none"]
+        for forward in forwards:
+            argv += ["--forward", forward]
+        done = subprocess.run(tether_argv(*argv), capture_output=True, text=True, timeout=10)
+        assert done.returncode == 1, done.stderr
+        assert said in done.stderr.splitlines()[-1], done.stderr
+        if "twice" in said:
+            assert "forwarding" not in done.stderr, done.stderr

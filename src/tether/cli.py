@@ -218,6 +218,11 @@ async def _gateway(args: argparse.Namespace) -> int:
 async def _agent(args: argparse.Namespace) -> int:
     _admin_address(args)
     forwards = [parse_forward(f) for f in args.forward]
+    seen: set[tuple[str, int]] = set()
+    for text, (host, port, _) in zip(args.forward, forwards, strict=True):
+        if port and (host, port) in seen:
+            raise ValueError(f"--forward {text!r}: {host}:{port} is given twice")
+        seen.add((host, port))
     agent = Agent(args.gateway, forwards, name=args.name, token=args.token or b"",
                   tls=_tls_client_context(args), liveness=args.liveness,
                   fin_timeout=args.fin_timeout, cascade=args.cascade, window=args.window,

@@ -290,8 +290,12 @@ class Agent(_Edge):
         loop = asyncio.get_running_loop()
         try:
             for host, port, service in self.forwards:
-                server = await loop.create_server(self._factory(service), host, port,
-                                                  start_serving=False)
+                try:
+                    server = await loop.create_server(self._factory(service), host, port,
+                                                      start_serving=False)
+                except OSError as exc:  # (its own text names no service)
+                    raise OSError(exc.errno, f"cannot listen on {host}:{port} for service "
+                                  f"{service}: {connect_failure(exc)}") from exc
                 self.servers.append(server)
                 for sock in server.sockets:  # accepted sockets inherit them: no per-accept
                     self.sockopts.apply(sock)  # cost (set before the first accept)
