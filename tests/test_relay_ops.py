@@ -314,3 +314,16 @@ def test_forward_listen_errors_say_which_forward(rig: Rig) -> None:
         assert said in done.stderr.splitlines()[-1], done.stderr
         if "twice" in said:
             assert "forwarding" not in done.stderr, done.stderr
+
+
+def test_tether_status_on_a_link_port_says_it_is_not_an_admin_endpoint(rig: Rig) -> None:
+    """`tether status` pointed at a gateway's link port (a mistake easily made: both are
+    printed at start) says so in words. Before, it printed the gateway's binary GOAWAY
+    frame to the terminal."""
+    gw = rig.gateway()
+    done = subprocess.run(tether_argv("status", gw.address), capture_output=True,
+                          timeout=20)
+    assert done.returncode == 1
+    line = done.stderr.decode()
+    assert line.rstrip("\n").isprintable(), line
+    assert "not an admin endpoint" in line and "admin endpoint on port" in line, line

@@ -217,7 +217,13 @@ async def fetch_status(host: str, port: int, path: str = "/status",
         raise TimeoutError(f"no answer from {host}:{port} within {timeout:g}s") from None
     head, _, body = raw.partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].split()
-    if len(status) < 2 or not status[0].startswith(b"HTTP/1.") or status[1] != b"200":
-        first = head.splitlines()[0].decode(errors="replace") if head else "nothing"
+    if not raw:
+        raise OSError(f"admin endpoint {host}:{port} answered: nothing")
+    if not status or not status[0].startswith(b"HTTP/1."):  # (a gateway's link port?)
+        raise OSError(f"{host}:{port} is not an admin endpoint (no HTTP answer); a daemon "
+                      "prints its own at start: \"... admin endpoint on port N\"")
+    if len(status) < 2 or status[1] != b"200":
+        first = head.splitlines()[0].decode("ascii", "replace")
+        first = "".join(c if c.isprintable() else "?" for c in first)
         raise OSError(f"admin endpoint {host}:{port} answered: {first[:200]}")
     return body
