@@ -96,6 +96,7 @@ def test_idle_admin_connections_cannot_exhaust_the_daemon(rig: Rig) -> None:
     (["gateway", "--heartbeat", "0"], "--heartbeat"),
     (["gateway", "--link-timeout", "nan"], "--link-timeout"),
     (["gateway", "--drain", "-3"], "--drain"),
+    (["gateway", "--heartbeat", "soon"], "'soon': expected seconds, more than 0"),
     (["agent", "--gateway", "127.0.0.1:1", "--forward", "127.0.0.1:0=web", "--drain", "nan"],
      "--drain"),
     (["gateway", "--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],

@@ -34,9 +34,16 @@ __all__ = ["main"]
 log = logging.getLogger("tether.cli")
 
 
+def _float(text: str, expected: str) -> float:
+    try:
+        return float(text)
+    except ValueError:  # (argparse would name this function, not what was expected)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+
+
 def _positive_seconds(text: str) -> float:
     """An option's value in seconds, more than 0 (and finite)."""
-    value = float(text)
+    value = _float(text, "seconds, more than 0")
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, more than 0")
     return value
@@ -44,7 +51,7 @@ def _positive_seconds(text: str) -> float:
 
 def _seconds(text: str) -> float:
     """An option's value in seconds, 0 or more (and finite)."""
-    value = float(text)
+    value = _float(text, "seconds, 0 or more")
     if not 0 <= value < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, 0 or more")
     return value
