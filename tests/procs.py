@@ -178,10 +178,11 @@ class Proc:
         return time.monotonic()
 
     def kill(self) -> float:
-        """SIGKILL; returns the `time.monotonic()` just after the signal was sent."""
-        if self.stopped:
-            self.cont()
+        """SIGKILL; returns the `time.monotonic()` just after the signal was sent. A
+        stopped process dies as it is: a SIGCONT first would let it run, and act on what
+        reached it while it was stopped, before the SIGKILL lands."""
         self.popen.send_signal(signal.SIGKILL)
+        self.stopped = False
         return time.monotonic()
 
     def stop(self) -> float:

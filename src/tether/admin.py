@@ -24,6 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
+from .bridge import reset_socket
+
 __all__ = ["AdminServer", "fetch_status", "flatten"]
 
 log = logging.getLogger("tether.admin")
@@ -88,9 +90,15 @@ class _StatsCollector:
 class AdminServer:
     """Serves `/status` and `/metrics` for one daemon. `stats` is called per request.
     A client that has not sent its whole request within `request_timeout` seconds gets
-    "408 Request Timeout" and is closed (before, a silent client was held for ever)."""
+    "408 Request Timeout" and is closed (before, a silent client was held for ever);
+    one that does not read its answer is reset after as long again.
+    At most `max_connections` are held at once: a new one beyond that ends the oldest
+    still waiting for its request ("503 Service Unavailable"), so that idle clients
+    cannot take the file descriptors the daemon's own connections need, nor keep a
+    status request out."""
 
     request_timeout: float = 10.0
+    max_connections: int = 64
 
     def __init__(self, listen: tuple[str, int], role: str, name: str,
                  stats: Callable[[], dict[str, Any]]) -> None:
@@ -101,6 +109,7 @@ class AdminServer:
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(role, name, stats))
         self._server: asyncio.Server | None = None
+        self.waiting: dict[_AdminProtocol, None] = {}  # no request yet, oldest first
 
     async def start(self) -> None:
         """Listen."""
@@ -125,6 +134,7 @@ class AdminServer:
 
     def respond(self, path: str) -> tuple[str, str, bytes]:
         """(status line, content type, body) for a GET of `path`."""
+        path = path.partition("?")[0]  # (a query changes nothing here)
         if path in ("/", "/status"):
             body = json.dumps({"role": self.role, **self.stats()}, indent=2, default=str)
             return "200 OK", "application/json", body.encode() + b"\n"
@@ -142,11 +152,17 @@ class _AdminProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        waiting = self.server.waiting
+        if len(waiting) >= self.server.max_connections:
+            oldest = next(iter(waiting))
+            oldest._reply("503 Service Unavailable", "text/plain", b"too many clients\n")
+        waiting[self] = None
         self.timer = asyncio.get_running_loop().call_later(
             self.server.request_timeout, self._reply, "408 Request Timeout", "text/plain",
             b"no request\n")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.waiting.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
 
@@ -172,12 +188,16 @@ class _AdminProtocol(asyncio.Protocol):
 
     def _reply(self, status: str, ctype: str, body: bytes) -> None:
         assert self.transport is not None
+        self.server.waiting.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
         head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
         self.transport.write(head.encode() + body)
         self.transport.close()
+        if self.transport.get_write_buffer_size():  # a client that does not read: it
+            self.timer = asyncio.get_running_loop().call_later(  # gets as long again
+                self.server.request_timeout, reset_socket, self.transport)
 
 
 async def fetch_status(host: str, port: int, path: str = "/status",
@@ -196,7 +216,14 @@ async def fetch_status(host: str, port: int, path: str = "/status",
     except TimeoutError:  # its own text is empty: "tether status: " said nothing
         raise TimeoutError(f"no answer from {host}:{port} within {timeout:g}s") from None
     head, _, body = raw.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.0 200"):
-        first = head.splitlines()[0].decode(errors="replace") if head else "nothing"
+    status = head.split(b"\r\n", 1)[0].split()
+    if not raw:
+        raise OSError(f"admin endpoint {host}:{port} answered: nothing")
+    if not status or not status[0].startswith(b"HTTP/1."):  # (a gateway's link port?)
+        raise OSError(f"{host}:{port} is not an admin endpoint (no HTTP answer); a daemon "
+                      "prints its own at start: \"... admin endpoint on port N\"")
+    if len(status) < 2 or status[1] != b"200":
+        first = head.splitlines()[0].decode("ascii", "replace")
+        first = "".join(c if c.isprintable() else "?" for c in first)
         raise OSError(f"admin endpoint {host}:{port} answered: {first[:200]}")
     return body

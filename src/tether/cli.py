@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import math
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 from . import daemonlog
@@ -32,9 +34,46 @@ __all__ = ["main"]
 log = logging.getLogger("tether.cli")
 
 
+def _float(text: str, expected: str) -> float:
+    try:
+        return float(text)
+    except ValueError:  # (argparse would name this function, not what was expected)
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+
+
+def _positive_seconds(text: str) -> float:
+    """An option's value in seconds, more than 0 (and finite)."""
+    value = _float(text, "seconds, more than 0")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, more than 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """An option's value in seconds, 0 or more (and finite)."""
+    value = _float(text, "seconds, 0 or more")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, 0 or more")
+    return value
+
+
+@contextlib.contextmanager
+def _tls_files(**files: str | None) -> Iterator[None]:
+    """OpenSSL's errors name no file ("[Errno 2] No such file or directory"): these do."""
+    try:
+        yield
+    except OSError as exc:  # (ssl.SSLError too)
+        given = ", ".join(f"--{opt.replace('_', '-')} {path}"
+                          for opt, path in files.items() if path)
+        raise ValueError(f"cannot load {given}: {exc.strerror or exc}") from exc
+
+
 def _tls_server_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     tls = ServerTLS.from_args(args)
-    return tls.context() if tls is not None else None
+    if tls is None:
+        return None
+    with _tls_files(tls_cert=tls.cert, tls_key=tls.key, tls_client_ca=tls.client_ca):
+        return tls.context()
 
 
 async def _until_signalled(stop: asyncio.Event) -> None:
@@ -44,12 +83,35 @@ async def _until_signalled(stop: asyncio.Event) -> None:
     await stop.wait()
 
 
+async def _shut_down(what: str, close: Callable[[float], Coroutine[Any, Any, None]],
+                     drain: float) -> None:
+    """`close(drain)`; a second SIGINT or SIGTERM meanwhile (an operator's second
+    Ctrl-C) ends the drain at once: what is still open is reset."""
+    loop = asyncio.get_running_loop()
+    closing = asyncio.create_task(close(drain))
+
+    def hurry() -> None:
+        if not closing.done() and not closing.cancelling():
+            log.warning("%s: signalled again: not draining any longer", what)
+            closing.cancel()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, hurry)
+    try:
+        await closing
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():  # (we are cancelled, not the drain)
+            raise
+        await close(0.0)
+
+
 def _tls_client_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not args.tls_ca:
         return None
-    ctx = ssl.create_default_context(cafile=args.tls_ca)
-    if args.tls_cert:
-        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    with _tls_files(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key):
+        ctx = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert:
+            ctx.load_cert_chain(args.tls_cert, args.tls_key)
     return ctx
 
 
@@ -79,17 +141,40 @@ def _parse_peer(text: str) -> tuple[str, str]:
     return name, address
 
 
-async def _with_admin(args: argparse.Namespace, role: str, name: str,
-                      stats: Callable[[], dict[str, Any]]) -> AdminServer | None:
+def _admin_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """Where --admin listens (None: nowhere); checked before anything starts."""
     if args.admin in ("", "none", "off"):
         return None
-    admin = AdminServer(parse_address(args.admin), role, name, stats)
-    await admin.start()
+    try:
+        return parse_address(args.admin)
+    except ValueError as exc:
+        raise ValueError(f"--admin {args.admin}: {exc}") from None
+
+
+async def _with_admin(args: argparse.Namespace, role: str, name: str,
+                      stats: Callable[[], dict[str, Any]]) -> AdminServer | None:
+    address = _admin_address(args)
+    if address is None:
+        return None
+    admin = AdminServer(address, role, name, stats)
+    try:
+        await admin.start()
+    except OSError as exc:
+        raise ValueError(f"--admin {args.admin}: {exc.strerror or exc}") from exc
     print(f"{role} {name} admin endpoint on port {admin.port}", file=sys.stderr, flush=True)
     return admin
 
 
+def _summary(stats: dict[str, Any]) -> str:
+    """A gateway's stats in one short line: what is open, then its counters (no list of
+    flows: at 20,000 of them, that was a line of megabytes)."""
+    counters = ", ".join(f"{k}={v}" for k, v in stats.items()
+                         if type(v) is int and k not in ("flows", "links"))
+    return f"{stats['flows']} flows open, {stats['links']} links; {counters}"
+
+
 async def _gateway(args: argparse.Namespace) -> int:
+    _admin_address(args)
     tokens = _load_json(args.tokens, "tokens")
     if tokens is not None:
         _names_to(tokens, "tokens", lambda v: isinstance(v, str) and v != "",
@@ -109,9 +194,11 @@ async def _gateway(args: argparse.Namespace) -> int:
         peers[peer] = address
     peer_tls = None
     if args.peer_tls_ca:
-        peer_tls = ssl.create_default_context(cafile=args.peer_tls_ca)
-        if args.tls_cert:
-            peer_tls.load_cert_chain(args.tls_cert, args.tls_key)
+        with _tls_files(peer_tls_ca=args.peer_tls_ca, tls_cert=args.tls_cert,
+                        tls_key=args.tls_key):
+            peer_tls = ssl.create_default_context(cafile=args.peer_tls_ca)
+            if args.tls_cert:
+                peer_tls.load_cert_chain(args.tls_cert, args.tls_key)
     gw = Gateway(args.listen, name=args.name, token=args.token, peers=peers,
                  retry_interval=args.retry_interval, peer_tls=peer_tls,
                  tls=_tls_server_context(args), heartbeat=args.heartbeat,
@@ -126,15 +213,23 @@ async def _gateway(args: argparse.Namespace) -> int:
     try:
         await _until_signalled(asyncio.Event())
     finally:
-        log.info("gateway %s shutting down: %s", args.name, gw.stats())
-        if admin is not None:
-            await admin.aclose()
-        await gw.aclose(drain=args.drain)
+        log.info("gateway %s shutting down: %s", args.name, _summary(gw.stats()))
+        try:  # (the admin endpoint last: it shows what the drain waits for)
+            await _shut_down(f"gateway {args.name}", gw.aclose, args.drain)
+        finally:
+            if admin is not None:
+                await admin.aclose()
     return 0
 
 
 async def _agent(args: argparse.Namespace) -> int:
+    _admin_address(args)
     forwards = [parse_forward(f) for f in args.forward]
+    seen: set[tuple[str, int]] = set()
+    for text, (host, port, _) in zip(args.forward, forwards, strict=True):
+        if port and (host, port) in seen:
+            raise ValueError(f"--forward {text!r}: {host}:{port} is given twice")
+        seen.add((host, port))
     agent = Agent(args.gateway, forwards, name=args.name, token=args.token or b"",
                   tls=_tls_client_context(args), liveness=args.liveness,
                   fin_timeout=args.fin_timeout, cascade=args.cascade, window=args.window,
@@ -147,13 +242,16 @@ async def _agent(args: argparse.Namespace) -> int:
     try:
         await _until_signalled(asyncio.Event())
     finally:
-        if admin is not None:
-            await admin.aclose()
-        await agent.aclose(drain=args.drain)
+        try:  # (the admin endpoint last: it shows what the drain waits for)
+            await _shut_down(f"agent {args.name}", agent.aclose, args.drain)
+        finally:
+            if admin is not None:
+                await admin.aclose()
     return 0
 
 
 async def _connector(args: argparse.Namespace) -> int:
+    _admin_address(args)
     services = [parse_service(s) for s in args.service]
     connector = Connector(args.gateway, services, name=args.name, token=args.token or b"",
                           tls=_tls_client_context(args), liveness=args.liveness,
@@ -167,9 +265,11 @@ async def _connector(args: argparse.Namespace) -> int:
     try:
         await _until_signalled(asyncio.Event())
     finally:
-        if admin is not None:
-            await admin.aclose()
-        await connector.aclose(drain=args.drain)
+        try:  # (the admin endpoint last: it shows what the drain waits for)
+            await _shut_down(f"connector {args.name}", connector.aclose, args.drain)
+        finally:
+            if admin is not None:
+                await admin.aclose()
     return 0
 
 
@@ -204,7 +304,7 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--window", type=int, default=256 * 1024, metavar="BYTES",
                    help="receive window per flow: more is faster in bulk, costs memory "
                         "per flow (default 262144)")
-    p.add_argument("--drain", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--drain", type=_seconds, default=2.0, metavar="SECONDS",
                    help="on SIGTERM, take no new connection and let the open ones finish "
                         "this long before resetting them (default 2)")
     p.add_argument("--retry-interval", type=float, default=2.0, metavar="SECONDS",
@@ -220,7 +320,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="tether",
         description="Long-lived network flows that never hang. Run one of the daemons below; "
                     "`tether SUBCOMMAND --help` tells more.")
-    parser.add_argument("--log-level", default="INFO",
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log verbosity (default INFO); logs go to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
@@ -236,11 +336,11 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--token", default=None,
                     help="shared secret every node must present in its HELLO")
     add_server_tls_arguments(gw, "links")
-    gw.add_argument("--heartbeat", type=float, default=5.0, metavar="SECONDS",
+    gw.add_argument("--heartbeat", type=_positive_seconds, default=5.0, metavar="SECONDS",
                     help="PING a link after this long with nothing sent (default 5)")
-    gw.add_argument("--link-timeout", type=float, default=15.0, metavar="SECONDS",
+    gw.add_argument("--link-timeout", type=_positive_seconds, default=15.0, metavar="SECONDS",
                     help="a link silent this long is lost (default 15)")
-    gw.add_argument("--drain", type=float, default=2.0, metavar="SECONDS",
+    gw.add_argument("--drain", type=_seconds, default=2.0, metavar="SECONDS",
                     help="on SIGTERM, let flows finish this long before closing (default 2)")
     gw.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT",
                     help="a peer gateway of the cluster (repeatable): services are learned "

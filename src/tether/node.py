@@ -108,6 +108,7 @@ class Node:
         self._pending: dict[tuple[LinkConnection, int], asyncio.Future[Flow]] = {}
         self._incoming: deque[tuple[LinkConnection, Flow]] = deque()
         self._accepters: deque[asyncio.Future[None]] = deque()
+        self._link_waiters: list[asyncio.Future[None]] = []  # `wait_linked` callers
         self._serial = 0
         self._closing = False
         self._link_lost: str | None = None  # why the link to the gateway ended
@@ -160,6 +161,7 @@ class Node:
             self._conn = conn
             self._conns.add(self._conn)
             self._link_lost = None
+            self._wake_link_waiters()
             log.info("node %s: link to %s up (%s)", self.name, self._conn.link.peer_name,
                      self.gateway)
             for service in sorted(self._services):
@@ -184,6 +186,29 @@ class Node:
         event = await asyncio.shield(conn.closed)
         return event.reason
 
+    async def wait_linked(self) -> None:
+        """Wait until the link to the gateway is up; returns at once when it is. A lost
+        link is not dialled again here: this returns once `start()` (called again by
+        whoever keeps the link, as an agent or a connector does) has brought it back.
+        Raises `FlowClosed` if the node is closed, before or while waiting, and
+        `LocalProtocolError` if it has no gateway to link to."""
+        while not self.linked:
+            self._check_open()
+            if self.gateway is None:
+                raise LocalProtocolError(f"node {self.name} has no gateway to link to")
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._link_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._link_waiters:
+                    self._link_waiters.remove(waiter)
+
+    def _wake_link_waiters(self) -> None:
+        for waiter in self._link_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     @property
     def port(self) -> int:
         """The port this node listens on (with `listen=`)."""
@@ -200,6 +225,7 @@ class Node:
         self._closing = True
         self._refuse_backlog()
         self._wake_all_accepters()
+        self._wake_link_waiters()
         server, self._server = self._server, None
         if server is not None:
             server.close()  # no new links

@@ -50,8 +50,15 @@ def parse_forward(text: str) -> tuple[str, int, str]:
     address, sep, service = text.partition("=")
     if not sep or not service:
         raise ValueError(f"--forward {text!r}: expected LISTEN_HOST:PORT=SERVICE")
+    _check_service_name(service, "--forward", text)
     host, port = parse_address(address)
     return host, port, service
+
+
+def _check_service_name(service: str, option: str, text: str) -> None:
+    if len(service.encode()) > 255:  # (what `Node.register` and the wire take)
+        raise ValueError(f"{option} {text[:60]!r}...: a service name must be 1 to 255 "
+                         "bytes")
 
 
 def connect_failure(exc: OSError) -> str:
@@ -73,6 +80,7 @@ def parse_service(text: str) -> tuple[str, str, int]:
     service, sep, address = text.partition("=")
     if not sep or not service:
         raise ValueError(f"--service {text!r}: expected SERVICE=HOST:PORT")
+    _check_service_name(service, "--service", text)
     host, port = parse_address(address)
     return service, host, port
 
@@ -106,12 +114,10 @@ class _Edge:
         self.counters: dict[str, int] = dict.fromkeys(
             ("connections", "refused", "fin_timeouts", "edge_timeouts", "bytes_up",
              "bytes_down", "reconnects"), 0)
-        self.linked = asyncio.Event()  # the link to the gateway is up
         self._closing = False
 
     def _linked_up(self) -> None:
         """The node's link is up: keep it so (`_keep_link`)."""
-        self.linked.set()
         spawn_owned(self.tasks, self._keep_link())
 
     async def _keep_link(self) -> None:
@@ -125,7 +131,6 @@ class _Edge:
         loop = asyncio.get_running_loop()
         while True:
             reason = await self.node.link_lost()
-            self.linked.clear()
             if self._closing:
                 return
             log.warning("%s: link to the gateway %s lost (%s): connecting again", self.name,
@@ -147,7 +152,6 @@ class _Edge:
                                     loop.time() - since, exc)
                     delay = min(delay * 2, self.retry_interval)
             self.counters["reconnects"] += 1
-            self.linked.set()
             log.warning("%s: link to the gateway %s is back (after %d attempt(s), %.1fs)",
                         self.name, self.gateway, attempts, loop.time() - since)
 
@@ -243,10 +247,17 @@ class _Edge:
                         self.name, len(self.bridges) + len(self.arriving), drain)
 
     def stats(self) -> dict[str, Any]:
-        """Counters, the node's view, and every open connection with age and bytes."""
+        """Counters, the node's view, and every open connection with age and bytes.
+        `open` counts the connections held, a flow allocated for them or not yet;
+        `bytes_up` and `bytes_down` count the open connections' bytes too."""
         loop_now = asyncio.get_running_loop().time()
+        counters = dict(self.counters)
+        for bridge in self.bridges:  # (`_done` moves its bytes into `counters`)
+            counters["bytes_up"] += bridge.bytes_up
+            counters["bytes_down"] += bridge.bytes_down
         return {"name": self.name, "gateway": self.gateway, "linked": self.node.linked,
-                "open": len(self.bridges), **self.counters, "node": self.node.stats(),
+                "open": len(self.bridges) + len(self.arriving), **counters,
+                "node": self.node.stats(),
                 "flows": [{"id": str(b.flow.id), "service": b.flow.service,
                            "state": b.flow.state.name, "age": round(loop_now - b.opened_at, 3),
                            "bytes_up": b.bytes_up, "bytes_down": b.bytes_down}
@@ -279,8 +290,12 @@ class Agent(_Edge):
         loop = asyncio.get_running_loop()
         try:
             for host, port, service in self.forwards:
-                server = await loop.create_server(self._factory(service), host, port,
-                                                  start_serving=False)
+                try:
+                    server = await loop.create_server(self._factory(service), host, port,
+                                                      start_serving=False)
+                except OSError as exc:  # (its own text names no service)
+                    raise OSError(exc.errno, f"cannot listen on {host}:{port} for service "
+                                  f"{service}: {connect_failure(exc)}") from exc
                 self.servers.append(server)
                 for sock in server.sockets:  # accepted sockets inherit them: no per-accept
                     self.sockopts.apply(sock)  # cost (set before the first accept)
@@ -423,9 +438,10 @@ class Connector(_Edge):
             try:
                 flow = await self.node.accept()
             except FlowDown:  # the link is lost: flows come again once it is back
-                if not self.node.linked:
-                    self.linked.clear()  # (before `_keep_link` may have seen it)
-                await self.linked.wait()
+                try:
+                    await self.node.wait_linked()
+                except TetherError:  # (closed)
+                    return
                 continue
             except TetherError:
                 return

@@ -1,0 +1,323 @@
+"""The daemons' operational surface, from review: signals, option errors, the admin
+endpoint and its metrics. Real processes and sockets (tests/relayrig.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from procs import ProcGroup, tether_argv
+from relayrig import HOST, TCP_CLOSE, Rig, free_port, tcp_state, wait_until
+from tether.admin import AdminServer
+
+LONG_NAME = "s" * 256
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    with Rig() as r:
+        yield r
+
+
+@pytest.mark.parametrize("role", ["agent", "gateway", "connector"])
+def test_a_second_signal_ends_the_drain_at_once(rig: Rig, role: str) -> None:
+    """SIGTERM starts a drain of up to `--drain` seconds; a second signal (SIGTERM, or
+    SIGINT: an operator's second Ctrl-C) ends it at once: the open connection is reset
+    and the daemon exits 0. Before, the second signal was ignored and the daemon waited
+    for the whole drain (here 60 s)."""
+    echo = rig.echo_server()
+    drain = ["--drain", "60"]
+    gw, co, ag = rig.relay({"echo": echo.port}, gateway_args=drain, connector_args=drain,
+                           agent_args=drain)
+    daemon = {"agent": ag, "gateway": gw, "connector": co}[role]
+    with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
+        app.sendall(b"ping")
+        assert app.recv(10) == b"ping"
+        daemon.proc.popen.send_signal(signal.SIGTERM)
+        daemon.wait_log("draining 1 connection" if role != "gateway" else "shutting down")
+        assert daemon.proc.running, "exited before the drain's deadline"
+        t0 = time.monotonic()
+        daemon.proc.popen.send_signal(signal.SIGINT)
+        assert daemon.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 3, "the second signal did not end the drain"
+        daemon.wait_log("signalled again")
+        try:
+            end = app.recv(10)
+        except ConnectionResetError:
+            end = b"reset"
+        assert end in (b"", b"reset")
+
+
+def _get(port: int, request: bytes) -> bytes:
+    """Send `request` raw to an admin endpoint; its whole answer."""
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_admin_paths_with_a_query_string_are_served(rig: Rig) -> None:
+    """`/metrics?...` (a scrape configured with `params`) and `/status?pretty` are the
+    same pages; before, the query made them "404 Not Found"."""
+    gw = rig.gateway("--admin", f"{HOST}:0")
+    for path in ("/metrics?format=text", "/status?pretty=1"):
+        answer = _get(gw.admin_port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.0 200 OK\r\n"), answer[:200]
+
+
+def test_idle_admin_connections_cannot_exhaust_the_daemon(rig: Rig) -> None:
+    """Clients that connect to the admin port and send nothing hold no more than a
+    bounded number of the daemon's file descriptors (the same per-process limit its
+    relayed connections need), and a status request still gets its answer. Before,
+    each was held 10 s, with no bound on how many."""
+    gw = rig.gateway()
+    before = gw.fds()
+    idle = []
+    try:
+        for _ in range(400):
+            idle.append(socket.create_connection((HOST, gw.admin_port), timeout=10))
+        assert gw.status()["name"] == "gw1"
+        wait_until(lambda: gw.fds() - before >= 100, 3.0, "descriptors held")
+    finally:
+        for s in idle:
+            s.close()
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["gateway", "--heartbeat", "-1"], "--heartbeat"),
+    (["gateway", "--heartbeat", "0"], "--heartbeat"),
+    (["gateway", "--link-timeout", "nan"], "--link-timeout"),
+    (["gateway", "--drain", "-3"], "--drain"),
+    (["gateway", "--heartbeat", "soon"], "'soon': expected seconds, more than 0"),
+    (["agent", "--gateway", "127.0.0.1:1", "--forward", "127.0.0.1:0=web", "--drain", "nan"],
+     "--drain"),
+    (["gateway", "--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
+     "/nonexistent/cert.pem"),
+    (["agent", "--gateway", "127.0.0.1:1", "--forward", "127.0.0.1:0=web",
+      "--tls-ca", "/nonexistent/ca.pem"], "/nonexistent/ca.pem"),
+    (["agent", "--gateway", "127.0.0.1:1", "--forward", f"127.0.0.1:0={LONG_NAME}"],
+     "1 to 255 bytes"),
+])
+def test_bad_option_values_are_refused_naming_what_is_wrong(argv: list[str],
+                                                              said: str) -> None:
+    """A value no daemon can run with is refused at once, before anything starts: a
+    non-zero exit and one line naming the option or file, no traceback. Before: a
+    gateway with `--heartbeat -1` started, then failed every link's handshake with a
+    traceback in its log; a negative or NaN `--drain` meant no drain; a missing TLS file
+    said only "[Errno 2] No such file or directory"; an agent forwarding to a service
+    name no gateway can take started, and reset every connection."""
+    if argv[0] == "gateway":
+        argv = [*argv, "--listen", f"{HOST}:0", "--admin", "none"]
+    try:
+        done = subprocess.run(tether_argv(*argv), capture_output=True, text=True,
+                              timeout=5)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{argv} was not refused: it ran") from exc
+    assert done.returncode in (1, 2), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert said in done.stderr.splitlines()[-1], done.stderr
+
+
+@pytest.mark.parametrize("role", ["agent", "gateway", "connector"])
+def test_status_answers_during_the_drain(rig: Rig, role: str) -> None:
+    """While a daemon drains (SIGTERM), `tether status` still shows the connection it
+    waits for: the moment an operator wants to see what is left. Before, the admin
+    endpoint closed first: "connection refused" for the whole drain."""
+    echo = rig.echo_server()
+    drain = ["--drain", "60"]
+    gw, co, ag = rig.relay({"echo": echo.port}, gateway_args=drain, connector_args=drain,
+                           agent_args=drain)
+    daemon = {"agent": ag, "gateway": gw, "connector": co}[role]
+    with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
+        app.sendall(b"ping")
+        assert app.recv(10) == b"ping"
+        daemon.proc.popen.send_signal(signal.SIGTERM)
+        daemon.wait_log("draining 1 connection" if role != "gateway" else "shutting down")
+        assert daemon.proc.running
+        assert daemon.open_counts() == {k: 1 for k in daemon.open_counts()}
+
+
+def test_edge_byte_counters_include_open_connections(rig: Rig) -> None:
+    """An edge's `bytes_up`/`bytes_down` (and `tether_bytes_*_total`) count the bytes
+    of open connections as they move, not only once a connection has ended: a
+    long-lived connection's traffic shows in `rate()` while it flows. Before, they
+    stayed 0 for as long as the connection was open, then jumped."""
+    echo = rig.echo_server()
+    _gw, co, ag = rig.relay({"echo": echo.port})
+    with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
+        app.sendall(b"x" * 1000)
+        got = 0
+        while got < 1000:
+            got += len(app.recv(65536))
+        for edge in (ag, co):
+            status = edge.status()
+            assert (status["bytes_up"], status["bytes_down"]) == (1000, 1000), status
+            metrics = edge.metrics()
+            assert f'tether_bytes_up_total{{node="{edge.name}",role="{edge.role}"}} 1000.0' \
+                in metrics, metrics
+        app.sendall(b"y" * 500)
+        got = 0
+        while got < 500:
+            got += len(app.recv(65536))
+    rig.wait_idle(ag, co)
+    for edge in (ag, co):  # (once ended: counted once, not twice)
+        status = edge.status()
+        assert (status["bytes_up"], status["bytes_down"]) == (1500, 1500), status
+
+
+def test_the_gateways_shutdown_line_sums_up_instead_of_listing_every_flow(rig: Rig) -> None:
+    """The gateway's "shutting down" line gives its counters and how many flows and
+    links are open, in one short line. Before, it was the whole status, every open flow
+    listed (at 20,000 connections, a line of megabytes)."""
+    echo = rig.echo_server()
+    gw, _co, ag = rig.relay({"echo": echo.port}, gateway_args=["--drain", "0"])
+    apps = [socket.create_connection((HOST, ag.ports["echo"]), timeout=10)
+            for _ in range(30)]
+    try:
+        for app in apps:
+            app.sendall(b"ping")
+            assert app.recv(10) == b"ping"
+        gw.proc.popen.send_signal(signal.SIGTERM)
+        line = gw.wait_log("shutting down")
+        assert gw.proc.wait(10) == 0
+    finally:
+        for app in apps:
+            app.close()
+    assert len(line) < 1000, line
+    assert "'id'" not in line and "open_flows" not in line
+    assert "30 flows open, 2 links" in line and "flows_opened=30," in line
+
+
+async def test_a_client_that_does_not_read_its_answer_is_not_held_for_ever() -> None:
+    """A client that asks for a large status and then reads nothing is cut off (reset)
+    once `request_timeout` has passed, with what was not sent dropped. Before, the
+    endpoint kept the connection and the unsent answer in memory for ever: a few such
+    clients against a gateway with many open flows held megabytes each."""
+    big = {"open_flows": [{"id": f"{i}@gw1", "service": "web"} for i in range(400_000)]}
+    admin = AdminServer((HOST, 0), "gateway", "gw1", lambda: big)
+    admin.request_timeout = 0.5
+    await admin.start()
+    try:
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect((HOST, admin.port))
+        client.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+        with client:
+            deadline = time.monotonic() + 5
+            while tcp_state(client) != TCP_CLOSE:
+                assert time.monotonic() < deadline, "still held: the answer waits for ever"
+                await asyncio.sleep(0.05)
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.parametrize("level", ["debug", "Warning"])
+def test_log_level_is_taken_in_any_case(level: str) -> None:
+    """`--log-level debug` is DEBUG, as other daemons take it. Before: "invalid
+    choice: 'debug'", exit 2."""
+    with ProcGroup() as group:
+        proc = group.start("gateway", tether_argv("--log-level", level, "gateway", "--listen",
+                                                  f"{HOST}:0", "--admin", "none"))
+        proc.expect(r"^gateway gw listening on port \d+$", stream="stderr")
+        shown = [ln.text for ln in proc.lines("stderr") if " INFO " in ln.text]
+        assert bool(shown) == (level == "debug"), shown
+
+
+def test_admin_address_errors_name_the_option(rig: Rig) -> None:
+    """A bad or busy `--admin` address is told as such. Before: a malformed one was
+    found only after the link to the gateway was up, and a busy port said only
+    "address already in use" (which port of which option?) after the agent had
+    started forwarding."""
+    gw = rig.gateway()
+    for admin, gateway in (("bogus", "127.0.0.1:1"), (gw.admin, gw.address)):
+        done = subprocess.run(tether_argv("agent", "--gateway", gateway, "--forward",
+                                          f"{HOST}:0=web", "--admin", admin),
+                              capture_output=True, text=True, timeout=10)
+        assert done.returncode == 1, done.stderr
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith(f"tether agent: --admin {admin}: "), done.stderr
+
+
+async def test_tether_status_takes_an_http_1_1_answer() -> None:
+    """`tether status` through a proxy that answers in HTTP/1.1 (nginx does, whatever the
+    request's version) prints the status. Before: "admin endpoint ... answered:
+    HTTP/1.1 200 OK", exit 1."""
+    body = b'{"role": "gateway"}\n'
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *tether_argv("status", f"{HOST}:{port}"), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert proc.returncode == 0, err
+    assert out == body
+
+
+def test_agent_status_counts_a_connection_waiting_for_its_flow(rig: Rig) -> None:
+    """A connection the agent accepted and holds while its flow is being allocated (here
+    the gateway is frozen) is open: `open` counts it. Before, `open` said 0 for as long
+    as the allocation took, though the agent held the connection (and would drain it)."""
+    echo = rig.echo_server()
+    gw, co, ag = rig.relay({"echo": echo.port})
+    with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
+        gw.proc.stop()
+        try:
+            app.sendall(b"ping")
+            wait_until(lambda: ag.status()["open"] != 1, 3.0, "the agent's open count")
+        finally:
+            gw.proc.cont()
+        assert app.recv(10) == b"ping"
+    rig.wait_idle(gw, co, ag)
+
+
+def test_forward_listen_errors_say_which_forward(rig: Rig) -> None:
+    """An agent refuses a listen address given twice before it starts, and a busy one
+    with the forward it is for. Before: it started forwarding the first, then failed
+    on the second with only "error while attempting to bind on address ...: address
+    already in use"."""
+    gw = rig.gateway()
+    port = free_port()
+    cases = (([f"{HOST}:{port}=web", f"{HOST}:{port}=db"], f"{HOST}:{port} is given twice"),
+             ([f"{HOST}:{gw.port}=web"], f"cannot listen on {HOST}:{gw.port} for service web"))
+    for forwards, said in cases:
+        argv = ["agent", "--gateway", gw.address, "--admin", "none"]
+        for forward in forwards:
+            argv += ["--forward", forward]
+        done = subprocess.run(tether_argv(*argv), capture_output=True, text=True, timeout=10)
+        assert done.returncode == 1, done.stderr
+        assert said in done.stderr.splitlines()[-1], done.stderr
+        if "twice" in said:
+            assert "forwarding" not in done.stderr, done.stderr
+
+
+def test_tether_status_on_a_link_port_says_it_is_not_an_admin_endpoint(rig: Rig) -> None:
+    """`tether status` pointed at a gateway's link port (a mistake easily made: both are
+    printed at start) says so in words. Before, it printed the gateway's binary GOAWAY
+    frame to the terminal."""
+    gw = rig.gateway()
+    done = subprocess.run(tether_argv("status", gw.address), capture_output=True,
+                          timeout=20)
+    assert done.returncode == 1
+    line = done.stderr.decode()
+    assert line.rstrip("\n").isprintable(), line
+    assert "not an admin endpoint" in line and "admin endpoint on port" in line, line
