@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import select
 import socket
 import subprocess
 import threading
@@ -422,6 +423,53 @@ async def test_thousand_concurrent_connections_with_random_lifetimes(rig: Rig) -
               f"{echo.accepted} reached the server")
         # Last, the lists of connections of the agent and the connector: none left.
         await asyncio.to_thread(rig.wait_no_bridges, co, ag)
+
+
+def test_a_burst_of_connections_waits_in_the_agents_backlog_not_in_syn_retries(
+        rig: Rig) -> None:
+    """300 clients connect while the agent cannot accept (it is stopped): the kernel
+    completes every handshake and queues them for the agent, so each connect returns
+    at once and each gets its flow once the agent runs. With asyncio's default backlog
+    (100), only 101 connected; the others' SYNs were dropped and their connects waited
+    for the retry a second later (and, under load, longer)."""
+    n = 300
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    if somaxconn <= n:
+        pytest.skip(f"net.core.somaxconn is {somaxconn}: the kernel caps every backlog "
+                    f"below the {n} connections this test queues")
+    echo = rig.echo_server()
+    gw, co, ag = rig.relay({"echo": echo.port})
+    apps = [socket.socket() for _ in range(n)]
+    try:
+        ag.proc.stop()
+        try:
+            for app in apps:
+                app.setblocking(False)
+                assert app.connect_ex((HOST, ag.ports["echo"])) in (0, errno.EINPROGRESS)
+            poller = select.poll()
+            for app in apps:
+                poller.register(app, select.POLLOUT)
+            pending = {app.fileno() for app in apps}
+            deadline = time.monotonic() + 0.8  # (a dropped SYN is sent again after 1 s)
+            while pending and time.monotonic() < deadline:
+                for fd, _ in poller.poll(50):
+                    poller.unregister(fd)
+                    pending.discard(fd)
+            assert not pending, f"{n - len(pending)} of {n} connected at once"
+            assert all(app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                       for app in apps)
+        finally:
+            ag.proc.cont()
+        for app in apps:
+            app.setblocking(True)
+            app.settimeout(5)
+            app.sendall(b"x")
+        for app in apps:
+            assert app.recv(10) == b"x"
+    finally:
+        for app in apps:
+            app.close()
+    rig.wait_idle(gw, co, ag, bridges=False)
 
 
 def test_agent_forgets_a_connection_reset_before_allocation(rig: Rig) -> None:

@@ -41,6 +41,11 @@ __all__ = ["Agent", "Connector", "connect_failure", "parse_forward", "parse_serv
 
 log = logging.getLogger("tether.relay")
 _ABANDON_GRACE = 0.25
+# An agent's listen backlog (the kernel caps it at net.core.somaxconn): connections
+# the kernel has completed and the agent not accepted yet. Past it, a client's SYN is
+# dropped and its connect waits a second or more for the retry; 100, asyncio's
+# default, was reached by a burst of a thousand clients while the agent was busy.
+FORWARD_BACKLOG = 4096
 """Seconds a connector still waits for a server to answer once the flow has ended."""
 _CASCADE = {"half": "half-close", "full": "cascade"}
 
@@ -292,6 +297,7 @@ class Agent(_Edge):
             for host, port, service in self.forwards:
                 try:
                     server = await loop.create_server(self._factory(service), host, port,
+                                                      backlog=FORWARD_BACKLOG,
                                                       start_serving=False)
                 except OSError as exc:  # (its own text names no service)
                     raise OSError(exc.errno, f"cannot listen on {host}:{port} for service "
