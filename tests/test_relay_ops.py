@@ -7,6 +7,7 @@ import asyncio
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -171,6 +172,51 @@ def test_edge_byte_counters_include_open_connections(rig: Rig) -> None:
     for edge in (ag, co):  # (once ended: counted once, not twice)
         status = edge.status()
         assert (status["bytes_up"], status["bytes_down"]) == (1500, 1500), status
+
+
+def _answer_three_for_one(listener: socket.socket, up: int) -> None:
+    """A service that reads `up` bytes, answers three times as many, then waits for EOF."""
+    conn, _ = listener.accept()
+    with conn:
+        got = 0
+        while got < up:
+            got += len(conn.recv(65536))
+        conn.sendall(b"r" * (3 * up))
+        while conn.recv(65536):
+            pass
+
+
+def test_bytes_up_and_down_mean_the_same_direction_at_every_daemon(rig: Rig) -> None:
+    """`bytes_up` is what went toward the service, `bytes_down` what came back from it,
+    at the agent, the gateway and the connector alike, for an open flow (its entry and
+    the totals) and once it has ended. Before, the connector counted the other way
+    round (what its socket read was "up": the server's answer), and the gateway's
+    totals counted only ended flows."""
+    listener = socket.create_server((HOST, 0))
+    service = threading.Thread(target=_answer_three_for_one, args=(listener, 1000))
+    service.start()
+    try:
+        gw, co, ag = rig.relay({"svc": listener.getsockname()[1]})
+        with socket.create_connection((HOST, ag.ports["svc"]), timeout=10) as app:
+            app.sendall(b"q" * 1000)
+            got = 0
+            while got < 3000:
+                got += len(app.recv(65536))
+            for daemon in (ag, gw, co):
+                status = daemon.status()
+                (flow,) = status["open_flows" if daemon is gw else "flows"]
+                assert (flow["bytes_up"], flow["bytes_down"]) == (1000, 3000), \
+                    (daemon.name, flow)
+                assert (status["bytes_up"], status["bytes_down"]) == (1000, 3000), \
+                    (daemon.name, status)
+        rig.wait_idle(gw, co, ag)
+        for daemon in (ag, gw, co):  # (ended: counted once)
+            status = daemon.status()
+            assert (status["bytes_up"], status["bytes_down"]) == (1000, 3000), \
+                (daemon.name, status)
+    finally:
+        service.join(10)
+        listener.close()
 
 
 def test_the_gateways_shutdown_line_sums_up_instead_of_listing_every_flow(rig: Rig) -> None:

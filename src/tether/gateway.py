@@ -250,9 +250,10 @@ class Gateway:
                 for peer in sorted(names)}
 
     def stats(self) -> dict[str, Any]:
-        """Counters (flows ended by how their first side ended, bytes of ended flows),
-        and what is open now: `flows` counts the open flows, `open_flows` lists them
-        with their age and bytes (up: from the allocating side).
+        """Counters (flows ended by how their first side ended; bytes, open flows'
+        included, as they move), and what is open now: `flows` counts the open flows,
+        `open_flows` lists them with their age and bytes (up: from the allocating side
+        toward the service, as the edges count them).
 
         They add up: `flows_opened` (splices made: the gateway forwarded the OPEN) is
         `flows_ended` + `flows`, and `flows_ended` is `flows_closed` + `flows_refused` +
@@ -261,8 +262,12 @@ class Gateway:
         never spliced."""
         splices = {id(s): s for s, _ in self._ends.values()}.values()
         now = asyncio.get_running_loop().time()
+        counters = dict(self.counters)
+        for s in splices:  # (a flow's bytes move into `counters` when it ends)
+            counters["bytes_up"] += s.bytes_up
+            counters["bytes_down"] += s.bytes_down
         return {"name": self.name, "links": len(self._conns), "flows": len(splices),
-                "services": self.services(), "peers": self.cluster(), **self.counters,
+                "services": self.services(), "peers": self.cluster(), **counters,
                 "open_flows": [{"id": str(s.id), "service": s.service, "from": repr(s.a),
                                 "to": repr(s.b), "age": round(now - s.opened_at, 3),
                                 "bytes_up": s.bytes_up, "bytes_down": s.bytes_down}

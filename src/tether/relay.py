@@ -121,6 +121,16 @@ class _Edge:
              "bytes_down", "reconnects"), 0)
         self._closing = False
 
+    at_service = False  # whether this edge's sockets are the service's (a connector's)
+
+    def bytes_of(self, bridge: SocketBridge) -> tuple[int, int]:
+        """A connection's bytes (up, down): up toward the service, down from it, as the
+        gateway counts them, whichever end of the flow this edge holds (an agent reads
+        what goes up from its sockets, a connector writes it to its servers)."""
+        if self.at_service:
+            return bridge.bytes_down, bridge.bytes_up
+        return bridge.bytes_up, bridge.bytes_down
+
     def _linked_up(self) -> None:
         """The node's link is up: keep it so (`_keep_link`)."""
         spawn_owned(self.tasks, self._keep_link())
@@ -170,16 +180,16 @@ class _Edge:
         self.bridges.discard(bridge)
         if not bridge.has_flow:
             return
-        self.counters["bytes_up"] += bridge.bytes_up
-        self.counters["bytes_down"] += bridge.bytes_down
+        up, down = self.bytes_of(bridge)
+        self.counters["bytes_up"] += up
+        self.counters["bytes_down"] += down
         if bridge.timed_out:
             self.counters["edge_timeouts"] += 1
             log.warning("flow %s: the %s at %s stopped answering (no answer to TCP "
                         "keepalive or retransmissions): flow reset", bridge.flow.id,
                         bridge.label, bridge.peer)
         log.info("flow %s ended: %s, first %s, %d bytes up, %d bytes down, %.3fs",
-                 bridge.flow.id, bridge.flow.state.name, bridge.first_end or "?",
-                 bridge.bytes_up, bridge.bytes_down,
+                 bridge.flow.id, bridge.flow.state.name, bridge.first_end or "?", up, down,
                  asyncio.get_running_loop().time() - bridge.opened_at)
 
     def _schedule_reaper(self) -> None:
@@ -257,16 +267,18 @@ class _Edge:
         `bytes_up` and `bytes_down` count the open connections' bytes too."""
         loop_now = asyncio.get_running_loop().time()
         counters = dict(self.counters)
+        flows = []
         for bridge in self.bridges:  # (`_done` moves its bytes into `counters`)
-            counters["bytes_up"] += bridge.bytes_up
-            counters["bytes_down"] += bridge.bytes_down
+            up, down = self.bytes_of(bridge)
+            counters["bytes_up"] += up
+            counters["bytes_down"] += down
+            flows.append({"id": str(bridge.flow.id), "service": bridge.flow.service,
+                          "state": bridge.flow.state.name,
+                          "age": round(loop_now - bridge.opened_at, 3),
+                          "bytes_up": up, "bytes_down": down})
         return {"name": self.name, "gateway": self.gateway, "linked": self.node.linked,
                 "open": len(self.bridges) + len(self.arriving), **counters,
-                "node": self.node.stats(),
-                "flows": [{"id": str(b.flow.id), "service": b.flow.service,
-                           "state": b.flow.state.name, "age": round(loop_now - b.opened_at, 3),
-                           "bytes_up": b.bytes_up, "bytes_down": b.bytes_down}
-                          for b in self.bridges]}
+                "node": self.node.stats(), "flows": flows}
 
 
 class Agent(_Edge):
@@ -400,6 +412,8 @@ class Connector(_Edge):
     reason (the application's socket is reset at the agent). A flow that ends while its
     server has not answered yet (the application reset) is not waited for: the connect
     is given up `_ABANDON_GRACE` seconds later, not after the whole `connect_timeout`."""
+
+    at_service = True
 
     def __init__(self, gateway: str, services: list[tuple[str, str, int]], *,
                  name: str = "connector", token: bytes | str = b"",
