@@ -66,7 +66,7 @@ def test_server_dealloc_gives_eof_at_once(procs: ProcGroup) -> None:
     assert after < 0.1, line.text
     assert client.wait() == 0, procs.describe()
     # The gateway saw the flow spliced and ended.
-    gw.proc.expect(r"flow \S+ spliced service=oecho oecho-client -> oecho-server",
+    gw.proc.expect(r"flow \S+ spliced service=oecho oecho-client#\d+ -> oecho-server#\d+",
                    stream="stderr")
     gw.proc.expect(r"flow \S+ ended: CLOSED, first ", stream="stderr")
 

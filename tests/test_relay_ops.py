@@ -219,6 +219,27 @@ def test_bytes_up_and_down_mean_the_same_direction_at_every_daemon(rig: Rig) -> 
         listener.close()
 
 
+def test_one_connections_log_lines_name_the_same_streams_at_every_daemon(rig: Rig) -> None:
+    """An operator follows one connection across the three daemons' logs: the agent's
+    line names its stream to the gateway (`gw1#N`), the gateway's "spliced" line both
+    streams (`agent#N -> connector#M`), the connector's its stream (`gw1#M`). Before,
+    the gateway named only the two nodes, and nothing tied its flow to theirs."""
+    echo = rig.echo_server()
+    gw, co, ag = rig.relay({"echo": echo.port})
+    for _ in range(3):  # (so that the streams' numbers are not all the same by chance)
+        with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
+            app.sendall(b"x")
+            assert app.recv(10) == b"x"
+        agent, _ = ag.proc.expect(r"flow \S+ allocated service=echo as gw1#(\d+) for ",
+                                  stream="stderr")
+        spliced, _ = gw.proc.expect(
+            r"flow \S+ spliced service=echo agent#(\d+) -> connector#(\d+)$", stream="stderr")
+        served, _ = co.proc.expect(r"flow \S+ connected service=echo as gw1#(\d+) to ",
+                                   stream="stderr")
+        assert (agent[1], served[1]) == (spliced[1], spliced[2]), \
+            (agent[0], spliced[0], served[0])
+
+
 def test_the_gateways_shutdown_line_sums_up_instead_of_listing_every_flow(rig: Rig) -> None:
     """The gateway's "shutting down" line gives its counters and how many flows and
     links are open, in one short line. Before, it was the whole status, every open flow

@@ -80,6 +80,13 @@ class Flow:
         return self._state
 
     @property
+    def link_stream(self) -> str:
+        """Where this flow runs: the node at the other end of its link (its gateway) and
+        the stream's number on that link, as `gw1#7`. The gateway names the same stream
+        `<this node>#7` in its log, which ties the two sides' lines together."""
+        return f"{self._conn.link.peer_name or '?'}#{self.stream}"
+
+    @property
     def liveness(self) -> float | None:
         """This side's liveness timeout in seconds (None: no liveness)."""
         return self._conn.link.liveness_of(self.stream)

@@ -470,8 +470,8 @@ class Gateway:
             a.conn.link.accept_flow(a.stream, a.conn.now)
             a.conn.flush()
             self.counters["flows_spliced"] += 1
-            log.info("flow %s spliced service=%s %s -> %s", splice.id, splice.service,
-                     a.conn.link.peer_name, conn.link.peer_name)
+            log.info("flow %s spliced service=%s %r -> %r", splice.id, splice.service, a,
+                     splice.b)
 
     def _on_ended(self, conn: LinkConnection, event: FlowEnded) -> None:
         entry = self._ends.pop((conn, event.stream), None)

@@ -367,7 +367,8 @@ class Agent(_Edge):
                 reset_socket(bridge.transport)
             return
         self.arriving.discard(bridge)
-        log.info("flow %s allocated service=%s for %s", flow.id, service, bridge.peer)
+        log.info("flow %s allocated service=%s as %s for %s", flow.id, service,
+                 flow.link_stream, bridge.peer)
         self._adopt(bridge)
         bridge.set_flow(flow)
 
@@ -502,7 +503,8 @@ class Connector(_Edge):
         finally:
             abandon.disarm()
             ended.remove_done_callback(abandon.flow_ended)
-        log.info("flow %s connected service=%s to %s:%d", flow.id, flow.service, host, port)
+        log.info("flow %s connected service=%s as %s to %s:%d", flow.id, flow.service,
+                 flow.link_stream, host, port)
         if bridge.on_done is None:  # the whole flow already ended while connecting
             self.counters["connections"] += 1
             return
