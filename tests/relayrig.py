@@ -176,7 +176,7 @@ def get_status(admin_port: int, path: str = "/status", timeout: float = 5.0) -> 
     finally:
         conn.close()
     assert reply.status == 200, f"GET {path} on admin port {admin_port}: {reply.status}"
-    return json.loads(body) if path == "/status" else body.decode()
+    return json.loads(body) if path.partition("?")[0] == "/status" else body.decode()
 
 
 def open_counts(role: str, status: dict[str, Any]) -> dict[str, int]:

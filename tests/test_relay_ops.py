@@ -4,6 +4,7 @@ endpoint and its metrics. Real processes and sockets (tests/relayrig.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from procs import ProcGroup, tether_argv
-from relayrig import HOST, TCP_CLOSE, Rig, free_port, tcp_state, wait_until
+from relayrig import HOST, TCP_CLOSE, Rig, free_port, get_status, tcp_state, wait_until
 from tether.admin import AdminServer
 
 LONG_NAME = "s" * 256
@@ -284,6 +285,69 @@ async def test_a_client_that_does_not_read_its_answer_is_not_held_for_ever() -> 
                 await asyncio.sleep(0.05)
     finally:
         await admin.aclose()
+
+
+def test_status_lists_the_oldest_open_flows_and_so_many(rig: Rig) -> None:
+    """`tether status` lists the open flows oldest first, at most `--flows N` of them
+    (`all` for every one), while the counts still say how many are open; `/metrics`
+    does not build the list at all. A query it cannot read is refused."""
+    echo = rig.echo_server()
+    gw, co, ag = rig.relay({"echo": echo.port})
+    apps = []
+    try:
+        for _ in range(5):
+            app = socket.create_connection((HOST, ag.ports["echo"]), timeout=10)
+            app.sendall(b"x")
+            assert app.recv(10) == b"x"
+            apps.append(app)
+            time.sleep(0.01)  # (distinct ages)
+        for daemon, key, count in ((gw, "open_flows", "flows"), (ag, "flows", "open"),
+                                   (co, "flows", "open")):
+            everything = daemon.status()[key]
+            assert len(everything) == 5, (daemon.name, everything)
+            ages = [f["age"] for f in everything]
+            assert ages == sorted(ages, reverse=True), (daemon.name, ages)
+            out = subprocess.run(tether_argv("status", daemon.admin, "--flows", "2"),
+                                 capture_output=True, text=True, timeout=10, check=False)
+            assert out.returncode == 0, out.stderr
+            two = json.loads(out.stdout)
+            assert two[count] == 5 and [f["id"] for f in two[key]] == \
+                [f["id"] for f in everything[:2]], (daemon.name, two)
+            assert len(get_status(daemon.admin_port, "/status?flows=all")[key]) == 5
+        with pytest.raises(AssertionError, match=": 400"):
+            get_status(gw.admin_port, "/status?flows=many")
+    finally:
+        for app in apps:
+            app.close()
+
+
+async def test_the_admin_endpoint_lists_at_most_listed_flows_unless_asked() -> None:
+    """With a `stats` that takes `flows`, /status asks for `listed_flows` (100), or what
+    the query says, and /metrics for none; a `stats` without it is called as before."""
+    asked: list[int | None] = []
+
+    def stats(flows: int | None = None) -> dict[str, object]:
+        asked.append(flows)
+        return {"flows": 400_000, "open_flows": list(range(400_000 if flows is None
+                                                          else min(flows, 400_000)))}
+    admin = AdminServer((HOST, 0), "gateway", "gw1", stats)
+    plain = AdminServer((HOST, 0), "hub", "h", lambda: {"open": 1})
+    await admin.start()
+    await plain.start()
+    try:
+        def get(server: AdminServer, path: str) -> bytes:
+            with socket.create_connection((HOST, server.port), timeout=10) as c:
+                c.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                return b"".join(iter(lambda: c.recv(1 << 20), b""))
+        body = (await asyncio.to_thread(get, admin, "/status")).partition(b"\r\n\r\n")[2]
+        assert len(json.loads(body)["open_flows"]) == 100
+        await asyncio.to_thread(get, admin, "/status?flows=7")
+        await asyncio.to_thread(get, admin, "/metrics")
+        assert asked == [100, 7, 0], asked
+        assert b'"open": 1' in await asyncio.to_thread(get, plain, "/status?flows=3")
+    finally:
+        await admin.aclose()
+        await plain.aclose()
 
 
 @pytest.mark.parametrize("level", ["debug", "Warning"])

@@ -68,6 +68,13 @@ def _tls_files(**files: str | None) -> Iterator[None]:
         raise ValueError(f"cannot load {given}: {exc.strerror or exc}") from exc
 
 
+def _count_or_all(text: str) -> str:
+    """A count (0 or more) or `all`."""
+    if text != "all" and not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a count or 'all'")
+    return text
+
+
 def _tls_server_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     tls = ServerTLS.from_args(args)
     if tls is None:
@@ -275,7 +282,9 @@ async def _connector(args: argparse.Namespace) -> int:
 
 async def _status(args: argparse.Namespace) -> int:
     host, port = parse_address(args.address)
-    body = await fetch_status(host, port, "/metrics" if args.metrics else "/status")
+    path = "/metrics" if args.metrics else \
+        "/status" if args.flows is None else f"/status?flows={args.flows}"
+    body = await fetch_status(host, port, path)
     sys.stdout.write(body.decode())
     return 0
 
@@ -393,6 +402,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("address", metavar="HOST:PORT", help="the daemon's admin endpoint")
     st.add_argument("--metrics", action="store_true",
                     help="print the Prometheus metrics instead of the JSON status")
+    st.add_argument("--flows", type=_count_or_all, default=None, metavar="N|all",
+                    help="list this many open flows, the oldest first (default 100)")
     st.set_defaults(func=_status)
     return parser
 

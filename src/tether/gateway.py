@@ -43,6 +43,7 @@ from .events import (
 )
 from .ids import FlowId
 from .link import DEFAULT_MAX_WINDOW, LinkConfig, Role
+from .listing import oldest
 from .splice import Splice, SpliceEnd
 
 __all__ = ["Gateway"]
@@ -249,11 +250,12 @@ class Gateway:
                        "services": dict(self._routes.get(peer, {}))}
                 for peer in sorted(names)}
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, flows: int | None = None) -> dict[str, Any]:
         """Counters (flows ended by how their first side ended; bytes, open flows'
         included, as they move), and what is open now: `flows` counts the open flows,
         `open_flows` lists them with their age and bytes (up: from the allocating side
-        toward the service, as the edges count them).
+        toward the service, as the edges count them), all of them or the `flows`
+        oldest.
 
         They add up: `flows_opened` (splices made: the gateway forwarded the OPEN) is
         `flows_ended` + `flows`, and `flows_ended` is `flows_closed` + `flows_refused` +
@@ -271,7 +273,7 @@ class Gateway:
                 "open_flows": [{"id": str(s.id), "service": s.service, "from": repr(s.a),
                                 "to": repr(s.b), "age": round(now - s.opened_at, 3),
                                 "bytes_up": s.bytes_up, "bytes_down": s.bytes_down}
-                               for s in splices]}
+                               for s in oldest(splices, flows)]}
 
     # link events ----------------------------------------------------------------------
 

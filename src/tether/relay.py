@@ -35,6 +35,7 @@ from .aio import SocketOptions, parse_address, spawn_owned
 from .bridge import SocketBridge, reset_socket
 from .errors import ErrorCode, FlowClosed, FlowDown, TetherError
 from .flowstate import FlowState
+from .listing import oldest
 from .node import Node
 
 __all__ = ["Agent", "Connector", "connect_failure", "parse_forward", "parse_service"]
@@ -261,24 +262,27 @@ class _Edge:
             log.warning("%s: %d connection(s) still open after the %gs drain: resetting",
                         self.name, len(self.bridges) + len(self.arriving), drain)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters, the node's view, and every open connection with age and bytes.
-        `open` counts the connections held, a flow allocated for them or not yet;
-        `bytes_up` and `bytes_down` count the open connections' bytes too."""
+    def stats(self, flows: int | None = None) -> dict[str, Any]:
+        """Counters, the node's view, and the open connections with age and bytes (all,
+        or the `flows` oldest). `open` counts the connections held, a flow allocated
+        for them or not yet; `bytes_up` and `bytes_down` count the open connections'
+        bytes too."""
         loop_now = asyncio.get_running_loop().time()
         counters = dict(self.counters)
-        flows = []
         for bridge in self.bridges:  # (`_done` moves its bytes into `counters`)
             up, down = self.bytes_of(bridge)
             counters["bytes_up"] += up
             counters["bytes_down"] += down
-            flows.append({"id": str(bridge.flow.id), "service": bridge.flow.service,
-                          "state": bridge.flow.state.name,
-                          "age": round(loop_now - bridge.opened_at, 3),
-                          "bytes_up": up, "bytes_down": down})
+        listed = []
+        for bridge in oldest(self.bridges, flows):
+            up, down = self.bytes_of(bridge)
+            listed.append({"id": str(bridge.flow.id), "service": bridge.flow.service,
+                           "state": bridge.flow.state.name,
+                           "age": round(loop_now - bridge.opened_at, 3),
+                           "bytes_up": up, "bytes_down": down})
         return {"name": self.name, "gateway": self.gateway, "linked": self.node.linked,
                 "open": len(self.bridges) + len(self.arriving), **counters,
-                "node": self.node.stats(), "flows": flows}
+                "node": self.node.stats(), "flows": listed}
 
 
 class Agent(_Edge):
