@@ -68,3 +68,14 @@ def test_error_hierarchy() -> None:
     assert tether.PeerDown("x").code != tether.FlowDown("x").code
     assert issubclass(tether.LocalProtocolError, tether.ProtocolError)
     assert issubclass(tether.RemoteProtocolError, tether.ProtocolError)
+
+
+@pytest.mark.parametrize("name", ["", "a@b", "x" * 256, "é" * 128])
+def test_a_node_or_gateway_cannot_be_made_with_a_name_no_flow_id_can_carry(name: str) -> None:
+    """A name a flow id or a HELLO cannot carry is refused where the node is made, not
+    at its first flow (an empty name started a daemon whose every flow then failed)."""
+    with pytest.raises(ValueError, match="node name"):
+        tether.Node(name, gateway="127.0.0.1:1")
+    with pytest.raises(ValueError, match="node name"):
+        tether.Gateway(name=name)
+    assert tether.ids.check_node_name("é" * 127) == "é" * 127

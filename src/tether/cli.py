@@ -25,6 +25,7 @@ from .aio import parse_address, run
 from .errors import TetherError
 from .gateway import Gateway
 from .heap import keep_heap_pages
+from .ids import check_node_name
 from .relay import Agent, Connector, parse_forward, parse_service
 from .tlsfiles import ServerTLS, add_server_tls_arguments
 from .workers import add_hub_subcommand
@@ -66,6 +67,14 @@ def _tls_files(**files: str | None) -> Iterator[None]:
         given = ", ".join(f"--{opt.replace('_', '-')} {path}"
                           for opt, path in files.items() if path)
         raise ValueError(f"cannot load {given}: {exc.strerror or exc}") from exc
+
+
+def _node_name(text: str) -> str:
+    """A node's name (`tether.ids.check_node_name`)."""
+    try:
+        return check_node_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _count_or_all(text: str) -> str:
@@ -292,7 +301,7 @@ async def _status(args: argparse.Namespace) -> int:
 def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--gateway", required=True, metavar="HOST:PORT",
                    help="the gateway to connect to")
-    p.add_argument("--name", default=default_name,
+    p.add_argument("--name", default=default_name, type=_node_name,
                    help=f"this node's name (default {default_name})")
     p.add_argument("--token", default=None, help="this node's token for the gateway")
     p.add_argument("--tls-ca", metavar="PEM",
@@ -341,7 +350,8 @@ def _parser() -> argparse.ArgumentParser:
                     "splice each allocated flow to a node serving it.")
     gw.add_argument("--listen", default="127.0.0.1:7443", metavar="HOST:PORT",
                     help="address to listen on (default 127.0.0.1:7443; port 0 picks one)")
-    gw.add_argument("--name", default="gw", help="this gateway's node name (default gw)")
+    gw.add_argument("--name", default="gw", type=_node_name,
+                    help="this gateway's node name (default gw)")
     gw.add_argument("--token", default=None,
                     help="shared secret every node must present in its HELLO")
     add_server_tls_arguments(gw, "links")

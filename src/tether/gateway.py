@@ -41,7 +41,7 @@ from .events import (
     StreamProtocolError,
     WindowUpdated,
 )
-from .ids import FlowId
+from .ids import FlowId, check_node_name
 from .link import DEFAULT_MAX_WINDOW, LinkConfig, Role
 from .listing import oldest
 from .splice import Splice, SpliceEnd
@@ -97,7 +97,7 @@ class Gateway:
                  retry_interval: float = 2.0,
                  peer_tls: ssl.SSLContext | None = None) -> None:
         self.listen = listen
-        self.name = name
+        self.name = check_node_name(name)
         self.token = token.encode() if isinstance(token, str) else token
         self.tls = tls
         self.heartbeat = heartbeat

@@ -13,13 +13,25 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["FlowId"]
+__all__ = ["FlowId", "check_node_name"]
 
 _SERIAL_BITS: Final = 48
 _SERIAL_MASK: Final = (1 << _SERIAL_BITS) - 1
 _MAX_WORKER: Final = 0xFFFF
 _PATTERN: Final = re.compile(r"(?:(?P<worker>[0-9]+):)?(?P<serial>[0-9a-f]+)@(?P<node>.+)",
                              re.DOTALL)
+
+
+def check_node_name(name: str) -> str:
+    """`name` if it can name a node (a gateway, an agent, a connector): 1 to 255 bytes
+    of UTF-8 (what a HELLO carries), without '@' (the separator of its flows' ids);
+    else `ValueError`. Checked where the node is made: an empty name used to start a
+    daemon whose every flow then failed on its id."""
+    if not isinstance(name, str):
+        raise TypeError(f"node name must be a str, not {type(name).__name__}")
+    if not name or "@" in name or len(name.encode()) > 255:
+        raise ValueError(f"node name {name!r} must be 1 to 255 bytes, without '@'")
+    return name
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -50,7 +50,7 @@ from .events import (
 )
 from .flow import Flow
 from .flowstate import FlowState
-from .ids import FlowId
+from .ids import FlowId, check_node_name
 from .link import (
     DEFAULT_MAX_WINDOW,
     MODE_CASCADE,
@@ -84,7 +84,7 @@ class Node:
                  connect_timeout: float = 10.0) -> None:
         if gateway is None and listen is None:
             raise ValueError("a Node needs a gateway to connect to, or an address to listen on")
-        self.name = name
+        self.name = check_node_name(name)
         self.gateway = gateway
         self.listen = listen
         self.token = token.encode() if isinstance(token, str) else token
