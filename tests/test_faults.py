@@ -182,7 +182,7 @@ LOSSY_HOSTS = ["agent", "gw", "connector", "server"]
 DOWN_LINE = re.compile(r"flow \S+ down: (?!resetting ).*$|refused: allocation of .*$")
 # A link that ended (at a node or the gateway), a flow reset: what explains a failure.
 END_LINE = re.compile(r"link to \S+ ended: .*$|link from .* closed: .*$|"
-                      r"node \S+ disconnected: .*$|flow \S+ reset: .*$")
+                      r"node \S+ disconnected: .*$|flow \S+ reset(?: here)?: .*$")
 
 
 def _link_gaps(rig: Rig, gw: Daemon, since: float, until: float) -> dict[str, float]:

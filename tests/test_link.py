@@ -186,6 +186,9 @@ def test_reset_reaches_the_peer_with_code_and_reason() -> None:
     p.handshake()
     sid, _ = p.open()
     p.client.reset(sid, ErrorCode.RESET, "user gave up", p.now)
+    mine = ended(p.take("client"))[sid]  # (this side's event says why too, for its log)
+    assert (mine.state, mine.reason, mine.initiator) == (
+        FlowState.RESET, "reset: user gave up", "local")
     p.transfer()
     end = ended(p.take("server"))[sid]
     assert (end.state, end.code) == (FlowState.RESET, ErrorCode.RESET)

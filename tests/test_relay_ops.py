@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from procs import ProcGroup, tether_argv
-from relayrig import HOST, TCP_CLOSE, Rig, free_port, get_status, tcp_state, wait_until
+from relayrig import HOST, LINGER_ZERO, TCP_CLOSE, Rig, free_port, get_status, tcp_state, wait_until
 from tether.admin import AdminServer
 
 LONG_NAME = "s" * 256
@@ -290,6 +290,23 @@ async def test_a_client_that_does_not_read_its_answer_is_not_held_for_ever() -> 
                 await asyncio.sleep(0.05)
     finally:
         await admin.aclose()
+
+
+def test_an_application_reset_is_logged_with_its_reason_at_both_edges(rig: Rig) -> None:
+    """The agent's line for a connection its application reset says so and why ("reset
+    here: connection reset: ..."), and the connector's gives the same reason, received.
+    Before, the agent's line said only "reset: reset"."""
+    echo = rig.echo_server()
+    _gw, co, ag = rig.relay({"echo": echo.port})
+    app = socket.create_connection((HOST, ag.ports["echo"]), timeout=10)
+    app.sendall(b"x")
+    assert app.recv(10) == b"x"
+    app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+    app.close()
+    ag.proc.expect(r"flow \S+ reset here: connection reset: .*Connection reset by peer$",
+                   stream="stderr")
+    co.proc.expect(r"flow \S+ reset: connection reset: .*Connection reset by peer$",
+                   stream="stderr")
 
 
 def test_status_lists_the_oldest_open_flows_and_so_many(rig: Rig) -> None:

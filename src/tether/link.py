@@ -597,7 +597,7 @@ class Link:
         down = code in _DOWN_CODES
         s.fsm.process(FlowInput.LINK_LOST if down else FlowInput.LOCAL_RESET)
         self._emit(wire.Reset(stream=stream, code=code, reason=reason), now)
-        self._ended(s, code, f"down: {reason}" if down else "reset", "local")
+        self._ended(s, code, f"down: {reason}" if down else f"reset: {reason}", "local")
         self._maybe_drained(now)
 
     def consumed(self, stream: int, n: int, now: float) -> None:

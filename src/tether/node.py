@@ -482,7 +482,9 @@ class Node:
             log.warning("flow %s down: %s", flow.id, event.reason.removeprefix("down: "))
         else:
             self.counters["reset"] += 1
-            log.warning("flow %s reset: %s", flow.id, event.reason.removeprefix("reset: "))
+            log.warning("flow %s reset%s: %s", flow.id,
+                        " here" if event.initiator == "local" else "",
+                        event.reason.removeprefix("reset: "))
 
 
 def _open_error(flow: Flow, event: FlowEnded) -> TetherError:
