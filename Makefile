@@ -5,11 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: run demo-core test test-compat bench fuzz clean
-# The asyncio-facing tests again under a newer Python (its asyncio changed under us
-# before: Server.wait_closed, writelines); skipped, saying so, where it is not installed.
-COMPAT_PY ?= $(firstword $(wildcard /usr/bin/python3.12 /usr/local/bin/python3.12 \
-	$(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
-COMPAT_VENV := .venv-compat
+# The asyncio-facing tests again under each newer Python found (its asyncio changed
+# under us before: Server.wait_closed, writelines), each in its own venv; a version
+# not installed is skipped, saying so.
+COMPAT_VERSIONS ?= 3.12 3.13
 COMPAT_TESTS := tests/test_flow_contract.py tests/test_aio_adapter_edges.py \
 	tests/test_gateway.py tests/test_hub_contract.py tests/test_mesh_contract.py \
 	tests/test_relay_edge_cleanup.py tests/test_tls.py tests/test_hub_tls.py
@@ -33,13 +32,18 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory test-compat
 
 test-compat:
-	@if $(COMPAT_PY) -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then \
-	  test -d $(COMPAT_VENV) || $(COMPAT_PY) -m venv $(COMPAT_VENV); \
-	  $(COMPAT_VENV)/bin/pip install -q --upgrade pip && \
-	  $(COMPAT_VENV)/bin/pip install -q -e '.[dev]' && \
-	  $(COMPAT_VENV)/bin/python -V && \
-	  $(COMPAT_VENV)/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS); \
-	else echo "test-compat: no $(COMPAT_PY) (Python >= 3.12) here: skipped"; fi
+	@for v in $(COMPAT_VERSIONS); do \
+	  py=$$(ls /usr/bin/python$$v /usr/local/bin/python$$v \
+	    $(HOME)/.pyenv/versions/$$v*/bin/python$$v 2>/dev/null | head -n 1); \
+	  py=$${py:-$$(command -v python$$v)}; \
+	  if [ -z "$$py" ]; then echo "test-compat: no python$$v here: skipped"; continue; fi; \
+	  venv=.venv-compat-$$v; \
+	  { test -d $$venv || $$py -m venv $$venv; } && \
+	  $$venv/bin/pip install -q --upgrade pip && \
+	  $$venv/bin/pip install -q -e '.[dev]' && \
+	  $$venv/bin/python -V && \
+	  $$venv/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
+	done
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
@@ -49,4 +53,4 @@ fuzz: $(STAMP)
 	$(BIN)/python fuzz/fuzz_wire.py -atheris_runs=200000
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-compat* build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
