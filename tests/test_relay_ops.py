@@ -4,6 +4,7 @@ endpoint and its metrics. Real processes and sockets (tests/relayrig.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -15,7 +16,17 @@ from collections.abc import Iterator
 import pytest
 
 from procs import ProcGroup, tether_argv
-from relayrig import HOST, LINGER_ZERO, TCP_CLOSE, Rig, free_port, get_status, tcp_state, wait_until
+from relayrig import (
+    HOST,
+    LINGER_ZERO,
+    TCP_CLOSE,
+    Daemon,
+    Rig,
+    free_port,
+    get_status,
+    tcp_state,
+    wait_until,
+)
 from tether.admin import AdminServer
 
 LONG_NAME = "s" * 256
@@ -27,12 +38,11 @@ def rig() -> Iterator[Rig]:
         yield r
 
 
-@pytest.mark.parametrize("role", ["agent", "gateway", "connector"])
-def test_a_second_signal_ends_the_drain_at_once(rig: Rig, role: str) -> None:
-    """SIGTERM starts a drain of up to `--drain` seconds; a second signal (SIGTERM, or
-    SIGINT: an operator's second Ctrl-C) ends it at once: the open connection is reset
-    and the daemon exits 0. Before, the second signal was ignored and the daemon waited
-    for the whole drain (here 60 s)."""
+@contextlib.contextmanager
+def _draining(rig: Rig, role: str) -> Iterator[tuple[Daemon, socket.socket]]:
+    """A relay whose daemons drain for up to 60 s, one connection open through it, and
+    the daemon of `role` sent SIGTERM: yields it, draining (still running), and the
+    application's socket."""
     echo = rig.echo_server()
     drain = ["--drain", "60"]
     gw, co, ag = rig.relay({"echo": echo.port}, gateway_args=drain, connector_args=drain,
@@ -44,6 +54,16 @@ def test_a_second_signal_ends_the_drain_at_once(rig: Rig, role: str) -> None:
         daemon.proc.popen.send_signal(signal.SIGTERM)
         daemon.wait_log("draining 1 connection" if role != "gateway" else "shutting down")
         assert daemon.proc.running, "exited before the drain's deadline"
+        yield daemon, app
+
+
+@pytest.mark.parametrize("role", ["agent", "gateway", "connector"])
+def test_a_second_signal_ends_the_drain_at_once(rig: Rig, role: str) -> None:
+    """SIGTERM starts a drain of up to `--drain` seconds; a second signal (SIGTERM, or
+    SIGINT: an operator's second Ctrl-C) ends it at once: the open connection is reset
+    and the daemon exits 0. Before, the second signal was ignored and the daemon waited
+    for the whole drain (here 60 s)."""
+    with _draining(rig, role) as (daemon, app):
         t0 = time.monotonic()
         daemon.proc.popen.send_signal(signal.SIGINT)
         assert daemon.proc.wait(10) == 0
@@ -138,17 +158,7 @@ def test_status_answers_during_the_drain(rig: Rig, role: str) -> None:
     """While a daemon drains (SIGTERM), `tether status` still shows the connection it
     waits for: the moment an operator wants to see what is left. Before, the admin
     endpoint closed first: "connection refused" for the whole drain."""
-    echo = rig.echo_server()
-    drain = ["--drain", "60"]
-    gw, co, ag = rig.relay({"echo": echo.port}, gateway_args=drain, connector_args=drain,
-                           agent_args=drain)
-    daemon = {"agent": ag, "gateway": gw, "connector": co}[role]
-    with socket.create_connection((HOST, ag.ports["echo"]), timeout=10) as app:
-        app.sendall(b"ping")
-        assert app.recv(10) == b"ping"
-        daemon.proc.popen.send_signal(signal.SIGTERM)
-        daemon.wait_log("draining 1 connection" if role != "gateway" else "shutting down")
-        assert daemon.proc.running
+    with _draining(rig, role) as (daemon, _app):
         assert daemon.open_counts() == {k: 1 for k in daemon.open_counts()}
 
 
