@@ -398,7 +398,10 @@ class Hub:
     and counted in ``stats().handshakes_failed``. ``name`` is the node part of every id.
 
     Bounds: ``queue_high``/``queue_low`` are the data queue's watermarks in bytes
-    (payload plus about 120 bytes of overhead per message); ``max_write_buffer`` bounds
+    (payload plus about 120 bytes of overhead per message). What the application has
+    taken is its own, and the queue refills behind it: while it works through a full
+    batch (``async for`` over the hub hands out one batch an event at a time), up to
+    twice ``queue_high`` is in memory. ``max_write_buffer`` bounds
     what may wait to be written to one connection, and ``slow_consumer`` says what
     happens beyond it: ``"disconnect"`` (reason ``"slow consumer"``) or ``"drop"`` the
     message (counted in ``stats().dropped``). ``linger`` is how long a connection whose
