@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -94,6 +95,10 @@ class Proc:
         self.name = name
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.log = tempfile.TemporaryFile("w+", errors="replace")  # noqa: SIM115
+        # The child writes through the same open file, whose offset `lines` moves to
+        # 0 to read: without O_APPEND its next line overwrote the start of the file.
+        fd = self.log.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
         self.popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                       stdout=self.log, stderr=subprocess.STDOUT)
         self.pid = self.popen.pid
