@@ -33,8 +33,9 @@ Measurements, one JSON object per line on stdout:
   through the minimal relays and tether (socat and haproxy are not given a route).
 * ``close``: the server closes its socket; the time until the client's protocol sees
   EOF (same process, same clock): p50 and p99 over ``--closes`` connections, samples
-  interleaving the paths. Also the CPU the path's relay processes used per connection
-  (connect, one round trip, both closes; 10 ms clock ticks, so a few % either way).
+  interleaving the paths, in a new random order each round. Also the CPU the path's
+  relay processes used per connection (connect, one round trip, both closes; 10 ms
+  clock ticks, so a few % either way).
 * ``target``: tether/chain3 and tether2/chain4 against the issue's targets (bulk >=
   0.7x, close p50 and p99 within 1.5x).
 
@@ -54,6 +55,7 @@ import http.client
 import json
 import os
 import pstats
+import random
 import re
 import shutil
 import signal
@@ -537,8 +539,15 @@ async def measure_close(args: argparse.Namespace, paths: list[Path]
         tag += 1
         await close_once(p.ports["close"], tag)
     cpu_before = {p.name: p.cpu() for p in paths}
+    # Each round takes the paths in a new order: a sample shares the CPU with the
+    # teardown of the sample before (its closes, log lines, timers), so in a fixed
+    # order the path after tether's paid for it. An A/A run (tether twice, the same
+    # code) measured the second copy 5-11 % slower at p50 and up to 2x at p99, and
+    # chain4, after tether, showed a p99 three times chain3's. (Waiting 3 ms after each
+    # sample instead left every path colder: chain3 +12 %, tether +22 %.)
+    order = random.Random(6)
     for _ in range(args.closes):
-        for p in paths:
+        for p in order.sample(paths, len(paths)):
             tag += 1
             samples[p.name].append(await close_once(p.ports["close"], tag))
     cpu_per_conn = {p.name: (p.cpu() - cpu_before[p.name]) * 1e6 / args.closes for p in paths}
