@@ -4,7 +4,6 @@ loop has slept, and nothing else of the thread is handled before it."""
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 
@@ -106,70 +105,3 @@ async def test_a_gateway_handles_a_held_end_before_anything_else_of_its_thread(
         await flow.close_write()
         assert await asyncio.wait_for(read_to_eof(peer), 5) == b""
         await eventually("the splice ended", lambda: not gw._ends)
-
-
-async def test_an_edges_fin_is_written_at_once_and_its_link_told_after_the_loop_slept(
-        ) -> None:
-    """A bridged socket reads EOF: its flow's FIN is on the wire before the callback
-    returns (the peer node can read EOF), while the link learns of it later -- here at
-    the next link callback of the thread, the gateway's read of that FIN. It learns of
-    it exactly once, and the stream ends cleanly when the peer closes too."""
-    from tether.bridge import SocketBridge
-
-    loop = asyncio.get_running_loop()
-    async with gateway() as gw, \
-            tether.Node("server", gateway=address(gw)) as server, \
-            tether.Node("client", gateway=address(gw)) as client:
-        flow, peer = await served_pair(gw, server, client)
-        listener = socket.create_server(("127.0.0.1", 0))
-        app = socket.create_connection(listener.getsockname())
-        ours, _ = listener.accept()
-        listener.close()
-        ours.setblocking(False)
-        link = flow._conn.link
-        seen: list[tuple[FlowState | None, int]] = []
-
-        class Spied(SocketBridge):
-            def eof_received(self) -> bool:
-                kept = super().eof_received()
-                seen.append((link.flow_state(flow.stream), link.stats.frames_out))
-                return kept
-
-        transport, _ = await loop.create_connection(lambda: Spied(flow), sock=ours)
-        frames_before = link.stats.frames_out
-        try:
-            app.shutdown(socket.SHUT_WR)
-            assert await asyncio.wait_for(read_to_eof(peer), 5) == b""  # the FIN arrived
-            assert seen == [(FlowState.OPEN, frames_before)], seen  # the link not told yet
-            # the gateway's read of it, a callback of this thread, told the link first
-            assert heldreads.current().reads == []
-            assert link.flow_state(flow.stream) is FlowState.LOCAL_FIN
-            assert link.stats.frames_out == frames_before + 1  # the FIN counted, once
-            assert flow.state is FlowState.LOCAL_FIN
-            await peer.close_write()
-            await eventually("the flow ended", lambda: flow.state is FlowState.CLOSED)
-            assert link.flow_state(flow.stream) is None
-        finally:
-            transport.close()
-            app.close()
-
-
-async def test_a_fin_written_ahead_is_written_once() -> None:
-    """`fin_ahead` again, or `fin_nowait`, before the link was told of the first FIN
-    writes no second one (the peer would take it as a protocol error and reset the
-    flow): the flow still ends cleanly."""
-    async with gateway() as gw, \
-            tether.Node("server", gateway=address(gw)) as server, \
-            tether.Node("client", gateway=address(gw)) as client:
-        flow, peer = await served_pair(gw, server, client)
-        link = flow._conn.link
-        frames_before = link.stats.frames_out
-        flow.fin_ahead()
-        flow.fin_ahead()
-        flow.fin_nowait()
-        assert await asyncio.wait_for(read_to_eof(peer), 5) == b""
-        await peer.close_write()
-        assert await asyncio.wait_for(read_to_eof(flow), 5) == b""
-        await eventually("the flow ended", lambda: flow.state is FlowState.CLOSED)
-        assert peer.state is FlowState.CLOSED
-        assert link.stats.frames_out == frames_before + 1

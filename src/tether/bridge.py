@@ -310,7 +310,7 @@ class SocketBridge(asyncio.BufferedProtocol):
         if self._pending is not None or self._flow is None:
             self._fin_pending = True
         else:
-            self._flow.fin_ahead()  # first: the FIN leaves before any bookkeeping
+            self._flow.fin_nowait()  # first: the FIN leaves before any bookkeeping
         # (no fin timeout here: the far edge, which passes this FIN on to its own peer,
         # times that peer, whose progress it sees; this side's peer is done sending)
         if self.first_end is None:

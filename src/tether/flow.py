@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Protocol
 
-from . import heldreads
 from .errors import (
     ErrorCode,
     FlowClosed,
@@ -49,9 +48,9 @@ log = logging.getLogger("tether.flow")
 class Flow:
     """One flow, as seen by the application. Made by `Node.alloc` and `Node.accept`."""
 
-    __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_ended", "_eof", "_fin_ahead",
-                 "_fin_told", "_reader", "_sink", "_state", "_wlock", "_writer", "id", "peer",
-                 "service", "stream")
+    __slots__ = ("_buffer", "_buffered", "_conn", "_end", "_ended", "_eof", "_fin_told",
+                 "_reader", "_sink", "_state", "_wlock", "_writer", "id", "peer", "service",
+                 "stream")
 
     def __init__(self, fid: FlowId, conn: LinkConnection, stream: int, service: str,
                  peer: str) -> None:
@@ -70,7 +69,6 @@ class Flow:
         self._wlock: asyncio.Lock | None = None  # writes one at a time (made on first use)
         self._sink: FlowSink | None = None
         self._fin_told = False  # the sink heard `flow_fin`
-        self._fin_ahead = False  # `fin_ahead` wrote the FIN; the link is not told yet
         self._ended: asyncio.Future[None] | None = None  # made by `when_ended`
 
     def __repr__(self) -> str:
@@ -264,35 +262,10 @@ class Flow:
     def fin_nowait(self) -> None:
         """`close_write()` without awaiting."""
         conn = self._conn
-        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN) and not self._fin_ahead \
+        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN) \
                 and conn.link.flow_state(self.stream) is not None:
             # the FIN first, when it may go at once: on a relay's edge, the path of a close
             conn.link.send_fin(self.stream, conn.now, written=conn.write_end(self.stream, True))
-            self._set_state()
-            conn.flush()
-
-    def fin_ahead(self) -> None:
-        """`fin_nowait()` for a relay's edge whose socket just read EOF: the FIN is
-        written at once, and the link is told once the loop has slept
-        (`tether.heldreads`), so that its bookkeeping does not run between this hop's
-        write and the next hop's (on a shared CPU, the next hop runs only once this one
-        sleeps). Where the FIN cannot go ahead of what is queued, `fin_nowait()`."""
-        conn = self._conn
-        if self._fin_ahead or self._state not in (FlowState.OPEN, FlowState.REMOTE_FIN) \
-                or conn.link.flow_state(self.stream) is None:
-            return
-        if conn.write_end(self.stream, True):
-            self._fin_ahead = True
-            heldreads.current().defer(self._fin_written, conn.loop)
-        else:
-            self.fin_nowait()
-
-    def _fin_written(self) -> None:
-        """The link learns of the FIN `fin_ahead` wrote (unless the stream ended since)."""
-        self._fin_ahead = False
-        conn = self._conn
-        if conn.link.flow_state(self.stream) is not None:
-            conn.link.send_fin(self.stream, conn.now, written=True)
             self._set_state()
             conn.flush()
 

@@ -18,9 +18,6 @@ So the link keeps that read's bytes here, and they are applied:
 * when the loop has been idle for `DELAY` (one timer for the thread, not one per read);
 * before a node or gateway closes (`apply`).
 
-An edge's own end goes the same way (`defer`): the FIN its socket's EOF calls for is
-written at once, and the link is told of it here.
-
 Nothing but the timing changes: the held bytes are the frame itself, applied as if
 they had arrived a little later. What could tell the difference is the state seen
 between the two -- a counter, `tether status` -- for at most `DELAY` plus the loop's
@@ -34,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["DELAY", "HeldReads", "Holder", "current"]
@@ -60,24 +56,15 @@ class HeldReads:
         self.reads: list[tuple[Holder, bytes]] = []
         self._armed: asyncio.AbstractEventLoop | None = None  # the loop with our timer
 
-    def hold(self, holder: Holder, data: bytes,
-             loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Keep `data`, just read by `holder`, to be applied later (see the module).
-        `loop`: the running loop, if the caller has it at hand."""
-        if loop is None:
-            loop = asyncio.get_running_loop()
+    def hold(self, holder: Holder, data: bytes) -> None:
+        """Keep `data`, just read by `holder`, to be applied later (see the module)."""
+        loop = asyncio.get_running_loop()
         if self._armed is not loop:
             if self._armed is not None:  # a loop this thread ran before, now stopped:
                 self.reads.clear()  # what it held belongs to connections it left behind
             self._armed = loop
             loop.call_later(DELAY, self._due)
         self.reads.append((holder, data))
-
-    def defer(self, fn: Callable[[], object],
-              loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Call `fn` when the held reads are applied, in its turn among them: the rest
-        of an edge's own stream end, written ahead (`Flow.fin_ahead`)."""
-        self.hold(_Call(fn), b"", loop)
 
     def apply(self) -> None:
         """Apply every held read now, in order (also the ones held meanwhile)."""
@@ -93,18 +80,6 @@ class HeldReads:
     def _due(self) -> None:
         self._armed = None
         self.apply()
-
-
-class _Call:
-    """A deferred call, held as a read is."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self.fn = fn
-
-    def apply_held(self, data: bytes) -> None:
-        self.fn()
 
 
 _local = threading.local()
