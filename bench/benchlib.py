@@ -91,9 +91,11 @@ class Proc:
     """A child process whose output goes to a file (read for readiness lines): no thread
     of this process reads it, so the daemons' logging costs this process nothing."""
 
-    def __init__(self, name: str, argv: list[str], *, cwd: str = ROOT) -> None:
+    def __init__(self, name: str, argv: list[str], *, cwd: str = ROOT,
+                 env: dict[str, str] | None = None) -> None:
+        """`env`: variables set for the child on top of this process's."""
         self.name = name
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.log = tempfile.TemporaryFile("w+", errors="replace")  # noqa: SIM115
         # The child writes through the same open file, whose offset `lines` moves to
         # 0 to read: without O_APPEND its next line overwrote the start of the file.

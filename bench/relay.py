@@ -14,6 +14,9 @@ Paths, each from a client in this process to a server in this process:
     chain4    the same with 4 hops
     tether    client --> tether agent ==> tether gateway ==> tether connector --> server
     tether2   client --> agent ==> gateway gw1 ==> gateway gw2 ==> connector ---> server
+    against   tether's path again, its daemons importing tether from `--against SRC`:
+              an A/B in one run (e.g. `--only close --paths chain3,tether --against
+              ../old/src`; a worktree of the old revision)
 
 The *minimal relay* is written here (`--hop`): an asyncio Protocol splice on uvloop,
 bytes in -> `transport.write`, `pause_reading`/`resume_reading` on the other side's
@@ -330,6 +333,7 @@ def start_paths(args: argparse.Namespace, servers: dict[str, int | None],
         "chain4": lambda: start_chain("chain4", 4, tcp, started, args.chain_pad_us),
         "tether": lambda: start_tether(args, "tether", 1, tcp, started),
         "tether2": lambda: start_tether(args, "tether2", 2, tcp, started),
+        "against": lambda: start_tether(args, "against", 1, tcp, started, args.against),
     }
     for program, names in (("socat", ("socat",)), ("haproxy", ("haproxy",))):
         if shutil.which(program) is None:
@@ -389,9 +393,11 @@ def start_chain(name: str, hops: int, tcp: dict[str, int], started: list[Proc],
 
 
 def start_tether(args: argparse.Namespace, name: str, gateways: int, tcp: dict[str, int],
-                 started: list[Proc]) -> Path:
+                 started: list[Proc], source: str | None = None) -> Path:
     """agent -> gateway(s) -> connector, each a process; with 2 gateways the connector
-    attaches to the second, the agent to the first, which peers with the second."""
+    attaches to the second, the agent to the first, which peers with the second.
+    `source`: import tether from this directory (`--against`)."""
+    env = {"PYTHONPATH": os.path.abspath(source)} if source else None
     tether = [sys.executable, "-m", "tether.cli", "--log-level", args.log_level]
     if args.window:
         tether = [sys.executable, "-c", WINDOW_SHIM, str(args.window), "--log-level",
@@ -407,7 +413,7 @@ def start_tether(args: argparse.Namespace, name: str, gateways: int, tcp: dict[s
         argv = ["gateway", "--listen", f"{HOST}:0", "--name", f"gw{i}"]
         if addresses:
             argv += ["--peer", f"gw{i + 1}={addresses[0]}"]
-        gw = Proc(f"{name} gw{i}", _profiled(tether, argv, profile, f"gw{i}"))
+        gw = Proc(f"{name} gw{i}", _profiled(tether, argv, profile, f"gw{i}"), env=env)
         started.append(gw)
         port = gw.wait_for(rf"gateway gw{i} listening on port (\d+)")[1]
         addresses.insert(0, f"{HOST}:{port}")
@@ -416,14 +422,15 @@ def start_tether(args: argparse.Namespace, name: str, gateways: int, tcp: dict[s
     co_argv = ["connector", "--gateway", addresses[-1], "--admin", "none"]
     for k in kinds:
         co_argv += ["--service", f"{k}={HOST}:{tcp[k]}"]
-    co = Proc(f"{name} connector", _profiled(tether, co_argv, profile, "connector"))
+    co = Proc(f"{name} connector", _profiled(tether, co_argv, profile, "connector"),
+              env=env)
     started.append(co)
     co.wait_for(r"^connector connector serving ")
     wait_services(admin, kinds, gws[0])  # the agent's gateway knows them all
     ag_argv = ["agent", "--gateway", addresses[0], "--admin", "none"]
     for k in kinds:
         ag_argv += ["--forward", f"{HOST}:0={k}"]
-    ag = Proc(f"{name} agent", _profiled(tether, ag_argv, profile, "agent"))
+    ag = Proc(f"{name} agent", _profiled(tether, ag_argv, profile, "agent"), env=env)
     started.append(ag)
     ports = {k: int(ag.wait_for(rf"^agent agent forwarding 127\.0\.0\.1:(\d+) to {k}$")[1])
              for k in kinds}
@@ -476,7 +483,8 @@ def _profiled(tether: list[str], argv: list[str], directory: str | None,
 
 
 # Each path is compared with the minimal chain of as many hops (processes).
-SAME_HOPS = {"tether": "chain3", "tether2": "chain4", "chain3": "chain3", "chain4": "chain4"}
+SAME_HOPS = {"tether": "chain3", "against": "chain3", "tether2": "chain4", "chain3": "chain3",
+             "chain4": "chain4"}
 
 
 def _vs(name: str, values: dict[str, Any], index: int | None = None) -> dict[str, float]:
@@ -677,6 +685,10 @@ def main() -> int:
                         help="each hop of the minimal chain spends US microseconds of CPU "
                              "before passing an EOF on: the close latency of a chain as a "
                              "function of its per-hop work (0)")
+    parser.add_argument("--against", metavar="SRC",
+                        help="also run path 'against': tether (1 gateway) imported from SRC "
+                             "(another checkout's src/, a compiled build), for an A/B in one "
+                             "run, the paths' order shuffled for both alike")
     parser.add_argument("--hop", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hop:
@@ -684,6 +696,8 @@ def main() -> int:
     q = args.quick
     args.paths = args.paths or ("direct,socat,haproxy,relay1,chain3,tether" + (
         "" if q else ",chain4,tether2"))
+    if args.against and "against" not in args.paths.split(","):
+        args.paths += ",against"
     args.mb = args.mb or (64 if q else 500)
     args.runs = args.runs or (1 if q else 3)
     args.closes = args.closes or (40 if q else 300)
