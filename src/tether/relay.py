@@ -42,12 +42,12 @@ __all__ = ["Agent", "Connector", "connect_failure", "parse_forward", "parse_serv
 
 log = logging.getLogger("tether.relay")
 _ABANDON_GRACE = 0.25
-# An agent's listen backlog (the kernel caps it at net.core.somaxconn): connections
-# the kernel has completed and the agent not accepted yet. Past it, a client's SYN is
-# dropped and its connect waits a second or more for the retry; 100, asyncio's
-# default, was reached by a burst of a thousand clients while the agent was busy.
-FORWARD_BACKLOG = 4096
 """Seconds a connector still waits for a server to answer once the flow has ended."""
+FORWARD_BACKLOG = 4096
+"""An agent's listen backlog (the kernel caps it at net.core.somaxconn): connections
+the kernel has completed and the agent not accepted yet. Past it, a client's SYN is
+dropped and its connect waits a second or more for the retry: with asyncio's default
+of 100, a burst of clients while the agent was busy did."""
 _CASCADE = {"half": "half-close", "full": "cascade"}
 
 
