@@ -28,7 +28,12 @@ class _Holder:
         self.applied.append((self.name, data))
 
 
-async def test_held_reads_wait_for_the_loop_to_sleep_then_apply_in_order() -> None:
+async def test_held_reads_wait_for_the_loop_to_sleep_then_apply_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held reads wait through turns of the loop that do not sleep, then the timer
+    applies them in order. (`DELAY` stretched to 50 ms: the three turns below took
+    over 1 ms once, under a loaded CI, and the timer came first.)"""
+    monkeypatch.setattr(heldreads, "DELAY", 0.05)
     applied: list[tuple[str, bytes]] = []
     held = HeldReads()
     a, b = _Holder("a", applied), _Holder("b", applied)
