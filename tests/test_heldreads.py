@@ -43,11 +43,11 @@ async def test_held_reads_wait_for_the_loop_to_sleep_then_apply_in_order(
     for _ in range(3):
         await asyncio.sleep(0)  # turns of the loop that do not sleep
     assert applied == []
-    await asyncio.sleep(heldreads.DELAY * 20)
+    await asyncio.sleep(heldreads.DELAY * 4)
     assert applied == [("a", b"1"), ("b", b"2"), ("a", b"3")]
     assert held.reads == []
     held.hold(a, b"4")  # the timer is armed again
-    await asyncio.sleep(heldreads.DELAY * 20)
+    await asyncio.sleep(heldreads.DELAY * 4)
     assert applied[-1] == ("a", b"4")
 
 
