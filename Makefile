@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run demo-core test test-compat bench fuzz clean
 # The asyncio-facing tests again under each newer Python found (its asyncio changed
-# under us before: Server.wait_closed, writelines), each in its own venv; a version
-# not installed is skipped, saying so.
+# under us before: Server.wait_closed, writelines), each in its own venv, the versions
+# side by side (the tests mostly wait on sockets); a version not installed is skipped,
+# saying so.
 COMPAT_VERSIONS ?= 3.12 3.13
 COMPAT_TESTS := tests/test_flow_contract.py tests/test_aio_adapter_edges.py \
 	tests/test_gateway.py tests/test_hub_contract.py tests/test_mesh_contract.py \
@@ -32,18 +33,20 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory test-compat
 
 test-compat:
-	@for v in $(COMPAT_VERSIONS); do \
+	@pids=; for v in $(COMPAT_VERSIONS); do ( \
 	  py=$$(ls /usr/bin/python$$v /usr/local/bin/python$$v \
 	    $(HOME)/.pyenv/versions/$$v*/bin/python$$v 2>/dev/null | head -n 1); \
 	  py=$${py:-$$(command -v python$$v)}; \
-	  if [ -z "$$py" ]; then echo "test-compat: no python$$v here: skipped"; continue; fi; \
+	  if [ -z "$$py" ]; then echo "test-compat: no python$$v here: skipped"; exit 0; fi; \
 	  venv=.venv-compat-$$v; \
 	  { test -d $$venv || $$py -m venv $$venv; } && \
 	  $$venv/bin/pip install -q --upgrade pip && \
 	  $$venv/bin/pip install -q -e '.[dev]' && \
 	  $$venv/bin/python -V && \
-	  $$venv/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS) || exit 1; \
-	done
+	  $$venv/bin/pytest -q -p no:cacheprovider $(COMPAT_TESTS) \
+	  ) > .venv-compat-$$v.log 2>&1 & pids="$$pids $$!"; done; \
+	rc=0; for pid in $$pids; do wait $$pid || rc=1; done; \
+	for v in $(COMPAT_VERSIONS); do cat .venv-compat-$$v.log; done; exit $$rc
 
 bench: $(STAMP)
 	$(BIN)/python bench/core.py
