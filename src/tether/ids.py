@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["FlowId", "check_node_name"]
+__all__ = ["FlowId", "check_node_name", "check_service_name"]
 
 _SERIAL_BITS: Final = 48
 _SERIAL_MASK: Final = (1 << _SERIAL_BITS) - 1
@@ -32,6 +32,14 @@ def check_node_name(name: str) -> str:
     if not name or "@" in name or len(name.encode()) > 255:
         raise ValueError(f"node name {name!r} must be 1 to 255 bytes, without '@'")
     return name
+
+
+def check_service_name(service: str) -> str:
+    """`service` if it can name a service: 1 to 255 bytes of UTF-8 (what a REGISTER
+    and an OPEN carry); else `ValueError`."""
+    if not service or len(service.encode()) > 255:
+        raise ValueError(f"service name {service!r} must be 1 to 255 bytes")
+    return service
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import ssl
 import time
@@ -51,6 +50,7 @@ from typing import Any, Final
 
 from . import wire
 from .aio import LinkConnection, SocketOptions, parse_address, spawn_owned
+from .backoff import retry_delay
 from .errors import (
     ErrorCode,
     HandshakeError,
@@ -1085,8 +1085,7 @@ class Mesh:
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter, never above `retry_interval`."""
-        base = min(self.retry_interval, 0.02 * 2.0 ** min(attempt, 30))
-        return base * random.uniform(0.5, 1.0)
+        return retry_delay(attempt, self.retry_interval)
 
     async def _dial(self, peer: _Peer) -> None:
         loop = asyncio.get_running_loop()

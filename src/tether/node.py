@@ -50,7 +50,7 @@ from .events import (
 )
 from .flow import Flow
 from .flowstate import FlowState
-from .ids import FlowId, check_node_name
+from .ids import FlowId, check_node_name, check_service_name
 from .link import (
     DEFAULT_MAX_WINDOW,
     MODE_CASCADE,
@@ -254,9 +254,7 @@ class Node:
 
     def register(self, service: str) -> None:
         """Offer `service`: flows allocated to it reach this node's `accept()`."""
-        if not service or len(service.encode()) > 255:
-            raise ValueError(f"service name {service!r} must be 1 to 255 bytes")
-        self._services.add(service)
+        self._services.add(check_service_name(service))
         self._send_control(wire.KIND_REGISTER, service)
         log.info("node %s: registered service %s", self.name, service)
 

@@ -25,16 +25,17 @@ import asyncio
 import logging
 import math
 import os
-import random
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 from .aio import SocketOptions, parse_address, spawn_owned
+from .backoff import retry_delay
 from .bridge import SocketBridge, reset_socket
 from .errors import ErrorCode, FlowClosed, FlowDown, TetherError
 from .flowstate import FlowState
+from .ids import check_service_name
 from .listing import oldest
 from .node import Node
 
@@ -62,9 +63,11 @@ def parse_forward(text: str) -> tuple[str, int, str]:
 
 
 def _check_service_name(service: str, option: str, text: str) -> None:
-    if len(service.encode()) > 255:  # (what `Node.register` and the wire take)
+    try:
+        check_service_name(service)
+    except ValueError:  # (saying which option: the name alone may be 255+ bytes long)
         raise ValueError(f"{option} {text[:60]!r}...: a service name must be 1 to 255 "
-                         "bytes")
+                         "bytes") from None
 
 
 def connect_failure(exc: OSError) -> str:
@@ -138,9 +141,9 @@ class _Edge:
 
     async def _keep_link(self) -> None:
         """Once the link to the gateway is lost (the gateway restarted, the network), dial
-        again until it is back -- 20 ms at first, doubling up to `retry_interval`, less a
-        random part of each wait --
-        so that a gateway's restart does not leave every edge without one. Meanwhile an
+        again until it is back, waiting `tether.backoff.retry_delay` up to
+        `retry_interval` between attempts, so that a gateway's restart does not leave
+        every edge without one, nor have them all dial it in step. Meanwhile an
         agent refuses its applications' connections (reset, logged), and no flow
         reaches a connector. A line when the link is lost, one a minute while it stays
         so, one when it is back."""
@@ -151,10 +154,10 @@ class _Edge:
                 return
             log.warning("%s: link to the gateway %s lost (%s): connecting again", self.name,
                         self.gateway, reason)
-            delay, attempts, since, said = 0.02, 0, loop.time(), loop.time()
+            attempts, since, said = 0, loop.time(), loop.time()
             while True:
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # (a fleet of edges
-                attempts += 1  # dialling a restarted gateway spreads out)
+                await asyncio.sleep(retry_delay(attempts, self.retry_interval))
+                attempts += 1
                 try:
                     await self.node.start()
                     break
@@ -166,7 +169,6 @@ class _Edge:
                         log.warning("%s: still no link to the gateway %s after %d attempts "
                                     "(%.0fs): %s", self.name, self.gateway, attempts,
                                     loop.time() - since, exc)
-                    delay = min(delay * 2, self.retry_interval)
             self.counters["reconnects"] += 1
             log.warning("%s: link to the gateway %s is back (after %d attempt(s), %.1fs)",
                         self.name, self.gateway, attempts, loop.time() - since)
