@@ -276,6 +276,11 @@ class LinkConnection(asyncio.BufferedProtocol):
         return f"<LinkConnection {self.config.name}<->{self.link.peer_name or '?'} " \
                f"{self.peer_address}>"
 
+    def stream_name(self, stream: int) -> str:
+        """`stream` as the logs name it: the node at the other end and the number,
+        `gw1#7` (a gateway logs the same stream as `<that node>#7`)."""
+        return f"{self.link.peer_name or '?'}#{stream}"
+
     @property
     def now(self) -> float:
         """The loop's clock, the only clock tether uses."""

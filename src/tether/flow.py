@@ -84,7 +84,7 @@ class Flow:
         """Where this flow runs: the node at the other end of its link (its gateway) and
         the stream's number on that link, as `gw1#7`. The gateway names the same stream
         `<this node>#7` in its log, which ties the two sides' lines together."""
-        return f"{self._conn.link.peer_name or '?'}#{self.stream}"
+        return self._conn.stream_name(self.stream)
 
     @property
     def liveness(self) -> float | None:

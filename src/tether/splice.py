@@ -53,7 +53,7 @@ class SpliceEnd:
         self.ended = False
 
     def __repr__(self) -> str:
-        return f"{self.conn.link.peer_name}#{self.stream}"
+        return self.conn.stream_name(self.stream)
 
 
 class Splice:
