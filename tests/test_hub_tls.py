@@ -23,6 +23,7 @@ import pytest
 import tether.hub
 from test_hub_support import Recorder, connect, reset, until
 from tether.aio import TLSServer
+from tether.errors import FlowClosed
 from tether.hub import Closed, Data, Hub, Opened
 
 HUB_LOG = "tether.hub"
@@ -116,9 +117,12 @@ async def test_mutual_tls_refuses_clients_without_a_good_certificate(
     async with echo_hub(tls.server_context(require_client_cert=True)) as hub:
         stranger = ssl.create_default_context(cafile=tls.ca)
         stranger.load_cert_chain(tls.other_client_cert, tls.other_client_key)
-        for ctx in (tls.client_context(), stranger):  # none; one of an unknown CA
-            with pytest.raises((ssl.SSLError, ConnectionError, AssertionError)):
-                await served(hub, ctx)
+        # Each client hears why, in the TLS alert the hub writes before it closes
+        # (the loop's SSL layer dropped it: the client read an EOF)
+        with pytest.raises(ssl.SSLError, match="ALERT_CERTIFICATE_REQUIRED"):
+            await served(hub, tls.client_context())  # no certificate
+        with pytest.raises(ssl.SSLError, match="ALERT_UNKNOWN_CA"):
+            await served(hub, stranger)
         await until(lambda: hub.stats().handshakes_failed == 2)
         await served(hub, tls.client_context(cert=True))
         stats = hub.stats()
@@ -159,8 +163,10 @@ async def test_openssl_s_client_without_a_certificate(
         client = await asyncio.create_subprocess_exec(
             "openssl", "s_client", "-connect", f"127.0.0.1:{hub.port}", "-tls1_2",
             "-CAfile", str(tls.ca), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        assert await asyncio.wait_for(client.wait(), 10) != 0  # its handshake failed
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await asyncio.wait_for(client.communicate(), 10)
+        assert client.returncode != 0  # its handshake failed, and it was told why:
+        assert b"alert handshake failure" in output, output.decode(errors="replace")
         await until(lambda: hub.stats().handshakes_failed == 1)
         assert hub.stats().opened == 0
     [line] = failures(caplog)
@@ -315,3 +321,116 @@ async def test_a_tls_error_after_the_handshake_is_no_handshake_failure(tls: Any)
             assert "bad record mac" in recorder.closed[first], recorder.closed
         finally:
             await recorder.stop()
+
+
+async def test_a_client_of_an_older_protocol_version_is_told_so(
+        tls: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, HUB_LOG)
+    server = tls.server_context()
+    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    old = tls.client_context()
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with echo_hub(server) as hub:
+        with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):
+            await served(hub, old)
+        await until(lambda: hub.stats().handshakes_failed == 1)
+        await served(hub, tls.client_context())
+    [line] = failures(caplog)
+    assert line.endswith("failed: UNSUPPORTED_PROTOCOL"), line
+
+
+async def test_close_notify_both_ways(tls: Any) -> None:
+    """The hub's close() ends a TLS connection with a close_notify (a clean end, not a
+    truncation the client must suspect), and a client's close_notify is the peer's
+    end: Closed("peer"), and the hub answers with its own."""
+    client_ctx = tls.client_context()
+    async with Hub(tls=tls.server_context()) as hub:
+        port = hub.port
+
+        def client(close_first: bool) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    client_ctx.wrap_socket(raw, server_hostname="localhost",
+                                           suppress_ragged_eofs=False) as tsock:
+                tsock.sendall(b"hello\n")
+                if close_first:
+                    tsock.unwrap()  # ours, then waits for the hub's: raises without it
+                    return b"unwrapped"
+                got: bytes = tsock.recv(100)  # b"" at a close_notify; SSLEOFError at EOF
+                return got
+
+        ended = asyncio.ensure_future(asyncio.to_thread(client, False))
+        opened = await asyncio.wait_for(hub.recv_open(), 5)
+        data = await asyncio.wait_for(hub.recv_data(), 5)
+        assert data.data == b"hello"
+        hub.close(opened.id)
+        assert await asyncio.wait_for(ended, 5) == b""
+        assert await asyncio.wait_for(hub.recv_close(), 5) == Closed(opened.id, "local")
+
+        ended = asyncio.ensure_future(asyncio.to_thread(client, True))
+        opened = await asyncio.wait_for(hub.recv_open(), 5)
+        assert (await asyncio.wait_for(hub.recv_data(), 5)).data == b"hello"
+        assert await asyncio.wait_for(ended, 5) == b"unwrapped"
+        assert await asyncio.wait_for(hub.recv_close(), 5) == Closed(opened.id, "peer")
+        assert hub.stats().open == 0
+
+
+async def test_flow_control_through_tls_both_ways(tls: Any) -> None:
+    """Over TLS as over TCP: a stalled application pauses the sockets that feed its
+    queue and loses nothing; a client that reads nothing is a slow consumer."""
+    high = 64 * 1024
+    async with Hub(tls=tls.server_context(), queue_high=high,
+                   max_write_buffer=64 * 1024) as hub:
+        clients = [await asyncio.open_connection("127.0.0.1", hub.port,
+                                                 ssl=tls.client_context(),
+                                                 server_hostname="localhost")
+                   for _ in range(4)]
+        line = b"q" * 99 + b"\n"
+        per_client = 3000  # 300 kB each: far above the watermark
+
+        async def push(writer: asyncio.StreamWriter) -> None:
+            for _ in range(per_client // 100):
+                writer.write(line * 100)
+                await writer.drain()
+
+        pushers = [asyncio.ensure_future(push(w)) for _, w in clients]
+        await until(lambda: hub.stats().paused > 0)
+        await asyncio.sleep(0.2)  # stalled a while longer: still bounded
+        assert hub.stats().queued_bytes <= high + 4 * 256 * 1024
+        opens = [await hub.recv_open() for _ in clients]
+        got = 0
+        while got < 4 * per_client:
+            events = await hub._next_batch(False)
+            assert events is not None
+            got += sum(1 for e in events if isinstance(e, Data) and e.data == line[:-1])
+        await asyncio.gather(*pushers)
+        assert got == 4 * per_client and hub.stats().paused == 0
+
+        with pytest.raises(FlowClosed):  # the first client reads nothing
+            for _ in range(100_000):
+                hub.send(opens[0].id, b"y" * 1000)
+                await asyncio.sleep(0)
+        assert await asyncio.wait_for(hub.recv_close(), 5) == Closed(opens[0].id,
+                                                                     "slow consumer")
+        for _, writer in clients:
+            writer.close()
+
+
+async def test_a_connection_refused_after_its_handshake_is_no_failed_handshake(
+        tls: Any) -> None:
+    """`max_unseen_opens` refuses a connection as it is accepted, which for TLS is
+    when its handshake completed: it counts as refused only."""
+    async with Hub(tls=tls.server_context(), max_unseen_opens=1) as hub:
+        first = await asyncio.open_connection("127.0.0.1", hub.port,
+                                              ssl=tls.client_context(),
+                                              server_hostname="localhost")
+        await until(lambda: hub.stats().opened == 1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", hub.port,
+                                                       ssl=tls.client_context(),
+                                                       server_hostname="localhost")
+        await hung_up(reader)
+        await until(lambda: hub.stats().refused == 1)
+        await asyncio.sleep(0.05)
+        stats = hub.stats()
+        assert (stats.refused, stats.handshakes_failed, stats.opened) == (1, 0, 1), stats
+        for _, w in (first, (reader, writer)):
+            w.close()

@@ -30,6 +30,7 @@ from .errors import ErrorCode, HandshakeError, PeerUnreachable
 from .events import Event, HandshakeCompleted, LinkTerminated
 from .inflight import InflightBound
 from .link import Link, LinkConfig, Role
+from .tlsbio import ServerTLSSession, TLSServerStream
 from .wire import HEADER
 
 __all__ = [
@@ -267,7 +268,7 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._readbuf = readbuf.current()
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._tls = _ServerTLS(server_tls) if server_tls is not None else None
+        self._tls = ServerTLSSession(server_tls) if server_tls is not None else None
         self._end_ahead: Callable[[LinkConnection, int, int], bool] | None = getattr(
             handler, "stream_end_ahead", None)
         self._held_reads = heldreads.current()
@@ -620,61 +621,6 @@ class LinkConnection(asyncio.BufferedProtocol):
             await _wait_closed(self.transport)
 
 
-class _ServerTLS:
-    """The server side of TLS over memory BIOs, inside the link's own protocol.
-
-    asyncio's `create_server(ssl=...)` swallows a failed TLS handshake (a wrong client
-    certificate, a client that speaks plain TCP) before the protocol exists, and
-    uvloop's server-side `start_tls` does not complete on these transports (uvloop has
-    read the ClientHello before it could be called: see `TLSServer`); doing TLS
-    here gives the gateway its log line and counter for every refused handshake.
-    """
-
-    __slots__ = ("established", "incoming", "obj", "out", "peer_closed")
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.incoming = ssl.MemoryBIO()
-        self.out = ssl.MemoryBIO()
-        self.obj = context.wrap_bio(self.incoming, self.out, server_side=True)
-        self.established = False
-        self.peer_closed = False  # the peer's close_notify came: it sends nothing more
-
-    def receive(self, data: bytes | memoryview) -> bytes:
-        """Feed ciphertext; return the plaintext it completes (raises `ssl.SSLError`)."""
-        self.incoming.write(data)
-        if not self.established:
-            try:
-                self.obj.do_handshake()
-            except ssl.SSLWantReadError:
-                return b""
-            self.established = True
-        chunks = []
-        while True:
-            try:
-                chunk = self.obj.read(256 * 1024)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                chunk = b""
-            if not chunk:  # (how `SSLObject.read` reports a close_notify)
-                self.peer_closed = True
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def send(self, data: bytes) -> bytes:
-        """Encrypt plaintext; return the ciphertext to write."""
-        view = memoryview(data)
-        while view:
-            n = self.obj.write(view)
-            view = view[n:]
-        return self.out.read()
-
-    def outgoing(self) -> bytes:
-        """Ciphertext produced by the handshake, waiting to be written."""
-        return self.out.read()
-
-
 async def _wait_closed(transport: asyncio.BaseTransport) -> None:
     for _ in range(100):
         if transport.is_closing() and transport.get_extra_info("socket") is None:
@@ -764,21 +710,25 @@ class TLSServer:
 
     ``loop.create_server(ssl=...)`` ends such a handshake inside the loop's SSL layer,
     before the application's protocol exists, and drops the error (asyncio logs it in
-    debug mode only). ``loop.start_tls`` called from a task that a plain protocol starts
-    in ``connection_made`` works under asyncio, which honours ``pause_reading()`` there,
+    debug mode only); it does not send the client the TLS alert that says why either.
+    ``loop.start_tls`` called from a task that a plain protocol starts in
+    ``connection_made`` works under asyncio, which honours ``pause_reading()`` there,
     but not under uvloop: uvloop starts reading once ``connection_made`` has returned,
     whatever the protocol did, so the client's ClientHello is read by the plain protocol
     before the task runs, and the handshake stalls until its timeout (uvloop 0.23: its
     transport calls ``_start_reading()`` after ``connection_made``; tried, it stalled
-    every time). Here the socket is accepted by this object and handed untouched to
-    ``loop.connect_accepted_socket(ssl=...)``: the loop's own SSL layer (uvloop's is in
-    C) reads its first byte and raises the handshake's error to the task. One task per
-    handshake is also what asyncio's own server runs per connection.
+    every time). Here the socket is accepted by this object and handed to
+    ``loop.connect_accepted_socket`` with a :class:`~tether.tlsbio.TLSServerStream` as
+    its protocol, which runs the handshake over memory BIOs: a refused client gets the
+    alert (``certificate required``, ``unknown ca``) before the socket closes, and the
+    error comes to the task. One task per handshake is also what asyncio's own server
+    runs per connection.
 
     The tasks are owned: :meth:`close` stops accepting and cancels the handshakes under
     way (nothing is reported for them); :meth:`wait_closed` awaits them. Once a
-    handshake completed, the connection is the loop's ordinary TLS transport and
-    protocol, as with ``create_server(ssl=...)``: nothing of this object is left on it.
+    handshake completed, the application's protocol has a
+    :class:`~tether.tlsbio.TLSTransport` (plaintext in and out, flow control as on the
+    loop's TLS transports): nothing of this object is left on it.
     """
 
     __slots__ = ("_batch", "_context", "_factory", "_loop", "_on_failure", "_retry",
@@ -871,23 +821,29 @@ class TLSServer:
     async def _handshake(self, sock: socket.socket, peer: Any) -> None:
         # (a task cancelled before it ran never gets here: close() closes its socket)
         self._unstarted.discard(sock)
-        started = self._loop.time()
+        stream = TLSServerStream(self._context, self._factory, self._loop)
         try:
-            await self._loop.connect_accepted_socket(
-                self._factory, sock, ssl=self._context, ssl_handshake_timeout=self._timeout)
-        except Exception as exc:  # (not CancelledError: close() is no failure)
-            self._on_failure(peer, _handshake_failure(exc, self._loop.time() - started,
-                                                      self._timeout))
+            async with asyncio.timeout(self._timeout):
+                await self._loop.connect_accepted_socket(lambda: stream, sock)
+                await stream.handshake
+        except TimeoutError:
+            stream.abort()
+            self._on_failure(peer, f"timed out after {self._timeout:g} s")
+        except asyncio.CancelledError:
+            stream.abort()  # (close(): no failure)
+            raise
+        except Exception as exc:  # (the stream wrote the alert and ended the socket)
+            if stream.transport is None:  # (the loop did not take the socket)
+                sock.close()
+            self._on_failure(peer, _handshake_failure(exc))
 
 
-def _handshake_failure(exc: Exception, elapsed: float, timeout: float) -> str:
+def _handshake_failure(exc: Exception) -> str:
     """Why a server-side TLS handshake failed, in a few words, for a log line."""
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"{exc.reason or 'certificate verify failed'}: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return str(exc.reason or exc.strerror or exc)
-    if isinstance(exc, ConnectionAbortedError) and elapsed >= 0.9 * timeout:
-        return f"timed out after {timeout:g} s"  # (the loop's SSL layer aborted it)
     if isinstance(exc, ConnectionResetError) and not exc.args:  # EOF in the handshake
         return "closed by the peer during the handshake"
     if isinstance(exc, OSError) and exc.strerror:
