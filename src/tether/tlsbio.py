@@ -100,9 +100,8 @@ class TLSServerStream(asyncio.Protocol):
     may refuse the connection there without that counting as a failed handshake),
     with the exception if it failed. A failed handshake writes what OpenSSL produced
     (the alert) and closes the socket; an EOF or reset before the end fails it with
-    `ConnectionResetError`
-    (without arguments for an EOF, as the loop's SSL layer). Once the handshake is
-    done, a TLS error (a corrupt record) writes the alert and aborts the socket: the
+    `ConnectionResetError` (without arguments for an EOF, as the loop's SSL layer).
+    Once the handshake is done, a TLS error (a corrupt record) writes the alert and aborts the socket: the
     application's `connection_lost` gets the `ssl.SSLError`.
     """
 
