@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -240,9 +242,55 @@ async def test_admin_endpoint_closes_a_client_that_sends_no_request() -> None:
                     await writer.wait_closed()
             assert reply.startswith(b"HTTP/1.0 408 ")
         status = json.loads(await fetch_status(HOST, admin.port))  # still serving
-        assert status == {"role": "gateway", "flows": 0}
+        assert status == {"role": "gateway", "flows": 0,
+                          "admin": {"responses": {"408": 2}}}
     finally:
         await admin.aclose()
+
+
+async def test_admin_endpoint_counts_and_logs_what_it_refuses(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Bad requests got their answer and nothing else: no line, no counter. Each
+    answer is counted by status (in /status and /metrics) and each refusal logged with
+    the client and why."""
+    caplog.set_level(logging.INFO, "tether.admin")
+
+    def stats(flows: int | None = None) -> dict[str, Any]:
+        return {"flows": 0}
+
+    admin = AdminServer((HOST, 0), "gateway", "gw1", stats)
+    await admin.start()
+    try:
+        async def ask(request: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection(HOST, admin.port)
+            try:
+                writer.write(request)
+                return await asyncio.wait_for(reader.read(), 3)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+        assert (await ask(b"GET /nothing HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 404 ")
+        assert (await ask(b"POST /status HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 405 ")
+        assert (await ask(b"GET /status?flows=many HTTP/1.0\r\n\r\n")).startswith(
+            b"HTTP/1.0 400 ")
+        assert (await ask(b"x" * 9000)).startswith(b"HTTP/1.0 431 ")
+        status = json.loads(await fetch_status(HOST, admin.port))
+        assert status["admin"] == {"responses": {"400": 1, "404": 1, "405": 1, "431": 1}}
+        text = (await fetch_status(HOST, admin.port, "/metrics")).decode()
+    finally:
+        await admin.aclose()
+    answered = {s.labels["code"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "tether_admin_responses_total"}
+    assert answered == {"200": 1.0, "400": 1.0, "404": 1.0, "405": 1.0, "431": 1.0}, text
+    lines = [r.getMessage() for r in caplog.records if "admin endpoint answered" in
+             r.getMessage()]
+    assert len(lines) == 4, lines
+    assert "404 Not Found to 127.0.0.1:" in lines[0] and "'GET /nothing HTTP/1.0'" in lines[0]
+    assert "405 Method Not Allowed" in lines[1] and "'POST /status HTTP/1.0'" in lines[1]
+    assert "400 Bad Request" in lines[2] and "expected a count or 'all'" in lines[2]
+    assert "431" in lines[3] and "no request in the first" in lines[3]
 
 
 async def test_metrics_of_a_cluster_are_a_valid_scrape_naming_each_peer_once() -> None:

@@ -54,10 +54,12 @@ class _StatsCollector:
     """Turns the daemon's stats() into metrics, read at scrape time: counters, and
     gauges for the keys in `GAUGES` (a stats dict nested under a key: its keys joined)."""
 
-    def __init__(self, role: str, name: str, stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, role: str, name: str, stats: Callable[[], dict[str, Any]],
+                 responses: dict[str, int]) -> None:
         self.role = role
         self.name = name
         self.stats = stats
+        self.responses = responses
 
     def collect(self) -> Iterator[Metric]:
         stats = dict(self.stats())
@@ -87,6 +89,13 @@ class _StatsCollector:
                     hops.add_metric([self.role, self.name, peer, service], float(n))
             yield up
             yield hops
+        answered = CounterMetricFamily(
+            "tether_admin_responses", f"tether {self.role}: admin endpoint answers by "
+            "HTTP status (not 200: bad requests, timeouts, clients turned away)",
+            labels=["role", "node", "code"])
+        for code, n in sorted(self.responses.items()):
+            answered.add_metric([self.role, self.name, code], n)
+        yield answered
 
 
 class AdminServer:
@@ -97,7 +106,10 @@ class AdminServer:
     At most `max_connections` are held at once: a new one beyond that ends the oldest
     still waiting for its request ("503 Service Unavailable"), so that idle clients
     cannot take the file descriptors the daemon's own connections need, nor keep a
-    status request out."""
+    status request out.
+    Every answer is counted by its status code (`responses`: in /status under
+    "admin", and `tether_admin_responses_total`); every one but a 200 is logged at
+    INFO, with the client and why."""
 
     request_timeout: float = 10.0
     max_connections: int = 64
@@ -114,9 +126,11 @@ class AdminServer:
         self.name = name
         self._limits = "flows" in inspect.signature(stats).parameters
         self.stats = stats
+        self.responses: dict[str, int] = {}  # answers by status code ("200", "404")
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(
-            role, name, functools.partial(stats, flows=0) if self._limits else stats))
+            role, name, functools.partial(stats, flows=0) if self._limits else stats,
+            self.responses))
         self._server: asyncio.Server | None = None
         self.waiting: dict[_AdminProtocol, None] = {}  # no request yet, oldest first
 
@@ -152,7 +166,9 @@ class AdminServer:
                     stats = self.stats(flows=self._flows_asked(query))
                 except ValueError as exc:
                     return "400 Bad Request", "text/plain", f"{exc}\n".encode()
-            body = json.dumps({"role": self.role, **stats}, indent=2, default=str)
+            body = json.dumps({"role": self.role, **stats,
+                               "admin": {"responses": dict(sorted(self.responses.items()))}},
+                              indent=2, default=str)
             return "200 OK", "application/json", body.encode() + b"\n"
         if path == "/metrics":
             return "200 OK", "text/plain; version=0.0.4", generate_latest(self.registry)
@@ -183,11 +199,13 @@ class _AdminProtocol(asyncio.Protocol):
         waiting = self.server.waiting
         if len(waiting) >= self.server.max_connections:
             oldest = next(iter(waiting))
-            oldest._reply("503 Service Unavailable", "text/plain", b"too many clients\n")
+            oldest._reply("503 Service Unavailable", "text/plain", b"too many clients\n",
+                          f"{len(waiting)} clients without a request, the oldest turned "
+                          "away")
         waiting[self] = None
         self.timer = asyncio.get_running_loop().call_later(
             self.server.request_timeout, self._reply, "408 Request Timeout", "text/plain",
-            b"no request\n")
+            b"no request\n", f"no request within {self.server.request_timeout:g} s")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.waiting.pop(self, None)
@@ -201,24 +219,37 @@ class _AdminProtocol(asyncio.Protocol):
         self.buffer += data
         if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
             if len(self.buffer) > _MAX_REQUEST:
-                self._reply("431 Request Header Fields Too Large", "text/plain", b"too large\n")
+                self._reply("431 Request Header Fields Too Large", "text/plain",
+                            b"too large\n", f"no request in the first {len(self.buffer)} bytes")
             return
-        parts = bytes(self.buffer).split(b"\r\n", 1)[0].split()
+        line = bytes(self.buffer).split(b"\n", 1)[0].strip()
+        parts = line.split()
+        request = repr(line[:100].decode("ascii", "replace"))
         if len(parts) < 2 or parts[0] != b"GET":
-            self._reply("405 Method Not Allowed", "text/plain", b"GET only\n")
+            self._reply("405 Method Not Allowed", "text/plain", b"GET only\n", request)
             return
         try:
             status, ctype, body = self.server.respond(parts[1].decode("ascii", "replace"))
         except Exception as exc:  # a stats() bug must not kill the daemon
             log.exception("admin endpoint failed")
             status, ctype, body = "500 Internal Server Error", "text/plain", f"{exc}\n".encode()
-        self._reply(status, ctype, body)
+        why = request if status.startswith("500") else \
+            f"{request}: {body.decode(errors='replace').strip()[:200]}"
+        self._reply(status, ctype, body, why)
 
-    def _reply(self, status: str, ctype: str, body: bytes) -> None:
+    def _reply(self, status: str, ctype: str, body: bytes, why: str = "") -> None:
         assert self.transport is not None
-        self.server.waiting.pop(self, None)
+        server = self.server
+        server.waiting.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
+        code = status.partition(" ")[0]
+        server.responses[code] = server.responses.get(code, 0) + 1
+        if code != "200":
+            peer = self.transport.get_extra_info("peername")
+            log.info("%s %s: admin endpoint answered %s to %s: %s", server.role, server.name,
+                     status, f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?",
+                     why)
         head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
         self.transport.write(head.encode() + body)

@@ -101,8 +101,8 @@ class TLSServerStream(asyncio.Protocol):
     with the exception if it failed. A failed handshake writes what OpenSSL produced
     (the alert) and closes the socket; an EOF or reset before the end fails it with
     `ConnectionResetError` (without arguments for an EOF, as the loop's SSL layer).
-    Once the handshake is done, a TLS error (a corrupt record) writes the alert and aborts the socket: the
-    application's `connection_lost` gets the `ssl.SSLError`.
+    Once the handshake is done, a TLS error (a corrupt record) writes the alert and
+    aborts the socket: the application's `connection_lost` gets the `ssl.SSLError`.
     """
 
     __slots__ = ("_error", "_factory", "_reading", "app", "closing", "handshake", "session",
