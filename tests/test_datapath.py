@@ -20,6 +20,7 @@ from tether.coalesce import WriteCoalescer, current
 from tether.errors import ErrorCode, FlowError
 from tether.events import Event, FinReceived, FlowEnded
 from tether.flowstate import FlowState
+from tether.readbuf import LargeReads
 
 
 class Holder:
@@ -414,26 +415,35 @@ class _KindSink:
 
 
 async def test_a_links_large_reads_reach_the_flow_without_a_copy() -> None:
-    """Bytes waiting in a link's socket are read in one large read into the thread's
-    read buffer (the link is a `BufferedProtocol`, see `tether.readbuf`), and the flow
-    gets views of that read -- not copies made by the loop, as a plain Protocol's
-    `data_received(bytes)` would give."""
+    """Bytes waiting in a link's socket are read in large reads into the thread's read
+    buffer (through the link's `BufferedProtocol` face, see `tether.readbuf`), and the
+    flow gets views of those reads -- not copies made by the loop, as a plain
+    Protocol's `data_received(bytes)` gives. Small reads come from the loop, before the
+    bulk and again after a few small ones."""
     window = 4 << 20
     async with tether.Gateway("127.0.0.1:0", name="gw", window=window) as gw, \
             tether.Node("server", gateway=address(gw), window=window) as server, \
             tether.Node("client", gateway=address(gw), window=window) as client:
         flow, peer = await served_pair(gw, server, client)
+        conn = client._conn
+        assert conn is not None and conn.transport is not None
+        assert conn.transport.get_protocol() is conn  # small reads so far
         sink = _KindSink(flow)
         flow.attach(sink)
-        assert client._conn is not None and client._conn.transport is not None
-        client._conn.transport.pause_reading()  # let the bytes pile up in the socket
+        conn.transport.pause_reading()  # let the bytes pile up in the socket
         await peer.write(b"v" * (2 << 20))
         await peer.close_write()
         await asyncio.sleep(0.3)
-        client._conn.transport.resume_reading()
+        conn.transport.resume_reading()
         await asyncio.wait_for(sink.fin, 10)
         assert sink.got == 2 << 20
         assert sink.views_of_reads > 0
+        assert isinstance(conn.transport.get_protocol(), LargeReads)
+        flow, peer = await served_pair(gw, server, client)
+        for i in range(10):  # small round trips: back to the loop's reads
+            await peer.write(b"%d" % i)
+            assert await asyncio.wait_for(flow.read(), 5) == b"%d" % i
+        assert conn.transport.get_protocol() is conn
 
 
 async def test_a_links_write_chunk_stays_small_while_writes_are_small() -> None:

@@ -140,3 +140,87 @@ async def test_a_buffered_protocol_on_real_sockets_reads_large_chunks() -> None:
         transport.close()
         a.close()
         await asyncio.sleep(0)
+
+
+async def test_a_protocol_reads_small_through_the_loop_and_large_through_the_buffer() -> None:
+    """`read_large` on real sockets (both loops): small reads come as the loop's
+    `bytes`; after a large one the transport reads into the buffer, every callback
+    (here: the EOF) still reaching the protocol; a few small reads in a row give the
+    reads back to the loop. Nothing is lost or reordered."""
+    from tether import readbuf
+
+    loop = asyncio.get_running_loop()
+    received: list[tuple[bytes | memoryview, bool]] = []  # (read, through the loop)
+    done = loop.create_future()
+
+    class Reader(asyncio.Protocol):
+        transport: asyncio.Transport
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes | memoryview) -> None:
+            received.append((data, self.transport.get_protocol() is self))
+            if len(data) >= readbuf.LARGE_READ:
+                readbuf.read_large(self, self.transport)
+
+        def eof_received(self) -> bool:
+            done.set_result(self.transport.get_protocol() is self)
+            return False
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(listener.getsockname())
+    b, _ = listener.accept()
+    listener.close()
+    bulk = os.urandom(8 << 20)
+    transport, reader = await loop.connect_accepted_socket(Reader, b)
+    sent = bytearray()
+
+    async def send(data: bytes) -> None:
+        sent.extend(data)
+        await loop.run_in_executor(None, a.sendall, data)
+
+    async def all_read() -> None:  # (so that each small send is a read of its own)
+        for _ in range(1000):
+            if sum(len(r) for r, _ in received) == len(sent):
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"{len(sent)} bytes sent, not all read")
+
+    async def read_through_loop() -> bool:
+        await all_read()
+        return received[-1][1]
+
+    try:
+        await send(b"hello")
+        assert await read_through_loop()  # small: the loop's bytes
+        transport.pause_reading()
+        sending = asyncio.ensure_future(send(bulk))
+        await asyncio.sleep(0.2)  # the kernel's buffers fill up: reads will be large
+        transport.resume_reading()
+        await asyncio.wait_for(sending, 10)
+        await all_read()
+        assert isinstance(transport.get_protocol(), readbuf.LargeReads)
+        first = next(i for i, (r, _) in enumerate(received) if len(r) >= readbuf.LARGE_READ)
+        assert received[first][1] and received[first + 1:]  # the loop's, then the buffer's
+        assert not any(loop_read for _, loop_read in received[first + 1:])
+        for i in range(readbuf.SMALL_READS):  # back to the loop after this many
+            assert transport.get_protocol() is not reader
+            await send(b"small %d" % i)
+            await all_read()
+        assert transport.get_protocol() is reader
+        await send(b"bye")
+        assert await read_through_loop()
+        transport.pause_reading()  # large again (waiting in the kernel), then the EOF
+        sending = asyncio.ensure_future(send(b"x" * (1 << 20)))  # through the face
+        await asyncio.sleep(0.1)
+        transport.resume_reading()
+        await asyncio.wait_for(sending, 10)
+        await all_read()
+        a.shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(done, 10) is False  # (not through the loop)
+        assert b"".join(bytes(r) for r, _ in received) == bytes(sent)
+    finally:
+        transport.close()
+        a.close()
+        await asyncio.sleep(0)

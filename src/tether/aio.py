@@ -1,12 +1,12 @@
 """tether.aio — the asyncio adapter: the one place that owns sockets, TLS and the clock.
 
-`LinkConnection` is an `asyncio.BufferedProtocol` wrapped around one sans-IO `Link`: bytes
-from the transport go into the link, the link's bytes go to the transport, its
-events go to a `LinkHandler`, and **one** timer per link (`loop.call_at`) drives
-`handle_timer` at the link's `next_deadline()` — never a timer per flow. The timer
-is re-armed only when the deadline moves earlier; a deadline that moved later is
-found when the timer fires early, which costs one cheap call instead of a new
-timer handle per frame.
+`LinkConnection` is an `asyncio.Protocol` wrapped around one sans-IO `Link`: bytes
+from the transport go into the link (large reads with no copy, see `readbuf`), the
+link's bytes go to the transport, its events go to a `LinkHandler`, and **one** timer
+per link (`loop.call_at`) drives `handle_timer` at the link's `next_deadline()` —
+never a timer per flow. The timer is re-armed only when the deadline moves earlier; a
+deadline that moved later is found when the timer fires early, which costs one cheap
+call instead of a new timer handle per frame.
 
 uvloop is used when installed (`run`, `new_event_loop`).
 """
@@ -232,11 +232,17 @@ class LinkHandler(Protocol):
         `LinkTerminated`. May call back into `conn.link`; `conn.flush()` is implied."""
 
 
-class LinkConnection(asyncio.BufferedProtocol):
+class LinkConnection(asyncio.Protocol):
     """One socket carrying one `Link`. Create with `open_link` or `serve_links`.
 
-    A `BufferedProtocol`: reads go into the thread's `ReadBuffer`, up to 1 MiB at a
-    time and handed to the link with no copy (see `readbuf`)."""
+    Reads come in two ways, chosen by their size. Small ones come from the loop as
+    `bytes` (`data_received`: the loop's C code reads and makes the object). Once a
+    read is large, a `readbuf.LargeReads` face takes the transport's reads into the
+    thread's `ReadBuffer`, up to 1 MiB at a time, handed to the link with no copy,
+    until a few small reads in a row give them back (see `readbuf`): a bulk flow keeps
+    its large, copy-free reads, and a lone FIN on a relay's close path costs one Python
+    call to read instead of three. A server-side TLS link (memory BIOs) always reads
+    small."""
 
     def __init__(self, role: Role, config: LinkConfig, handler: LinkHandler,
                  sockopts: SocketOptions | None = None,
@@ -265,7 +271,6 @@ class LinkConnection(asyncio.BufferedProtocol):
         self._lowat = self.sockopts.notsent_lowat or 0
         self._prioritized = False  # urgent frames overtake queued ones (plain TCP only)
         self._coalescer = coalesce.current()
-        self._readbuf = readbuf.current()
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._tls = ServerTLSSession(server_tls) if server_tls is not None else None
@@ -313,14 +318,10 @@ class LinkConnection(asyncio.BufferedProtocol):
                 self._inflight = InflightBound(sock)
         self.flush()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._readbuf.get()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._readbuf.take(nbytes))
-
     def data_received(self, data: bytes | memoryview) -> None:
-        """Bytes read from the socket (`buffer_updated` passes them here)."""
+        """Bytes read from the socket (through the loop, or `readbuf.LargeReads`)."""
+        if len(data) >= readbuf.LARGE_READ and self._tls is None:
+            readbuf.read_large(self, self.transport)
         held = self._held_reads
         if held.reads:
             held.apply()

@@ -95,10 +95,11 @@ def shutdown_write(transport: asyncio.WriteTransport, fd: int | None = None) -> 
     _SHUTDOWN(fd, socket.SHUT_WR)  # -1 if the peer reset: the transport reports it
 
 
-class SocketBridge(asyncio.BufferedProtocol):
+class SocketBridge(asyncio.Protocol):
     """Pumps bytes and ends between a TCP socket and a `Flow`. See the module docstring.
 
-    A `BufferedProtocol`: reads go into the thread's `ReadBuffer` (large reads, no copy).
+    Small reads come from the loop; large ones go into the thread's `ReadBuffer` (no
+    copy), through a `readbuf.LargeReads` face.
 
     Create it with the flow and hand it to `loop.create_connection` (connector), or
     create it without one as a server's protocol (agent): `on_connect` is then called
@@ -122,7 +123,6 @@ class SocketBridge(asyncio.BufferedProtocol):
         "_out_bytes",
         "_pending",
         "_read_paused",
-        "_readbuf",
         "_sending",
         "_socket_done",
         "_timed_out",
@@ -172,7 +172,6 @@ class SocketBridge(asyncio.BufferedProtocol):
         self._timed_out = False
         self.bytes_at_reap = 0
         self._coalescer = coalesce.current()
-        self._readbuf = readbuf.current()
         self._held_reads = heldreads.current()  # applied before each callback's work
         self._held = False  # registered with the coalescer
         self._out: list[bytes | memoryview] = []  # flow -> socket, held until written
@@ -253,16 +252,12 @@ class SocketBridge(asyncio.BufferedProtocol):
             self.on_connect(self)  # application that resets or leaves while its flow is
             # allocated frees its socket at once, not when the allocation is answered
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._readbuf.get()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._readbuf.take(nbytes))
-
     def data_received(self, data: bytes | memoryview) -> None:
-        """Bytes read from the socket (`buffer_updated` passes them here)."""
+        """Bytes read from the socket (through the loop, or `readbuf.LargeReads`)."""
         if self._held_reads.reads:  # (per read: no call when nothing is held)
             self._held_reads.apply()
+        if len(data) >= readbuf.LARGE_READ:
+            readbuf.read_large(self, self.transport)
         self.bytes_up += len(data)
         if self._flow is None:  # held until set_flow, up to _HELD_MAX
             held = b"" if self._pending is None else bytes(self._pending)

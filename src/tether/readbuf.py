@@ -1,4 +1,5 @@
-"""ReadBuffer: large reads with no copy, for a `BufferedProtocol`.
+"""ReadBuffer: large reads with no copy, for a `BufferedProtocol`; `LargeReads`: a
+protocol that reads small through the loop and large through the buffer.
 
 uvloop and asyncio read at most 256 KiB per call into a buffer of their own, then copy
 it into a new `bytes` for `data_received`. A relay's cost per read is mostly Python
@@ -21,13 +22,32 @@ credit), so their number is capped (`max_pinned`): at the cap every read is copi
 as without this module, until views are let go. Memory is thus at most
 `(max_pinned + 1) * size` per thread (9 MiB) beyond the bytes actually queued, and no
 buffer is kept per connection.
+
+Small reads are better left to the loop, though: a `BufferedProtocol`'s read costs
+three Python calls (`get_buffer`, `buffer_updated`, the buffer's bookkeeping), even
+the read that finds the peer's EOF, where a plain `Protocol` gets one
+(`data_received`, the `bytes` made by the loop's C code). On a relay's close path,
+where every hop's wake-up is latency, that was 4-7 % of it (docs/benchmarks.md, "Small
+reads from the loop"). So tether's connections are plain Protocols that call
+`read_large` on a large read (`LARGE_READ`): the transport then reads into this
+buffer through a `LargeReads` face until `SMALL_READS` small reads in a row give the
+reads back to the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from typing import Any
 
-__all__ = ["ReadBuffer", "current"]
+__all__ = ["LARGE_READ", "SMALL_READ", "SMALL_READS", "LargeReads", "ReadBuffer", "current",
+           "read_large"]
+
+LARGE_READ = 64 * 1024
+"""A read of this many bytes or more hands a connection's reads to `LargeReads`."""
+SMALL_READ = 4096
+SMALL_READS = 4
+"""This many reads in a row under `SMALL_READ` give them back to the loop."""
 
 
 def _is_free(buffer: bytearray) -> bool:
@@ -118,3 +138,49 @@ def current() -> ReadBuffer:
     except AttributeError:
         buffer = _local.buffer = ReadBuffer()
     return buffer
+
+
+class LargeReads(asyncio.BufferedProtocol):
+    """A connection's face while its reads are large (see the module docstring): the
+    transport reads into the thread's `ReadBuffer`; each read goes to the connection's
+    `data_received`, and every other callback to the connection too."""
+
+    __slots__ = ("buffer", "owner", "small")
+
+    def __init__(self, owner: Any, buffer: ReadBuffer) -> None:
+        self.owner = owner  # an asyncio.Protocol with a `transport`
+        self.buffer = buffer
+        self.small = 0  # small reads in a row
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer.get()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if nbytes < SMALL_READ:
+            self.small += 1
+            if self.small >= SMALL_READS:
+                self.owner.transport.set_protocol(self.owner)
+        else:
+            self.small = 0
+        self.owner.data_received(self.buffer.take(nbytes))
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.owner.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()
+
+
+def read_large(owner: asyncio.Protocol, transport: Any) -> None:
+    """`owner` just got a large read from `transport`: read into this thread's buffer
+    from the next read on (unless that is so already)."""
+    if transport is not None and transport.get_protocol() is owner \
+            and not transport.is_closing():
+        transport.set_protocol(LargeReads(owner, current()))
