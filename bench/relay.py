@@ -17,6 +17,7 @@ Paths, each from a client in this process to a server in this process:
     against   tether's path again, its daemons importing tether from `--against SRC`:
               an A/B in one run (e.g. `--only close --paths chain3,tether --against
               ../old/src`; a worktree of the old revision)
+    against2  the same for tether2, when tether2 is run with `--against`
 
 The *minimal relay* is written here (`--hop`): an asyncio Protocol splice on uvloop,
 bytes in -> `transport.write`, `pause_reading`/`resume_reading` on the other side's
@@ -334,6 +335,7 @@ def start_paths(args: argparse.Namespace, servers: dict[str, int | None],
         "tether": lambda: start_tether(args, "tether", 1, tcp, started),
         "tether2": lambda: start_tether(args, "tether2", 2, tcp, started),
         "against": lambda: start_tether(args, "against", 1, tcp, started, args.against),
+        "against2": lambda: start_tether(args, "against2", 2, tcp, started, args.against),
     }
     for program, names in (("socat", ("socat",)), ("haproxy", ("haproxy",))):
         if shutil.which(program) is None:
@@ -483,8 +485,8 @@ def _profiled(tether: list[str], argv: list[str], directory: str | None,
 
 
 # Each path is compared with the minimal chain of as many hops (processes).
-SAME_HOPS = {"tether": "chain3", "against": "chain3", "tether2": "chain4", "chain3": "chain3",
-             "chain4": "chain4"}
+SAME_HOPS = {"tether": "chain3", "against": "chain3", "tether2": "chain4", "against2": "chain4",
+             "chain3": "chain3", "chain4": "chain4"}
 
 
 def _vs(name: str, values: dict[str, Any], index: int | None = None) -> dict[str, float]:
@@ -688,7 +690,8 @@ def main() -> int:
     parser.add_argument("--against", metavar="SRC",
                         help="also run path 'against': tether (1 gateway) imported from SRC "
                              "(another checkout's src/, a compiled build), for an A/B in one "
-                             "run, the paths' order shuffled for both alike")
+                             "run, the paths' order shuffled for both alike; and 'against2' "
+                             "(2 gateways) if tether2 is run")
     parser.add_argument("--hop", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hop:
@@ -698,6 +701,9 @@ def main() -> int:
         "" if q else ",chain4,tether2"))
     if args.against and "against" not in args.paths.split(","):
         args.paths += ",against"
+    if args.against and "tether2" in args.paths.split(",") \
+            and "against2" not in args.paths.split(","):
+        args.paths += ",against2"
     args.mb = args.mb or (64 if q else 500)
     args.runs = args.runs or (1 if q else 3)
     args.closes = args.closes or (40 if q else 300)

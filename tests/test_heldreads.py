@@ -37,16 +37,16 @@ async def test_held_reads_wait_for_the_loop_to_sleep_then_apply_in_order(
     applied: list[tuple[str, bytes]] = []
     held = HeldReads()
     a, b = _Holder("a", applied), _Holder("b", applied)
-    held.hold(a, b"1")
-    held.hold(b, b"2")
-    held.hold(a, b"3")
+    held.hold(a, b"1", asyncio.get_running_loop())
+    held.hold(b, b"2", asyncio.get_running_loop())
+    held.hold(a, b"3", asyncio.get_running_loop())
     for _ in range(3):
         await asyncio.sleep(0)  # turns of the loop that do not sleep
     assert applied == []
     await asyncio.sleep(heldreads.DELAY * 4)
     assert applied == [("a", b"1"), ("b", b"2"), ("a", b"3")]
     assert held.reads == []
-    held.hold(a, b"4")  # the timer is armed again
+    held.hold(a, b"4", asyncio.get_running_loop())  # the timer is armed again
     await asyncio.sleep(heldreads.DELAY * 4)
     assert applied[-1] == ("a", b"4")
 
@@ -56,7 +56,7 @@ async def test_apply_keeps_what_follows_a_read_that_raises() -> None:
     held = HeldReads()
     a = _Holder("a", applied)
     for data in (b"1", b"boom", b"2"):
-        held.hold(a, data)
+        held.hold(a, data, asyncio.get_running_loop())
     with pytest.raises(RuntimeError, match="boom"):
         held.apply()
     assert applied == [("a", b"1")] and held.reads == [(a, b"2")]
@@ -70,7 +70,7 @@ def test_reads_held_by_a_loop_that_stopped_are_not_applied_in_the_next() -> None
     a = _Holder("a", applied)
 
     async def hold(data: bytes, wait: float) -> None:
-        held.hold(a, data)
+        held.hold(a, data, asyncio.get_running_loop())
         await asyncio.sleep(wait)
 
     asyncio.run(hold(b"left behind", 0))  # the loop ends before its timer

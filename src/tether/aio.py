@@ -329,7 +329,7 @@ class LinkConnection(asyncio.Protocol):
             ahead = self.link.peek_stream_end(data)  # a lone FIN or CLOSE: pass it on
             # first, written at once (nothing is coalescing yet); the rest, later
             if ahead is not None and self._end_ahead(self, ahead[1], ahead[0]):
-                held.hold(self, bytes(data))
+                held.hold(self, bytes(data), self.loop)
                 return
         self.apply_held(data)
 

@@ -56,9 +56,10 @@ class HeldReads:
         self.reads: list[tuple[Holder, bytes]] = []
         self._armed: asyncio.AbstractEventLoop | None = None  # the loop with our timer
 
-    def hold(self, holder: Holder, data: bytes) -> None:
-        """Keep `data`, just read by `holder`, to be applied later (see the module)."""
-        loop = asyncio.get_running_loop()
+    def hold(self, holder: Holder, data: bytes, loop: asyncio.AbstractEventLoop) -> None:
+        """Keep `data`, just read by `holder` in `loop` (the running one: the caller's,
+        which spares a `getpid(2)` after the write), to be applied later (see the
+        module)."""
         if self._armed is not loop:
             if self._armed is not None:  # a loop this thread ran before, now stopped:
                 self.reads.clear()  # what it held belongs to connections it left behind

@@ -413,14 +413,15 @@ class Link:
         everything a hop does before that write is on the path of the close (and, where
         the hops share one CPU, much of what it does after: docs/benchmarks.md, "Where
         close latency goes")."""
-        if len(data) != wire.HEADER.size or not self._decoder.at_boundary or (
-                self.state is not LinkState.OPEN and self.state is not LinkState.DRAINING):
+        state = self.state  # (module constants below: every look-up here is latency)
+        if (state is not _OPEN and state is not _DRAINING) or len(data) != _HEADER_SIZE \
+                or not self._decoder.at_boundary:
             return None
-        ftype, _, stream, length = wire.HEADER.unpack_from(data)
-        if length or (ftype != wire.FrameType.FIN and ftype != wire.FrameType.CLOSE):
+        ftype, _, stream, length = _unpack_header(data)
+        if length or (ftype != _FIN and ftype != _CLOSE):
             return None
         s = self._streams.get(stream)
-        if s is None or (ftype == wire.FrameType.FIN and not s.fsm.can_receive):
+        if s is None or (ftype == _FIN and not s.fsm.can_receive):
             return None
         return ftype, stream
 
@@ -1017,3 +1018,12 @@ class Link:
         s.fsm.process(FlowInput.LOCAL_RESET)
         self._emit(wire.Reset(stream=s.id, code=code, reason=reason), now)
         self._ended(s, code, f"error: {reason}", "peer")
+
+
+# `Link.peek_stream_end`'s constants
+_OPEN = LinkState.OPEN
+_DRAINING = LinkState.DRAINING
+_FIN = int(wire.FrameType.FIN)
+_CLOSE = int(wire.FrameType.CLOSE)
+_HEADER_SIZE = wire.HEADER.size
+_unpack_header = wire.HEADER.unpack_from
