@@ -99,6 +99,15 @@ def test_a_held_view_never_changes_and_pinning_is_capped(
             assert got == want, f"step {i}: a held read changed"
 
 
+def _connected_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a TCP connection on loopback (client, server)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener:
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
 async def test_a_buffered_protocol_on_real_sockets_reads_large_chunks() -> None:
     """Through a real transport (both loops): 8 MiB sent at once arrive whole, the large
     reads as read-only views, each still intact after the reads that followed it."""
@@ -119,10 +128,7 @@ async def test_a_buffered_protocol_on_real_sockets_reads_large_chunks() -> None:
             done.set_result(None)
             return False
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    a = socket.create_connection(listener.getsockname())
-    b, _ = listener.accept()
-    listener.close()
+    a, b = _connected_pair()
     payload = os.urandom(8 << 20)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_accepted_socket(Reader, b)
@@ -168,10 +174,7 @@ async def test_a_protocol_reads_small_through_the_loop_and_large_through_the_buf
             done.set_result(self.transport.get_protocol() is self)
             return False
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    a = socket.create_connection(listener.getsockname())
-    b, _ = listener.accept()
-    listener.close()
+    a, b = _connected_pair()
     bulk = os.urandom(8 << 20)
     transport, reader = await loop.connect_accepted_socket(Reader, b)
     sent = bytearray()
