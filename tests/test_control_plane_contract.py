@@ -25,7 +25,7 @@ from procs import tether_argv
 from relayrig import HOST, Rig, free_port
 from test_mesh import eventually
 from tether import gateway as gateway_module
-from tether import wire
+from tether import heldreads, wire
 from tether.admin import AdminServer, fetch_status
 from tether.aio import LinkConnection, open_link, parse_address
 from tether.events import Event
@@ -246,6 +246,29 @@ async def test_admin_endpoint_closes_a_client_that_sends_no_request() -> None:
                           "admin": {"responses": {"408": 2}}}
     finally:
         await admin.aclose()
+
+
+async def test_the_status_counts_the_reads_a_hop_still_holds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay hop passes a lone FIN on and handles the rest of that read once its loop
+    has slept (`tether.heldreads`); a status asked for in between counted the stream as
+    still open. The admin endpoint applies the held reads before it answers."""
+    monkeypatch.setattr(heldreads, "DELAY", 60.0)  # (the timer must not come first)
+    handled: list[bytes] = []
+
+    class Hop:
+        def apply_held(self, data: bytes) -> None:
+            handled.append(data)
+
+    admin = AdminServer((HOST, 0), "gateway", "gw1", lambda: {"handled": len(handled)})
+    await admin.start()
+    try:
+        heldreads.current().hold(Hop(), b"fin", asyncio.get_running_loop())
+        status = json.loads(await fetch_status(HOST, admin.port))
+    finally:
+        heldreads.current().apply()
+        await admin.aclose()
+    assert status["handled"] == 1 and handled == [b"fin"]
 
 
 async def test_admin_endpoint_counts_and_logs_what_it_refuses(

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import generate_latest
 
+from . import heldreads
 from .bridge import reset_socket
 
 __all__ = ["AdminServer", "fetch_status", "flatten"]
@@ -156,7 +157,10 @@ class AdminServer:
             self._server = None
 
     def respond(self, path: str) -> tuple[str, str, bytes]:
-        """(status line, content type, body) for a GET of `path`."""
+        """(status line, content type, body) for a GET of `path`. The reads a relay
+        hop still holds (`tether.heldreads`) are applied first: the answer counts every
+        frame read, not only those handled by then."""
+        heldreads.current().apply()
         path, _, query = path.partition("?")
         if path in ("/", "/status"):
             if not self._limits:

@@ -20,8 +20,9 @@ So the link keeps that read's bytes here, and they are applied:
 
 Nothing but the timing changes: the held bytes are the frame itself, applied as if
 they had arrived a little later. What could tell the difference is the state seen
-between the two -- a counter, `tether status` -- for at most `DELAY` plus the loop's
-timer resolution.
+between the two -- a counter read from Python -- for at most `DELAY` plus the loop's
+timer resolution; the admin endpoint (`tether status`, `/metrics`) applies the held
+reads before it answers.
 
 There is one per thread (one event loop runs in a thread at a time), taken by
 `current()`.
