@@ -38,6 +38,8 @@ __all__ = [
     "LinkHandler",
     "SocketOptions",
     "TLSServer",
+    "listening_port",
+    "listening_sockets",
     "new_event_loop",
     "open_link",
     "parse_address",
@@ -83,6 +85,18 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool = False) -> T:
     """Run `main` to completion on a new loop (uvloop when installed)."""
     with asyncio.Runner(loop_factory=new_event_loop, debug=debug) as runner:
         return runner.run(main)
+
+
+def listening_sockets(server: asyncio.AbstractServer) -> list[socket.socket]:
+    """The sockets `server` listens on. (uvloop's `Server.sockets` is a list, asyncio's a
+    tuple, typeshed says tuple; read untyped so that compiled code takes either.)"""
+    return list(getattr(server, "sockets", None) or ())
+
+
+def listening_port(server: asyncio.AbstractServer) -> int:
+    """The port of `server`'s first listening socket (the one bound to port 0, say)."""
+    port: int = listening_sockets(server)[0].getsockname()[1]
+    return port
 
 
 def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
