@@ -21,7 +21,7 @@ import os
 from setuptools import setup
 
 COMPILED = [
-    "aio", "bridge", "coalesce", "events", "flowstate", "gateway", "heap",
+    "aio", "bridge", "coalesce", "events", "flowstate", "gateway", "heap", "heldreads",
     "inflight", "link", "liveness", "node", "readbuf", "relay", "sendqueue", "splice",
 ]
 

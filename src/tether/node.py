@@ -42,6 +42,7 @@ from .errors import (
     PeerDown,
     PeerUnreachable,
     TetherError,
+    caused_by,
 )
 from .events import (
     DataReceived,
@@ -300,7 +301,7 @@ class Node:
         try:
             sid = conn.link.open_flow(service, conn.now, liveness=timeout, mode=_MODES[mode])
         except LocalProtocolError as exc:
-            raise FlowDown(f"cannot allocate a flow: {exc}") from exc
+            raise caused_by(FlowDown(f"cannot allocate a flow: {exc}"), exc)  # noqa: B904
         flow = self._new_flow(conn, sid, service, conn.link.peer_name or "?")
         waiter: asyncio.Future[Flow] = conn.loop.create_future()
         self._pending[(conn, sid)] = waiter
