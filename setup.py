@@ -34,7 +34,8 @@ def ext_modules() -> list[object]:
     # The build environment has mypy but not the runtime dependencies (uvloop,
     # prometheus_client): their types are Any to the compiled code, checked at run time.
     return list(mypycify([f"src/tether/{m}.py" for m in COMPILED]
-                         + ["--ignore-missing-imports"], opt_level="3"))
+                         + ["--ignore-missing-imports"],
+                         opt_level=os.environ.get("TETHER_COMPILE_OPT", "3")))
 
 
 setup(ext_modules=ext_modules())
