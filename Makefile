@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo-core test test-compat bench fuzz clean
+.PHONY: run demo-core test test-legs test-compat compiled test-compiled bench fuzz clean
 # The asyncio-facing tests again under each newer Python found (its asyncio changed
 # under us before: Server.wait_closed, writelines), each in its own venv, the versions
 # side by side (the tests mostly wait on sockets); a version not installed is skipped,
@@ -13,6 +13,17 @@ COMPAT_VERSIONS ?= 3.12 3.13
 COMPAT_TESTS := tests/test_flow_contract.py tests/test_aio_adapter_edges.py \
 	tests/test_gateway.py tests/test_hub_contract.py tests/test_mesh_contract.py \
 	tests/test_relay_edge_cleanup.py tests/test_tls.py tests/test_hub_tls.py
+
+# The compiled build (TETHER_COMPILE=1: the data path through mypyc, see setup.py) is
+# tested on the modules it compiles and through the relay's daemons. make test builds it
+# without C optimisation (TETHER_COMPILE_OPT=0: half the build time, the same code);
+# `make compiled` alone builds it as installed (-O3).
+COMPILED_TESTS := tests/test_link.py tests/test_flowstate.py tests/test_liveness.py \
+	tests/test_datapath.py tests/test_readbuf.py tests/test_heldreads.py tests/test_bridge.py \
+	tests/test_flow_contract.py tests/test_gateway.py tests/test_relay_edge_cleanup.py \
+	tests/test_relay_cascade.py tests/test_tls.py tests/test_inflight.py \
+	tests/test_sendqueue.py tests/test_ids_exports.py tests/test_aio_adapter_edges.py
+COMPILED := build/compiled
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -30,7 +41,22 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests bench fuzz examples
 	$(BIN)/mypy --strict src tests bench
 	$(BIN)/pytest -q
-	$(MAKE) --no-print-directory test-compat
+	$(MAKE) --no-print-directory test-legs
+
+# The compat legs and the compiled leg side by side (each prints when all are done).
+test-legs:
+	@( TETHER_COMPILE_OPT=0 $(MAKE) --no-print-directory test-compiled ) \
+	  > .build-compiled.log 2>&1 & cpid=$$!; \
+	rc=0; $(MAKE) --no-print-directory test-compat || rc=1; \
+	wait $$cpid || rc=1; cat .build-compiled.log; exit $$rc
+
+compiled: $(STAMP)
+	rm -rf build  # (setuptools would reuse the objects of a build at another -O level)
+	TETHER_COMPILE=1 $(BIN)/pip install -q --no-deps --target $(COMPILED) .
+
+test-compiled: compiled
+	PYTHONPATH=$(COMPILED) TETHER_EXPECT_COMPILED=1 $(BIN)/pytest -q -p no:cacheprovider \
+	  $(COMPILED_TESTS)
 
 test-compat:
 	@pids=; for v in $(COMPAT_VERSIONS); do ( \
@@ -56,4 +82,5 @@ fuzz: $(STAMP)
 	$(BIN)/python fuzz/fuzz_wire.py -atheris_runs=200000
 
 clean:
-	rm -rf $(VENV) .venv-compat* build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-compat* .build-compiled.log build src/*.egg-info .pytest_cache \
+	  .mypy_cache .ruff_cache

@@ -11,6 +11,9 @@
 * ``tls`` is a session fixture with a throwaway CA, server, client and gateway
   certificates (and a second, unrelated CA with a client certificate of its own),
   generated into a temporary directory: never committed.
+* With ``TETHER_EXPECT_COMPILED=1`` (``make test-compiled``), the session refuses to
+  start unless tether's data path was imported from the mypyc build: a test run that
+  silently exercised the interpreted modules instead would prove nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import os
 import shutil
 import ssl
 import subprocess
@@ -38,6 +42,19 @@ LOOP_FACTORIES: dict[str, LoopFactory] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """`TETHER_EXPECT_COMPILED=1`: check that the compiled modules are the ones imported."""
+    if os.environ.get("TETHER_EXPECT_COMPILED") == "1":
+        import tether.link
+        import tether.splice
+
+        interpreted = [m.__file__ for m in (tether.link, tether.splice)
+                       if not (m.__file__ or "").endswith(".so")]
+        if interpreted:
+            raise pytest.UsageError(f"TETHER_EXPECT_COMPILED=1, but {interpreted} are "
+                                    "interpreted: put the build first on PYTHONPATH")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config,

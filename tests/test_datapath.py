@@ -9,10 +9,12 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import pytest
 
 import tether
+from linkspy import spy_on_links
 from test_gateway import address, eventually, gateway, read_exactly, read_to_eof, registered
 from tether import wire
 from tether.aio import LinkConnection
@@ -21,6 +23,8 @@ from tether.errors import ErrorCode, FlowError
 from tether.events import Event, FinReceived, FlowEnded
 from tether.flowstate import FlowState
 from tether.readbuf import LargeReads
+
+Handle = Callable[[LinkConnection, Event], None]
 
 
 class Holder:
@@ -306,9 +310,8 @@ async def test_a_gateway_passes_a_streams_end_on_before_handling_it(end: str) ->
         mode = "cascade" if end == "cascade-fin" else "half-close"
         flow, peer = await served_pair(gw, server, client, mode)
         seen: list[tuple[bool, bool, FlowState | None]] = []
-        handle = gw.link_event
 
-        def spy(conn: LinkConnection, event: Event) -> None:
+        def spy(conn: LinkConnection, event: Event, handle: Handle) -> None:
             if isinstance(event, (FinReceived, FlowEnded)) and (conn, event.stream) in gw._ends:
                 splice, side = gw._ends[(conn, event.stream)]
                 if side is splice.b:  # the server's end arrived: where is the client's?
@@ -319,7 +322,7 @@ async def test_a_gateway_passes_a_streams_end_on_before_handling_it(end: str) ->
                     return
             handle(conn, event)
 
-        gw.link_event = spy  # type: ignore[method-assign]  # links call their handler's
+        spy_on_links(gw._conns, spy)
         await peer.write(b"reply")
         assert await read_exactly(flow, 5) == b"reply"  # so the end comes alone in a read
         if end == "dealloc":
@@ -354,9 +357,8 @@ async def test_a_bridged_socket_reads_eof_before_the_node_handles_the_fin() -> N
         app.setblocking(False)
         transport, _ = await loop.create_connection(lambda: SocketBridge(flow), sock=ours)
         seen: list[bytes | None] = []
-        handle = client.link_event
 
-        def spy(conn: LinkConnection, event: Event) -> None:
+        def spy(conn: LinkConnection, event: Event, handle: Handle) -> None:
             if isinstance(event, FinReceived):
                 try:
                     seen.append(app.recv(100))
@@ -364,7 +366,8 @@ async def test_a_bridged_socket_reads_eof_before_the_node_handles_the_fin() -> N
                     seen.append(None)  # no FIN yet
             handle(conn, event)
 
-        client.link_event = spy  # type: ignore[method-assign]
+        assert client._conn is not None
+        spy_on_links([client._conn], spy)
         try:
             await peer.write(b"hello")
             got = b""

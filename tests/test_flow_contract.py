@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import pytest
 
 import tether
 from linkpair import Pair, ended
+from linkspy import spy_on_links
 from test_gateway import eventually
+from tether.aio import LinkConnection
 from tether.events import Event, FlowAccepted, FlowOpenRequested
 from tether.flowstate import FlowState
 from tether.node import Node
@@ -22,17 +24,21 @@ from tether.node import Node
 SERVICE = "contract"
 
 
-class _CancelOn(Node):
-    """A Node that cancels `victim` right after it handled an event of type `kind`: in
-    the same loop iteration, as a timeout (`asyncio.timeout`, `wait_for`) or a task
+class _CancelOn:
+    """Cancels `victim` right after the node of `conns` handled an event of type `kind`:
+    in the same loop iteration, as a timeout (`asyncio.timeout`, `wait_for`) or a task
     group's cancellation does when it fires in the iteration in which the answer
     arrives, i.e. after the waiter got its result and before the task resumed."""
 
-    kind: type[Event] = Event
-    victim: asyncio.Task[Any] | None = None
+    def __init__(self, conns: Iterable[LinkConnection], kind: type[Event],
+                 victim: asyncio.Task[Any]) -> None:
+        self.kind = kind
+        self.victim: asyncio.Task[Any] | None = victim
+        spy_on_links(conns, self.spy)
 
-    def link_event(self, conn: Any, event: Event) -> None:
-        super().link_event(conn, event)
+    def spy(self, conn: LinkConnection, event: Event,
+            handle: Callable[[LinkConnection, Event], None]) -> None:
+        handle(conn, event)
         if isinstance(event, self.kind) and self.victim is not None:
             self.victim.cancel()
             self.victim = None
@@ -68,11 +74,11 @@ async def _server_behind_a_gateway() -> AsyncIterator[tuple[str, tether.Node]]:
 
 async def test_alloc_cancelled_as_the_accept_arrives_does_not_leak_the_flow() -> None:
     async with _server_behind_a_gateway() as (address, server):
-        client = _CancelOn("client", gateway=address)
+        client = tether.Node("client", gateway=address)
         async with client:
-            client.kind = FlowAccepted
             task = asyncio.create_task(client.alloc(SERVICE, liveness=0.5))
-            client.victim = task
+            assert client._conn is not None
+            _CancelOn([client._conn], FlowAccepted, task)
             accepted = await asyncio.wait_for(server.accept(), 2)
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -141,7 +147,7 @@ async def test_peer_dealloc_wakes_every_writer_waiting_for_credit() -> None:
 
 
 async def test_cancelled_woken_acceptor_passes_the_flow_to_another() -> None:
-    server = _CancelOn("server", listen="127.0.0.1:0")
+    server = Node("server", listen="127.0.0.1:0")
     async with server:
         server.register(SERVICE)
         async with tether.Node("client", gateway=f"127.0.0.1:{server.port}") as client:
@@ -149,8 +155,8 @@ async def test_cancelled_woken_acceptor_passes_the_flow_to_another() -> None:
             await asyncio.sleep(0.01)
             second = asyncio.create_task(server.accept())
             await asyncio.sleep(0.01)
-            server.kind = FlowOpenRequested
-            server.victim = first  # woken first, cancelled before it runs
+            _CancelOn(server._conns, FlowOpenRequested, first)  # woken first, cancelled
+            # before it runs
             alloc = asyncio.create_task(client.alloc(SERVICE, liveness=1.0))
             _, pending = await asyncio.wait([second, alloc], timeout=2)
             for t in (first, second, alloc):

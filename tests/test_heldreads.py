@@ -4,10 +4,12 @@ loop has slept, and nothing else of the thread is handled before it."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 import tether
+from linkspy import spy_on_links
 from test_datapath import served_pair
 from test_gateway import address, eventually, gateway, read_to_eof
 from tether import heldreads
@@ -91,14 +93,14 @@ async def test_a_gateway_handles_a_held_end_before_anything_else_of_its_thread(
             tether.Node("client", gateway=address(gw)) as client:
         flow, peer = await served_pair(gw, server, client)
         order: list[str] = []
-        handle = gw.link_event
 
-        def spy(conn: LinkConnection, event: Event) -> None:
+        def spy(conn: LinkConnection, event: Event,
+                handle: Callable[[LinkConnection, Event], None]) -> None:
             if isinstance(event, FinReceived):
                 order.append("gateway handled the FIN")
             handle(conn, event)
 
-        gw.link_event = spy  # type: ignore[method-assign]  # links call their handler's
+        spy_on_links(gw._conns, spy)
         splice, side = next(iter(gw._ends.values()))
         b = splice.b if side is splice.a else side
         await peer.close_write()

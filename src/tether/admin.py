@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 
 from . import heldreads
+from .aio import listening_port
 from .bridge import reset_socket
 
 __all__ = ["AdminServer", "fetch_status", "flatten"]
@@ -146,8 +147,7 @@ class AdminServer:
     def port(self) -> int:
         """The port listened on."""
         assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        return listening_port(self._server)
 
     async def aclose(self) -> None:
         """Stop listening."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from . import coalesce, heldreads, readbuf
-from .errors import ErrorCode, HandshakeError, PeerUnreachable
+from .errors import ErrorCode, HandshakeError, PeerUnreachable, caused_by
 from .events import Event, HandshakeCompleted, LinkTerminated
 from .inflight import InflightBound
 from .link import Link, LinkConfig, Role
@@ -38,6 +38,8 @@ __all__ = [
     "LinkHandler",
     "SocketOptions",
     "TLSServer",
+    "listening_port",
+    "listening_sockets",
     "new_event_loop",
     "open_link",
     "parse_address",
@@ -83,6 +85,18 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool = False) -> T:
     """Run `main` to completion on a new loop (uvloop when installed)."""
     with asyncio.Runner(loop_factory=new_event_loop, debug=debug) as runner:
         return runner.run(main)
+
+
+def listening_sockets(server: object) -> list[socket.socket]:
+    """The sockets `server` listens on. (uvloop's `Server.sockets` is a list, asyncio's a
+    tuple, typeshed says tuple; read untyped so that compiled code takes either.)"""
+    return list(getattr(server, "sockets", None) or ())
+
+
+def listening_port(server: object) -> int:
+    """The port of `server`'s first listening socket (the one bound to port 0, say)."""
+    port: int = listening_sockets(server)[0].getsockname()[1]
+    return port
 
 
 def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -653,10 +667,10 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
                 factory, host, port, ssl=ssl_context,
                 server_hostname=server_hostname if ssl_context else None)
     except ssl.SSLError as exc:
-        raise HandshakeError(f"TLS handshake with {host}:{port} failed: {exc}") from exc
+        raise caused_by(HandshakeError(f"TLS handshake with {host}:{port} failed: {exc}"), exc)  # noqa: B904
     except (OSError, TimeoutError) as exc:
         why = str(exc) or "timed out"
-        raise PeerUnreachable(f"cannot connect to {host}:{port}: {why}") from exc
+        raise caused_by(PeerUnreachable(f"cannot connect to {host}:{port}: {why}"), exc)  # noqa: B904
     try:
         await conn.ready
     except asyncio.CancelledError:

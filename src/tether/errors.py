@@ -10,6 +10,7 @@ carries a numeric `code` that also travels on the wire (RESET, OPEN_ERR, GOAWAY)
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TypeVar
 
 __all__ = [
     "ErrorCode",
@@ -25,7 +26,10 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "TetherError",
+    "caused_by",
 ]
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class ErrorCode(IntEnum):
@@ -132,3 +136,10 @@ class PeerUnreachable(TetherError):
     """A named node is not a known peer, or cannot be reached."""
 
     code = ErrorCode.UNREACHABLE
+
+
+def caused_by(error: _E, cause: BaseException) -> _E:
+    """`error` with `cause` as its ``__cause__``, to raise: ``raise caused_by(e, exc)``
+    is ``raise e from exc``, which coroutines compiled with mypyc do not honour."""
+    error.__cause__ = cause
+    return error

@@ -21,6 +21,7 @@ from . import wire
 from .aio import (
     LinkConnection,
     SocketOptions,
+    listening_port,
     open_link,
     parse_address,
     serve_links,
@@ -201,8 +202,7 @@ class Gateway:
         """The port the gateway listens on."""
         if self._server is None:
             raise LocalProtocolError("gateway not started")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        return listening_port(self._server)
 
     async def aclose(self, drain: float = 0.0) -> None:
         """Stop accepting, then close every link (their flows end "shutdown")."""

@@ -50,7 +50,7 @@ from typing import (
     overload,
 )
 
-from .aio import SocketOptions, TLSServer, serve_tls
+from .aio import SocketOptions, TLSServer, listening_port, listening_sockets, serve_tls
 from .errors import FlowClosed, TetherError
 from .framing import Decoder, Framing, Lines, MessageTooLarge
 from .ids import FlowId
@@ -684,9 +684,9 @@ class Hub:
             raise RuntimeError("the hub was closed while starting")
         self._server = server
         if self._sockopts is not None:
-            for sock in server.sockets:
+            for sock in listening_sockets(server):
                 self._sockopts.apply(sock)  # accepted sockets inherit the options
-        self._port = server.sockets[0].getsockname()[1]
+        self._port = listening_port(server)
         self._state = "open"
         return self
 

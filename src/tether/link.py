@@ -135,12 +135,15 @@ class LinkConfig:
                              f"heartbeat_interval {self.heartbeat_interval}")
 
 
+_LINK_STATS: Final = ("bytes_in", "bytes_out", "flows_ended", "flows_opened", "frames_in",
+                      "frames_out", "keepalives_sent", "late_frames", "protocol_errors",
+                      "streams_reset_by_error", "windows_grown")
+
+
 class LinkStats:
     """Counters of one link, all monotonically increasing."""
 
-    __slots__ = ("bytes_in", "bytes_out", "flows_ended", "flows_opened", "frames_in",
-                 "frames_out", "keepalives_sent", "late_frames", "protocol_errors",
-                 "streams_reset_by_error", "windows_grown")
+    __slots__ = _LINK_STATS
 
     def __init__(self) -> None:
         self.bytes_in = 0
@@ -157,7 +160,7 @@ class LinkStats:
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in _LINK_STATS}  # (compiled: no __slots__)
 
 
 class _Stream:

@@ -49,7 +49,7 @@ from enum import Enum
 from typing import Any, Final
 
 from . import wire
-from .aio import LinkConnection, SocketOptions, parse_address, spawn_owned
+from .aio import LinkConnection, SocketOptions, listening_port, parse_address, spawn_owned
 from .backoff import retry_delay
 from .errors import (
     ErrorCode,
@@ -395,8 +395,7 @@ class Mesh:
         """The port this node listens on."""
         if self._server is None:
             raise LocalProtocolError(f"mesh {self.name} does not listen")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        return listening_port(self._server)
 
     async def aclose(self, drain: float = 0.0) -> None:
         """Shut down. With `drain`, first wait up to that many seconds for every queued

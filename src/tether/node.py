@@ -17,13 +17,21 @@ over a direct link, without a gateway.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import ssl
 from collections import deque
 from typing import Any, Final
 
 from . import wire
-from .aio import LinkConnection, SocketOptions, open_link, parse_address, serve_links
+from .aio import (
+    LinkConnection,
+    SocketOptions,
+    listening_port,
+    open_link,
+    parse_address,
+    serve_links,
+)
 from .errors import (
     ErrorCode,
     FlowClosed,
@@ -34,6 +42,7 @@ from .errors import (
     PeerDown,
     PeerUnreachable,
     TetherError,
+    caused_by,
 )
 from .events import (
     DataReceived,
@@ -62,7 +71,14 @@ from .link import (
 __all__ = ["Node"]
 
 log = logging.getLogger("tether.node")
-_DEFAULT: Final[Any] = object()
+
+
+class _Default(enum.Enum):
+    """A typed "not given" (None means "no liveness"): compiled code checks types."""
+
+    LIVENESS = 0
+
+
 _MODES: Final = {"half-close": MODE_HALF_CLOSE, "cascade": MODE_CASCADE}
 
 
@@ -214,8 +230,7 @@ class Node:
         """The port this node listens on (with `listen=`)."""
         if self._server is None:
             raise LocalProtocolError("this node does not listen")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        return listening_port(self._server)
 
     async def aclose(self, drain: float = 0.0) -> None:
         """Close every flow (reason "shutdown") and link. With `drain`, flows get that many
@@ -271,7 +286,7 @@ class Node:
 
     # flows ----------------------------------------------------------------------------
 
-    async def alloc(self, service: str, *, liveness: float | None = _DEFAULT,
+    async def alloc(self, service: str, *, liveness: float | _Default | None = _Default.LIVENESS,
                     mode: str = "half-close") -> Flow:
         """Allocate a flow to `service`. Raises `NoSuchService` if no node offers it,
         `FlowDown` if the link is down or the answer does not come within the liveness
@@ -282,11 +297,11 @@ class Node:
         conn = self._conn
         if conn is None or conn.closed.done():
             raise FlowDown(f"node {self.name} has no link to a gateway", ErrorCode.FLOW_DOWN)
-        timeout = self.liveness if liveness is _DEFAULT else liveness
+        timeout = self.liveness if isinstance(liveness, _Default) else liveness
         try:
             sid = conn.link.open_flow(service, conn.now, liveness=timeout, mode=_MODES[mode])
         except LocalProtocolError as exc:
-            raise FlowDown(f"cannot allocate a flow: {exc}") from exc
+            raise caused_by(FlowDown(f"cannot allocate a flow: {exc}"), exc)  # noqa: B904
         flow = self._new_flow(conn, sid, service, conn.link.peer_name or "?")
         waiter: asyncio.Future[Flow] = conn.loop.create_future()
         self._pending[(conn, sid)] = waiter

@@ -30,7 +30,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from .aio import SocketOptions, parse_address, spawn_owned
+from .aio import SocketOptions, listening_port, listening_sockets, parse_address, spawn_owned
 from .backoff import retry_delay
 from .bridge import SocketBridge, reset_socket
 from .errors import ErrorCode, FlowClosed, FlowDown, TetherError
@@ -321,11 +321,12 @@ class Agent(_Edge):
                     raise OSError(exc.errno, f"cannot listen on {host}:{port} for service "
                                   f"{service}: {connect_failure(exc)}") from exc
                 self.servers.append(server)
-                for sock in server.sockets:  # accepted sockets inherit them: no per-accept
-                    self.sockopts.apply(sock)  # cost (set before the first accept)
+                # accepted sockets inherit them: no per-accept cost (set before the first)
+                for sock in listening_sockets(server):
+                    self.sockopts.apply(sock)
                 await server.start_serving()
                 log.info("agent %s: forwarding %s:%d to service %s", self.name, host,
-                         server.sockets[0].getsockname()[1], service)
+                         listening_port(server), service)
         except BaseException:
             await self.aclose()
             raise
@@ -338,7 +339,7 @@ class Agent(_Edge):
 
     def ports(self) -> list[int]:
         """The ports listened on, in the order of `forwards`."""
-        return [int(s.sockets[0].getsockname()[1]) for s in self.servers]
+        return [listening_port(s) for s in self.servers]
 
     async def aclose(self, drain: float = 0.0) -> None:
         """Stop listening, end every connection and the link. With `drain`, the open

@@ -70,17 +70,17 @@ KIND_REGISTER: Final = 0xFF01
 KIND_UNREGISTER: Final = 0xFF02
 KIND_SERVICES: Final = 0xFF03
 
-HEADER: Final = struct.Struct("!BBII")
-_HELLO: Final = struct.Struct("!4sHHII")
-_OPEN: Final = struct.Struct("!QIB")
+HEADER: Final[struct.Struct] = struct.Struct("!BBII")
+_HELLO: Final[struct.Struct] = struct.Struct("!4sHHII")
+_OPEN: Final[struct.Struct] = struct.Struct("!QIB")
 _U8: Final = struct.Struct("!B")
 _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
 _U64: Final = struct.Struct("!Q")
-_CODE: Final = struct.Struct("!H")
-_MSG: Final = struct.Struct("!HQ")
-_MSG_HEADER: Final = struct.Struct("!BBIIHQ")
-_GOAWAY: Final = struct.Struct("!IH")
+_CODE: Final[struct.Struct] = struct.Struct("!H")
+_MSG: Final[struct.Struct] = struct.Struct("!HQ")
+_MSG_HEADER: Final[struct.Struct] = struct.Struct("!BBIIHQ")
+_GOAWAY: Final[struct.Struct] = struct.Struct("!IH")
 
 
 class FrameType:
