@@ -13,7 +13,9 @@ from typing import Any
 from tether.aio import LinkConnection, LinkHandler
 from tether.events import Event
 
-Spy = Callable[[LinkConnection, Event, Callable[[LinkConnection, Event], None]], None]
+Handle = Callable[[LinkConnection, Event], None]
+"""A handler's `link_event`, which a spy calls to pass the event on."""
+Spy = Callable[[LinkConnection, Event, Handle], None]
 
 
 class _SpyHandler:

@@ -9,12 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 
 import pytest
 
 import tether
-from linkspy import spy_on_links
+from linkspy import Handle, spy_on_links
 from test_gateway import address, eventually, gateway, read_exactly, read_to_eof, registered
 from tether import wire
 from tether.aio import LinkConnection
@@ -22,8 +21,6 @@ from tether.coalesce import WriteCoalescer, current
 from tether.errors import ErrorCode, FlowError
 from tether.events import Event, FinReceived, FlowEnded
 from tether.flowstate import FlowState
-
-Handle = Callable[[LinkConnection, Event], None]
 
 
 class Holder:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import pytest
 
 import tether
 from linkpair import Pair, ended
-from linkspy import spy_on_links
+from linkspy import Handle, spy_on_links
 from test_gateway import eventually
 from tether.aio import LinkConnection
 from tether.events import Event, FlowAccepted, FlowOpenRequested
@@ -37,7 +37,7 @@ class _CancelOn:
         spy_on_links(conns, self.spy)
 
     def spy(self, conn: LinkConnection, event: Event,
-            handle: Callable[[LinkConnection, Event], None]) -> None:
+            handle: Handle) -> None:
         handle(conn, event)
         if isinstance(event, self.kind) and self.victim is not None:
             self.victim.cancel()

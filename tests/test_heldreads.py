@@ -4,12 +4,11 @@ loop has slept, and nothing else of the thread is handled before it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 
 import tether
-from linkspy import spy_on_links
+from linkspy import Handle, spy_on_links
 from test_datapath import served_pair
 from test_gateway import address, eventually, gateway, read_to_eof
 from tether import heldreads
@@ -95,7 +94,7 @@ async def test_a_gateway_handles_a_held_end_before_anything_else_of_its_thread(
         order: list[str] = []
 
         def spy(conn: LinkConnection, event: Event,
-                handle: Callable[[LinkConnection, Event], None]) -> None:
+                handle: Handle) -> None:
             if isinstance(event, FinReceived):
                 order.append("gateway handled the FIN")
             handle(conn, event)
