@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo-core test test-legs test-compat compiled test-compiled test-compiled-built \
+.PHONY: run demo-core test test-suite test-legs test-compat compiled test-compiled test-compiled-built \
 	bench fuzz clean
 # The asyncio-facing tests again under each newer Python found (its asyncio changed
 # under us before: Server.wait_closed, writelines), each in its own venv, the versions
@@ -47,8 +47,17 @@ test: $(STAMP)
 	rc=0; $(BIN)/ruff check src tests bench fuzz examples || rc=1; \
 	$(BIN)/mypy --strict src tests bench || rc=1; \
 	wait $$bpid || { cat .build-compiled.log; rc=1; }; exit $$rc
-	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory test-suite
 	$(MAKE) --no-print-directory test-legs
+
+# The whole suite, as two pytest processes side by side: the tests marked `netns`
+# (faults across network namespaces: 20 tests, ~3 of the suite's 7 minutes, spent
+# mostly waiting on timeouts, delays and losses they set up) beside all the others.
+# The netns group prints its output when both are done.
+test-suite:
+	@$(BIN)/pytest -q -p no:cacheprovider -m netns > .test-netns.log 2>&1 & npid=$$!; \
+	rc=0; $(BIN)/pytest -q -m "not netns" || rc=1; \
+	wait $$npid || rc=1; cat .test-netns.log; exit $$rc
 
 # The compat legs and the compiled leg (built already) side by side; each prints its
 # output when all are done.
@@ -93,6 +102,6 @@ fuzz: $(STAMP)
 	$(BIN)/python fuzz/fuzz_wire.py -atheris_runs=200000
 
 clean:
-	rm -rf $(VENV) .venv-compat* .build-compiled.log .test-compiled.log build src/*.egg-info \
+	rm -rf $(VENV) .venv-compat* .build-compiled.log .test-compiled.log .test-netns.log build src/*.egg-info \
 	  .pytest_cache \
 	  .mypy_cache .ruff_cache
