@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 import tether
+import tether.gateway as gateway_module
+from tether import backoff
 from tether.aio import spawn_owned
 from tether.relay import Agent, Connector
 
@@ -161,3 +164,41 @@ async def test_policy_is_enforced_at_the_first_gateway_only() -> None:
                 assert gw1.counters["flows_spliced"] == 0
 
 
+
+
+async def test_a_lost_peer_gateway_is_redialled_with_the_shared_backoff(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway re-dials a peer as the edges and the mesh re-dial theirs
+    (`tether.backoff.retry_delay`: from 20 ms, doubling, jittered, up to
+    `retry_interval`), and starts from the first delay again once a link was up and
+    dropped. Real dials: refused at once while nothing listens on the peer's port."""
+    calls: list[tuple[int, float]] = []
+    real = backoff.retry_delay
+
+    def spy(attempt: int, cap: float) -> float:
+        calls.append((attempt, cap))
+        return real(attempt, cap)
+
+    monkeypatch.setattr(gateway_module, "retry_delay", spy)
+    with socket.socket() as probe:  # a free port, nothing listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gw1 = tether.Gateway("127.0.0.1:0", name="gw1", peers={"gw2": f"127.0.0.1:{port}"},
+                         retry_interval=0.3, heartbeat=0.2, link_timeout=1.0)
+    await gw1.start()
+    try:
+        await wait_until(lambda: len(calls) >= 4)
+        assert [a for a, _ in calls[:4]] == [0, 1, 2, 3]
+        assert all(cap == 0.3 for _, cap in calls)
+        gw2 = tether.Gateway(f"127.0.0.1:{port}", name="gw2", heartbeat=0.2,
+                             link_timeout=1.0)
+        await gw2.start()
+        try:
+            await wait_until(lambda: gw1.cluster()["gw2"]["up"])
+            before = len(calls)
+        finally:
+            await gw2.aclose()
+        await wait_until(lambda: len(calls) > before)
+        assert calls[before][0] == 0  # the first delay again, not where it had got to
+    finally:
+        await gw1.aclose()

@@ -42,20 +42,18 @@ def _float(text: str, expected: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
 
 
+def _seconds(text: str, *, zero: bool = True) -> float:
+    """An option's value in seconds, finite, 0 or more (more than 0 unless `zero`)."""
+    expected = "seconds, 0 or more" if zero else "seconds, more than 0"
+    value = _float(text, expected)
+    if not (value >= 0 if zero else value > 0) or value == math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+    return value
+
+
 def _positive_seconds(text: str) -> float:
     """An option's value in seconds, more than 0 (and finite)."""
-    value = _float(text, "seconds, more than 0")
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, more than 0")
-    return value
-
-
-def _seconds(text: str) -> float:
-    """An option's value in seconds, 0 or more (and finite)."""
-    value = _float(text, "seconds, 0 or more")
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, 0 or more")
-    return value
+    return _seconds(text, zero=False)
 
 
 @contextlib.contextmanager

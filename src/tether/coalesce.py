@@ -15,8 +15,9 @@ read's handling never spans an `await`), taken once per connection by `current()
 
 from __future__ import annotations
 
-import threading
 from typing import Protocol
+
+from .perthread import PerThread
 
 __all__ = ["Deferred", "WriteCoalescer", "current"]
 
@@ -68,13 +69,9 @@ class WriteCoalescer:
                     raise
 
 
-_local = threading.local()
+_PER_THREAD: PerThread[WriteCoalescer] = PerThread(WriteCoalescer)
 
 
 def current() -> WriteCoalescer:
     """This thread's coalescer."""
-    try:
-        coalescer: WriteCoalescer = _local.coalescer
-    except AttributeError:
-        coalescer = _local.coalescer = WriteCoalescer()
-    return coalescer
+    return _PER_THREAD.get()

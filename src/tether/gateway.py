@@ -27,6 +27,7 @@ from .aio import (
     serve_links,
     spawn_owned,
 )
+from .backoff import retry_delay
 from .errors import ErrorCode, HandshakeError, LocalProtocolError, TetherError
 from .events import (
     DataReceived,
@@ -75,7 +76,7 @@ class Gateway:
     anything not allowed is denied (DENIED, logged).
 
     `peers` ({name: "host:port"}) makes a cluster: the gateway keeps a link to each
-    peer gateway (re-dialled every `retry_interval` while down), tells it which
+    peer gateway (re-dialled while down, with backoff up to `retry_interval`), tells it which
     services it can reach (a SERVICES control message, sent again on every change,
     with hop counts so that chains of gateways work and loops do not), and forwards a
     flow for a service it does not serve itself to the nearest peer that reaches it,
@@ -167,9 +168,12 @@ class Gateway:
             spawn_owned(self._tasks, self._keep_peer(peer, address))
 
     async def _keep_peer(self, peer: str, address: str) -> None:
-        """Dial a peer gateway and keep the link up: re-dial while it is down."""
+        """Dial a peer gateway and keep the link up: re-dial while it is down, waiting
+        `tether.backoff.retry_delay` up to `retry_interval` between attempts (the rule of
+        the edges and the mesh: a peer that is back is found within tens of
+        milliseconds, and gateways that lost the same peer do not dial it in step)."""
         host, port = parse_address(address)
-        delay = min(0.1, self.retry_interval)
+        attempts = 0
         refused = ""
         while True:
             try:
@@ -186,16 +190,16 @@ class Gateway:
                 else:
                     log.debug("gateway %s: peer %s at %s unreachable: %s", self.name, peer,
                               address, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_interval)
+                await asyncio.sleep(retry_delay(attempts, self.retry_interval))
+                attempts += 1
                 continue
-            delay = min(0.1, self.retry_interval)
+            attempts = 0
             refused = ""
             if conn.link.peer_name != peer:
                 log.warning("gateway %s: %s answered as %r, not %r", self.name, address,
                             conn.link.peer_name, peer)
             await asyncio.shield(conn.closed)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(retry_delay(0, self.retry_interval))
 
     @property
     def port(self) -> int:

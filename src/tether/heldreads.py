@@ -31,8 +31,9 @@ There is one per thread (one event loop runs in a thread at a time), taken by
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Protocol
+
+from .perthread import PerThread
 
 __all__ = ["DELAY", "HeldReads", "Holder", "current"]
 
@@ -84,13 +85,9 @@ class HeldReads:
         self.apply()
 
 
-_local = threading.local()
+_PER_THREAD: PerThread[HeldReads] = PerThread(HeldReads)
 
 
 def current() -> HeldReads:
     """This thread's held reads."""
-    try:
-        held: HeldReads = _local.held
-    except AttributeError:
-        held = _local.held = HeldReads()
-    return held
+    return _PER_THREAD.get()

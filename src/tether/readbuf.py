@@ -37,8 +37,9 @@ reads back to the loop.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
+
+from .perthread import PerThread
 
 __all__ = ["LARGE_READ", "SMALL_READ", "SMALL_READS", "LargeReads", "ReadBuffer", "current",
            "read_large"]
@@ -128,16 +129,12 @@ class ReadBuffer:
         return view.toreadonly()
 
 
-_local = threading.local()
+_PER_THREAD: PerThread[ReadBuffer] = PerThread(ReadBuffer)
 
 
 def current() -> ReadBuffer:
     """This thread's read buffer."""
-    try:
-        buffer: ReadBuffer = _local.buffer
-    except AttributeError:
-        buffer = _local.buffer = ReadBuffer()
-    return buffer
+    return _PER_THREAD.get()
 
 
 class LargeReads(asyncio.BufferedProtocol):
