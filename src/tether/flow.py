@@ -34,7 +34,7 @@ from .errors import (
     PeerDown,
 )
 from .events import FlowEnded
-from .flowstate import FlowState
+from .flowstate import SENDING_STATES, FlowState
 from .ids import FlowId
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ class Flow:
         await conn.drain()
 
     def _check_writable(self) -> None:
-        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN):
+        if self._state in SENDING_STATES:
             if self._conn.link.flow_state(self.stream) is None:
                 # The link ended the stream in the batch of events being handed out
                 # right now; this flow hears of it (`_on_end`, the reason) further on.
@@ -201,7 +201,7 @@ class Flow:
 
     async def close_write(self) -> None:
         """Half-close: the peer reads EOF; this side can still read its reply."""
-        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN):
+        if self._state in SENDING_STATES:
             self._conn.link.send_fin(self.stream, self._conn.now)
             self._set_state()
             self._conn.flush()
@@ -262,7 +262,7 @@ class Flow:
     def fin_nowait(self) -> None:
         """`close_write()` without awaiting."""
         conn = self._conn
-        if self._state in (FlowState.OPEN, FlowState.REMOTE_FIN) \
+        if self._state in SENDING_STATES \
                 and conn.link.flow_state(self.stream) is not None:
             # the FIN first, when it may go at once: on a relay's edge, the path of a close
             conn.link.send_fin(self.stream, conn.now, written=conn.write_end(self.stream, True))

@@ -27,7 +27,8 @@ from typing import Final
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
-__all__ = ["TRANSITIONS", "Effect", "FlowInput", "FlowState", "FlowStateMachine"]
+__all__ = ["LIVE_STATES", "RECEIVING_STATES", "SENDING_STATES", "TERMINAL_STATES", "TRANSITIONS",
+           "Effect", "FlowInput", "FlowState", "FlowStateMachine"]
 
 
 class FlowState(Enum):
@@ -87,6 +88,11 @@ A, X = Effect.APPLY, Effect.IGNORE
 
 LIVE_STATES: Final = frozenset({S.OPENING, S.OPEN, S.LOCAL_FIN, S.REMOTE_FIN})
 TERMINAL_STATES: Final = frozenset({S.CLOSED, S.DOWN, S.RESET})
+# (sets, not tuples built per test: a relay asks on the path of every close)
+SENDING_STATES: Final = frozenset({S.OPEN, S.REMOTE_FIN})
+"""The states in which this side may still send DATA."""
+RECEIVING_STATES: Final = frozenset({S.OPEN, S.LOCAL_FIN})
+"""The states in which the peer may still send DATA."""
 
 TRANSITIONS: Final[dict[tuple[FlowState, FlowInput], tuple[Effect, FlowState]]] = {
     # opening
@@ -162,12 +168,12 @@ class FlowStateMachine:
     @property
     def can_send(self) -> bool:
         """This side may still send DATA."""
-        return self.state in (FlowState.OPEN, FlowState.REMOTE_FIN)
+        return self.state in SENDING_STATES
 
     @property
     def can_receive(self) -> bool:
         """The peer may still send DATA."""
-        return self.state in (FlowState.OPEN, FlowState.LOCAL_FIN)
+        return self.state in RECEIVING_STATES
 
     def __repr__(self) -> str:
         return f"FlowStateMachine({self.state.name})"

@@ -559,13 +559,14 @@ class Link:
 
         A relay writes a stream's end as soon as it reads the other side's (see
         `peek_stream_end`), and tells the link afterwards."""
-        if self.state is not LinkState.OPEN and self.state is not LinkState.DRAINING:
+        state = self.state  # (module constants below, as in `peek_stream_end`)
+        if state is not _OPEN and state is not _DRAINING:
             return None
         s = self._streams.get(stream)
         if s is None or self._urgent or stream in self._send or (
                 fin and not s.fsm.can_send):
             return None
-        return wire.encode_empty(wire.FrameType.FIN if fin else wire.FrameType.CLOSE, stream)
+        return _pack_header(_FIN if fin else _CLOSE, 0, stream, 0)  # `wire.encode_empty`
 
     def send_fin(self, stream: int, now: float, *, written: bool = False) -> None:
         """Half-close: this side sends no more data; the peer reads EOF and may reply.
@@ -1023,10 +1024,11 @@ class Link:
         self._ended(s, code, f"error: {reason}", "peer")
 
 
-# `Link.peek_stream_end`'s constants
+# `Link.peek_stream_end`'s and `Link.end_frame`'s constants
 _OPEN = LinkState.OPEN
 _DRAINING = LinkState.DRAINING
 _FIN = int(wire.FrameType.FIN)
 _CLOSE = int(wire.FrameType.CLOSE)
 _HEADER_SIZE = wire.HEADER.size
 _unpack_header = wire.HEADER.unpack_from
+_pack_header = wire.HEADER.pack

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 
 from .errors import ErrorCode
 from .events import FlowEnded
-from .flowstate import FlowState
+from .flowstate import SENDING_STATES, FlowState
 from .ids import FlowId
 from .link import MODE_CASCADE
 
@@ -209,7 +209,7 @@ class Splice:
             how, dst.pending_end = dst.pending_end, None
             written, dst.end_written = dst.end_written, False
             if how == _FIN:
-                if link.flow_state(dst.stream) in (FlowState.OPEN, FlowState.REMOTE_FIN):
+                if link.flow_state(dst.stream) in SENDING_STATES:
                     link.send_fin(dst.stream, now, written=written)
             else:
                 link.dealloc(dst.stream, now, written=written)
