@@ -65,6 +65,7 @@ _QUEUE_TIME = 0.25
 _QUEUE_MIN = 64 * 1024
 _QUEUE_MAX = 1024 * 1024
 _HEADER_SIZE = HEADER.size  # a FIN or CLOSE frame, alone in a read (`data_received`)
+_LARGE_READ = readbuf.LARGE_READ
 _INFLIGHT_RECHECK = 0.02  # a link holding data back for its bytes in flight looks again
 _HANDSHAKE_CODES = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.HANDSHAKE_FAILED,
                               ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
@@ -334,12 +335,13 @@ class LinkConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes read from the socket (through the loop, or `readbuf.LargeReads`)."""
-        if len(data) >= readbuf.LARGE_READ and self._tls is None:
+        n = len(data)
+        if n >= _LARGE_READ and self._tls is None:
             readbuf.read_large(self, self.transport)
         held = self._held_reads
         if held.reads:
             held.apply()
-        if len(data) == _HEADER_SIZE and self._end_ahead is not None and self._tls is None:
+        if n == _HEADER_SIZE and self._end_ahead is not None and self._tls is None:
             ahead = self.link.peek_stream_end(data)  # a lone FIN or CLOSE: pass it on
             # first, written at once (nothing is coalescing yet); the rest, later
             if ahead is not None and self._end_ahead(self, ahead[1], ahead[0]):

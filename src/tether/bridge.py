@@ -67,6 +67,7 @@ def _libc_shutdown() -> Callable[[int, int], int] | None:
 
 
 _SHUTDOWN = _libc_shutdown()
+_SHUT_WR = socket.SHUT_WR
 
 
 def shutdown_write(transport: asyncio.WriteTransport, fd: int | None = None) -> None:
@@ -92,7 +93,7 @@ def shutdown_write(transport: asyncio.WriteTransport, fd: int | None = None) -> 
             transport.write_eof()
             return
         fd = sock.fileno()
-    _SHUTDOWN(fd, socket.SHUT_WR)  # -1 if the peer reset: the transport reports it
+    _SHUTDOWN(fd, _SHUT_WR)  # -1 if the peer reset: the transport reports it
 
 
 class SocketBridge(asyncio.Protocol):
@@ -301,7 +302,9 @@ class SocketBridge(asyncio.Protocol):
             self.flow.fin_nowait()
 
     def eof_received(self) -> bool:
-        self._held_reads.apply()
+        held = self._held_reads
+        if held.reads:  # (no call when nothing is held: the path of a close)
+            held.apply()
         if self._pending is not None or self._flow is None:
             self._fin_pending = True
         else:
@@ -377,7 +380,8 @@ class SocketBridge(asyncio.Protocol):
             self.half_closed_at = self._loop.time()
 
     def flow_fin(self) -> None:
-        self.write_deferred()  # the bytes before the FIN
+        if self._out:  # the bytes before the FIN (no call when there are none: the path of
+            self.write_deferred()  # a close, see `shutdown_write`)
         transport = self.transport
         if transport is not None and not transport.is_closing() and transport.can_write_eof():
             shutdown_write(transport, self._fd)

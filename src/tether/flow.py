@@ -265,7 +265,8 @@ class Flow:
         if self._state in SENDING_STATES \
                 and conn.link.flow_state(self.stream) is not None:
             # the FIN first, when it may go at once: on a relay's edge, the path of a close
-            conn.link.send_fin(self.stream, conn.now, written=conn.write_end(self.stream, True))
+            written = conn.write_end(self.stream, True)
+            conn.link.send_fin(self.stream, conn.now, written=written)
             self._set_state()
             conn.flush()
 

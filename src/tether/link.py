@@ -44,7 +44,7 @@ from .events import (
     StreamProtocolError,
     WindowUpdated,
 )
-from .flowstate import FlowInput, FlowState, FlowStateMachine
+from .flowstate import RECEIVING_STATES, SENDING_STATES, FlowInput, FlowState, FlowStateMachine
 from .liveness import LivenessMonitor
 from .sendqueue import MIN_SPLIT as _MIN_SPLIT
 from .sendqueue import SendQueue
@@ -424,7 +424,7 @@ class Link:
         if length or (ftype != _FIN and ftype != _CLOSE):
             return None
         s = self._streams.get(stream)
-        if s is None or (ftype == _FIN and not s.fsm.can_receive):
+        if s is None or (ftype == _FIN and s.fsm.state not in RECEIVING_STATES):
             return None
         return ftype, stream
 
@@ -564,7 +564,7 @@ class Link:
             return None
         s = self._streams.get(stream)
         if s is None or self._urgent or stream in self._send or (
-                fin and not s.fsm.can_send):
+                fin and s.fsm.state not in SENDING_STATES):
             return None
         return _pack_header(_FIN if fin else _CLOSE, 0, stream, 0)  # `wire.encode_empty`
 
