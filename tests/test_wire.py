@@ -204,18 +204,18 @@ def test_encode_empty_matches_encode(cls: type[Fin | Close | KeepAlive]) -> None
 
 def test_at_boundary_is_false_while_a_frame_is_incomplete() -> None:
     d = FrameDecoder(split_data=True)
-    assert d.at_boundary
+    assert d.at_boundary()
     d.feed(encode(Fin(stream=3))[:4])
-    assert not d.at_boundary  # half a header held
+    assert not d.at_boundary()  # half a header held
     d.feed(encode(Fin(stream=3))[4:])
-    assert d.at_boundary
+    assert d.at_boundary()
     d.feed(encode(Data(stream=3, data=b"x" * 100))[:50])
-    assert not d.at_boundary  # a DATA payload still arriving (cut-through)
+    assert not d.at_boundary()  # a DATA payload still arriving (cut-through)
     d.feed(b"x" * 60)
-    assert d.at_boundary
+    assert d.at_boundary()
     with pytest.raises(ProtocolError):
         d.feed(b"\xff" * 10)
-    assert not d.at_boundary  # broken for good
+    assert not d.at_boundary()  # broken for good
 
 
 def test_flags_are_ignored_on_receipt() -> None:

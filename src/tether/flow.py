@@ -262,13 +262,14 @@ class Flow:
     def fin_nowait(self) -> None:
         """`close_write()` without awaiting."""
         conn = self._conn
-        if self._state in SENDING_STATES \
-                and conn.link.flow_state(self.stream) is not None:
+        if self._state in SENDING_STATES:
             # the FIN first, when it may go at once: on a relay's edge, the path of a close
+            # (written: the link knows the stream; else it is asked)
             written = conn.write_end(self.stream, True)
-            conn.link.send_fin(self.stream, conn.now, written=written)
-            self._set_state()
-            conn.flush()
+            if written or conn.link.flow_state(self.stream) is not None:
+                conn.link.send_fin(self.stream, conn.now, written=written)
+                self._set_state()
+                conn.flush()
 
     def dealloc_nowait(self) -> None:
         """`dealloc()` without awaiting."""

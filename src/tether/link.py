@@ -418,7 +418,7 @@ class Link:
         close latency goes")."""
         state = self.state  # (module constants below: every look-up here is latency)
         if (state is not _OPEN and state is not _DRAINING) or len(data) != _HEADER_SIZE \
-                or not self._decoder.at_boundary:
+                or not self._decoder.at_boundary():
             return None
         ftype, _, stream, length = _unpack_header(data)
         if length or (ftype != _FIN and ftype != _CLOSE):
@@ -563,7 +563,7 @@ class Link:
         if state is not _OPEN and state is not _DRAINING:
             return None
         s = self._streams.get(stream)
-        if s is None or self._urgent or stream in self._send or (
+        if s is None or self._urgent or stream in self._send.queues or (
                 fin and s.fsm.state not in SENDING_STATES):
             return None
         return _pack_header(_FIN if fin else _CLOSE, 0, stream, 0)  # `wire.encode_empty`

@@ -41,13 +41,16 @@ Piece = bytes | memoryview
 class SendQueue:
     """Frames by stream, taken in turns. See the module docstring."""
 
-    __slots__ = ("_queues", "_turns", "quantum")
+    __slots__ = ("_turns", "quantum", "queues")
 
     def __init__(self, quantum: int = QUANTUM) -> None:
         if quantum < MIN_SPLIT:
             raise ValueError(f"quantum {quantum} is below the minimum {MIN_SPLIT}")
         self.quantum = quantum
-        self._queues: dict[int, list[Piece]] = {}  # stream -> its frames' pieces, in order
+        # each stream with something queued -> its frames' pieces, in order; callers only
+        # read it (`stream in q.queues` is `stream in q` without a Python-level call: a
+        # relay asks on the path of every close, see `Link.end_frame`)
+        self.queues: dict[int, list[Piece]] = {}
         self._turns: deque[int] = deque()  # the streams with something queued, next first
 
     def __bool__(self) -> bool:
@@ -59,14 +62,14 @@ class SendQueue:
 
     def __contains__(self, stream: int) -> bool:
         """`stream` has something queued."""
-        return stream in self._queues
+        return stream in self.queues
 
     def push(self, stream: int, piece: Piece) -> None:
         """Queue one piece of a frame of `stream` (0 for link frames): a whole frame,
         or a DATA or MSG frame's header followed, in the next call, by its payload."""
-        queue = self._queues.get(stream)
+        queue = self.queues.get(stream)
         if queue is None:
-            self._queues[stream] = [piece]
+            self.queues[stream] = [piece]
             self._turns.append(stream)
         else:
             queue.append(piece)
@@ -78,7 +81,7 @@ class SendQueue:
         out: list[Piece] = []
         budget = limit
         data_taken = 0
-        queues, turns = self._queues, self._turns
+        queues, turns = self.queues, self._turns
         while budget > 0 and turns:
             stream = turns[0]
             src = queues[stream]
@@ -96,7 +99,7 @@ class SendQueue:
     def drop(self, stream: int) -> tuple[int, int, int]:
         """Forget what `stream` has queued (it was reset: the peer would discard it);
         returns (frames, bytes, DATA bytes as queued) dropped."""
-        src = self._queues.pop(stream, None)
+        src = self.queues.pop(stream, None)
         if src is None:
             return 0, 0, 0
         self._turns.remove(stream)
@@ -116,8 +119,8 @@ class SendQueue:
         """Everything queued, stream after stream (each in its order)."""
         out: list[Piece] = []
         for stream in self._turns:
-            out += self._queues[stream]
-        self._queues.clear()
+            out += self.queues[stream]
+        self.queues.clear()
         self._turns.clear()
         return out
 

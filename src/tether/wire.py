@@ -551,10 +551,11 @@ class FrameDecoder:
         pieces the next `feed` returns first as the same frame's continuation."""
         return self._data_left
 
-    @property
     def at_boundary(self) -> bool:
         """The next byte fed starts a frame: nothing is held, no DATA payload is still
-        arriving, and the decoder is not broken."""
+        arriving, and the decoder is not broken. (A method, not a property: a relay asks
+        on the path of every close, where a property's call costs more, see
+        `Link.peek_stream_end`.)"""
         return not self._parts and not self._data_left and self._error is None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
