@@ -36,15 +36,19 @@ class Recorder:
 async def test_tls_client_stopping_mid_handshake_ends_the_link(tls: TLSMaterial) -> None:
     """The link's handshake timeout fires before TLS is up: its last frames cannot be
     encrypted (they were, raising SSLWantReadError in the timer: the link stayed open,
-    its socket with it, and `closed` was never set)."""
+    its socket with it, and `closed` was never set).
+
+    The timeout leaves the client a second to send its first bytes: once, with 0.2 s
+    on a loaded machine, the link had timed out and closed before they came, so they
+    met a closed socket and its reset, and the handshake was never "mid" at all."""
     rec = Recorder()
-    server = await serve_links("127.0.0.1", 0, lambda: LinkConfig(name="gw", handshake_timeout=0.2),
+    server = await serve_links("127.0.0.1", 0, lambda: LinkConfig(name="gw", handshake_timeout=1.0),
                                rec, ssl_context=tls.server_context())
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(b"\x16\x03\x01\x00\xc8\x01\x00")  # the start of a ClientHello
-        async with asyncio.timeout(2.0):
+        async with asyncio.timeout(3.0):
             while not any(isinstance(e, LinkTerminated) for e in rec.events):
                 await asyncio.sleep(0.01)
         async with asyncio.timeout(2.0):
