@@ -164,8 +164,6 @@ async def test_policy_is_enforced_at_the_first_gateway_only() -> None:
                 assert gw1.counters["flows_spliced"] == 0
 
 
-
-
 async def test_a_lost_peer_gateway_is_redialled_with_the_shared_backoff(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A gateway re-dials a peer as the edges and the mesh re-dial theirs
