@@ -493,10 +493,17 @@ def test_cascade_across_hosts(make_rig: MakeRig) -> None:
 EDGE_KEEPALIVE = 4.0  # `SocketOptions.for_edge`: 1 s idle, then 3 probes 1 s apart
 
 
-def _edge_rig(make_rig: MakeRig) -> tuple[Rig, list[Daemon], Server, HostProc]:
+def _edge_rig(make_rig: MakeRig, tcp_mem_max: int | None = None
+              ) -> tuple[Rig, list[Daemon], Server, HostProc]:
     """Gateway, agent and connector (`--keepalive 4`) on one host, an echo server on
-    another; an application on the relay's host with one line echoed."""
+    another; an application on the relay's host with one line echoed. `tcp_mem_max`:
+    both hosts' TCP buffers autotune up to that many bytes at most (tcp_rmem and
+    tcp_wmem), set before anything starts."""
     rig = make_rig(["relay", "server"])
+    if tcp_mem_max is not None:
+        for host in ("relay", "server"):
+            rig[host].sysctl("net.ipv4.tcp_rmem", f"4096 131072 {tcp_mem_max}")
+            rig[host].sysctl("net.ipv4.tcp_wmem", f"4096 16384 {tcp_mem_max}")
     gw = rig["relay"].gateway()
     echo = rig["server"].echo_server()
     keepalive = ["--keepalive", f"{EDGE_KEEPALIVE:g}"]
@@ -529,7 +536,14 @@ def _edge_silent_server(make_rig: MakeRig) -> None:
     _wait_no_flows(daemons)
 
 
-EDGE_BULK = 16 << 20  # more than the kernels and the flow windows on the way can hold
+EDGE_TCP_MEM_MAX = 1 << 20
+EDGE_BULK = 64 << 20
+"""Far more than the kernels and the flow windows on the way can hold: with the edge
+rig's TCP buffers autotuned up to EDGE_TCP_MEM_MAX (four TCP connections on the way,
+each a sender's and a receiver's buffer: 8 MiB) and three flow windows (agent, gateway,
+connector: each at most `DEFAULT_MAX_WINDOW`, 4 MiB), about 20 MiB. The kernels'
+default maxima (6 MiB to receive, 4 to send) alone would hold 40 MiB: 16 MiB was
+not enough for a faster relay."""
 
 
 def _edge_stopped_server(make_rig: MakeRig) -> None:
@@ -538,7 +552,7 @@ def _edge_stopped_server(make_rig: MakeRig) -> None:
     window is closed: the server's kernel still answers keepalive and window probes,
     so both flows stay open (TCP_USER_TIMEOUT on the edge would reset the bulk flow:
     see `SocketOptions.for_edge`), and both complete once the server is thawed."""
-    rig, daemons, echo, app = _edge_rig(make_rig)
+    rig, daemons, echo, app = _edge_rig(make_rig, EDGE_TCP_MEM_MAX)
     ag, _, co = daemons
     echo.proc.stop()
     try:
@@ -551,6 +565,7 @@ def _edge_stopped_server(make_rig: MakeRig) -> None:
                 if (m := re.match(r"progress sent=(\d+) ", ln.text))]
         assert len(sent) >= 2 and sent[-1] == sent[-2] < EDGE_BULK, \
             f"the sender was not held back: {bulk.output()}"
+        print(f"held back after {sent[-1]} bytes of {EDGE_BULK}")
     finally:
         echo.proc.cont()
     summary = json.loads(bulk.expect(r'^\{"sent"', timeout=60)[0].string)
