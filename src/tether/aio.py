@@ -58,6 +58,13 @@ log = logging.getLogger("tether.link")
 _CHUNK_MIN = 16 * 1024
 _CHUNK_MAX = 1024 * 1024
 _DRAIN_TARGET = 0.05
+# A drain that took less than this, or of fewer than _CHUNK_MIN bytes (the kernel took
+# nearly all of a write), tells nothing of a slow link: the loop's clock counts
+# milliseconds (uvloop's), and a busy machine keeps a process off the CPU that long. Such
+# a sample may grow the write size, never shrink it: 40 bytes left behind, seen 1 ms
+# later, had cut a 700 MB/s link's writes and TCP_NOTSENT_LOWAT to 16 KiB (and its
+# frames, cut to the chunk, at every hop after it).
+_RATE_MIN_TIME = 0.01
 _LOWAT_MAX = 1024 * 1024  # the kernel's unsent bytes, likewise sized to the link's speed
 # The link's own queue (`Link.queue_limit`): what the link sends in about _QUEUE_TIME,
 # the longest another flow's data then waits behind it.
@@ -224,6 +231,19 @@ def writelines(transport: asyncio.WriteTransport, pieces: list[bytes | memoryvie
         check = getattr(transport, "_maybe_pause_protocol", None)  # transport: an SSL
         if check is not None:  # transport's writelines goes through its write)
             check()
+
+
+def _drain_rate(paused_bytes: int, elapsed: float, chunk: int) -> float | None:
+    """The rate of a link whose transport, paused holding `paused_bytes`, resumed
+    `elapsed` seconds later, when it writes `chunk` bytes at a time: None when that says
+    nothing of the link (see `_RATE_MIN_TIME`), unless it says to write more."""
+    if not paused_bytes:
+        return None
+    rate = paused_bytes / max(elapsed, 1e-4)
+    if rate * _DRAIN_TARGET >= chunk or (elapsed >= _RATE_MIN_TIME
+                                         and paused_bytes >= _CHUNK_MIN):
+        return rate
+    return None
 
 
 def _paced(rate: float, seconds: float, low: int, high: int, previous: int) -> int:
@@ -420,10 +440,10 @@ class LinkConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._held_reads.apply()
         self._paused = False
-        if self._paused_bytes:  # the link drained that much in that long: size writes
-            rate = self._paused_bytes / max(self.loop.time() - self._paused_at, 1e-4)
+        rate = _drain_rate(self._paused_bytes, self.loop.time() - self._paused_at, self._chunk)
+        self._paused_bytes = 0
+        if rate is not None:  # size the writes to the link's rate
             self._chunk = _paced(rate, _DRAIN_TARGET, _CHUNK_MIN, _CHUNK_MAX, self._chunk)
-            self._paused_bytes = 0
             self.link.queue_limit = _paced(rate, _QUEUE_TIME, _QUEUE_MIN, _QUEUE_MAX,
                                            self.link.queue_limit)
             if self._sock is not None:
