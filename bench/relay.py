@@ -522,7 +522,7 @@ async def measure_bulk(args: argparse.Namespace, paths: list[Path]) -> dict[str,
         ctx: dict[str, Any] = {"mb": args.mb, "runs": rates[p.name], "hops": p.hops,
                                "relay_cpu_s_per_gb": cpu[p.name] * 1e9 / (total * args.runs),
                                **_vs(p.name, medians)}
-        if p.name.startswith("tether"):
+        if p.name.startswith(("tether", "against")):
             ctx["cpu_s_per_gb_by_process"] = {
                 pr.name.removeprefix(f"{p.name} "): per_proc[pr.name] * 1e9 / (total * args.runs)
                 for pr in p.procs}

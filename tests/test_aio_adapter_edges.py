@@ -205,7 +205,7 @@ async def _held_for_a_peer_that_stopped_reading(
 
 async def test_a_tls_gateway_link_holds_no_more_than_a_plain_one(tls: TLSMaterial) -> None:
     """A peer that stopped reading leaves a server-side link holding at most about its
-    queue's worth of data (`queue_limit`, at most 1 MiB) and what its transport's
+    queue's worth of data (`queue_limit`, at most 4 MiB) and what its transport's
     buffer then holds, as over plain TCP: over the gateway's own TLS, the link handed
     all it had to the transport, which held whatever the flows' credit allowed
     (up to `window_budget`: here 32 MiB)."""

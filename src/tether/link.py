@@ -108,8 +108,13 @@ class LinkConfig:
     name: str
     token: bytes = b""
     expected_token: bytes | None = None
-    # 256 KiB: a few frames per read of a busy socket (a `ReadBuffer` read: up to 1 MiB)
-    max_payload: int = 256 * 1024
+    # 1 MiB: a busy socket's read (a `ReadBuffer` read: up to 1 MiB) holds one frame or
+    # two, not four or more -- every frame is one more pass through each hop's Python. A
+    # frame does not hold up the others: a link's writes cut it to the link's pace
+    # (`take_output`), and to a turn while other streams have frames queued (`SendQueue`).
+    # It was 256 KiB: a two-gateway bulk transfer made 35-40 % more Python calls per GB
+    # in the gateways (docs/benchmarks.md, "Bulk through two gateways")
+    max_payload: int = 1024 * 1024
     hard_max_payload: int = wire.HARD_MAX_PAYLOAD
     initial_window: int = 256 * 1024
     max_window: int = DEFAULT_MAX_WINDOW

@@ -29,7 +29,7 @@ from . import wire
 
 __all__ = ["MIN_SPLIT", "QUANTUM", "SendQueue"]
 
-QUANTUM: Final = 256 * 1024  # a whole DATA frame of the default size: no cut on a fast link
+QUANTUM: Final = 256 * 1024  # a turn: a stream alone is not cut; beside others, its frames are
 MIN_SPLIT: Final = 4096  # a DATA frame is not cut into pieces smaller than this
 _HEADER: Final = wire.HEADER.size
 _DATA: Final = wire.FrameType.DATA
