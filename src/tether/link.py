@@ -19,6 +19,7 @@ becomes a RESET of the one stream or, for a broken frame stream, a GOAWAY and a
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -239,12 +240,12 @@ class Link:
     @property
     def is_open(self) -> bool:
         """The handshake is done and the link still accepts new flows."""
-        return self.state is LinkState.OPEN and self._peer_goaway_last is None
+        return self.state is _OPEN and self._peer_goaway_last is None
 
     @property
     def is_closed(self) -> bool:
         """The link has terminated (`LinkTerminated` was emitted)."""
-        return self.state is LinkState.CLOSED
+        return self.state is _CLOSED
 
     @property
     def max_payload(self) -> int:
@@ -254,7 +255,7 @@ class Link:
     @property
     def has_output(self) -> bool:
         """There are bytes for `data_to_send` / `buffers_to_send`."""
-        return bool(self._send or self._urgent)
+        return bool(self._urgent or self._send.queues)  # (a dict: no Python-level call)
 
     @property
     def has_events(self) -> bool:
@@ -282,7 +283,7 @@ class Link:
         the stream is then woken by a `WindowUpdated` once the queue drained to half, as
         it would be by credit."""
         s = self._streams.get(stream)
-        if s is None or not s.fsm.can_send:
+        if s is None or s.fsm.state not in SENDING_STATES:
             return 0
         return self._room(stream, s.send_credit)
 
@@ -335,7 +336,7 @@ class Link:
         another flow's data, and its data behind at most a turn of each other flow's."""
         out: list[bytes | memoryview] = self._urgent
         self._urgent = []
-        if limit <= 0 or not self._send:
+        if limit <= 0 or not self._send.queues:
             return out
         pieces, taken = self._send.take(limit)
         out += pieces
@@ -361,7 +362,7 @@ class Link:
 
     def next_deadline(self) -> float | None:
         """When `handle_timer` must be called next (None: no timer needed)."""
-        if self.state is LinkState.CLOSED:
+        if self.state is _CLOSED:
             return None
         if self._handshake_deadline is not None:
             return self._handshake_deadline
@@ -372,7 +373,7 @@ class Link:
 
     def handle_timer(self, now: float) -> None:
         """Fire whatever is due at `now`: handshake timeout, heartbeat, flow liveness."""
-        if self.state is LinkState.CLOSED:
+        if self.state is _CLOSED:
             return
         if self._handshake_deadline is not None:
             if now >= self._handshake_deadline:
@@ -435,7 +436,7 @@ class Link:
 
     def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> None:
         """Feed bytes read from the socket."""
-        if self.state is LinkState.CLOSED or not data:
+        if self.state is _CLOSED or not data:
             return
         self.stats.bytes_in += len(data)
         self._last_recv = now
@@ -459,18 +460,18 @@ class Link:
                 self._fail(exc.code, f"protocol error: {exc}", "peer", now)
                 return
             continued = False
-            if self.is_closed:
+            if self.state is _CLOSED:
                 return
 
     def abort(self, code: int, reason: str, now: float) -> None:
         """The adapter gave up on the connection (a failed TLS handshake, say): end the
         link with `code` without sending anything; every live flow goes DOWN."""
-        if self.state is not LinkState.CLOSED:
+        if self.state is not _CLOSED:
             self._terminate(code, reason, "link", now, flow_reason="link lost")
 
     def connection_lost(self, reason: str, now: float) -> None:
         """The socket is gone (EOF, reset, error): every live flow goes DOWN."""
-        if self.state is not LinkState.CLOSED:
+        if self.state is not _CLOSED:
             self._terminate(ErrorCode.FLOW_DOWN, reason, "link", now, flow_reason="link lost")
 
     # ------------------------------------------------------------------ flows
@@ -522,8 +523,10 @@ class Link:
     def send_data(self, stream: int, data: bytes | bytearray | memoryview, now: float) -> int:
         """Send as much of `data` as the stream's credit allows; returns the count sent.
         Raises `LocalProtocolError` if the stream cannot send (unknown, FIN sent, ended)."""
-        s = self._stream(stream)
-        s.fsm.process(FlowInput.LOCAL_DATA)
+        s = self._streams.get(stream)
+        if s is None or s.fsm.state not in SENDING_STATES:  # (in those DATA changes no
+            s = self._stream(stream)  # state: no need to ask the FSM) -- raises here
+            s.fsm.process(FlowInput.LOCAL_DATA)
         n = min(len(data), s.send_credit)
         if n:
             n = self._room(stream, n)  # the rest waits for the queue (a WindowUpdated)
@@ -531,9 +534,10 @@ class Link:
             return 0
         s.send_credit -= n
         step = self._max_payload
-        header = wire.encode_data_header
+        header = _data_header
         push = self._send.push
-        if n == len(data) <= step and isinstance(data, bytes):
+        if n == len(data) <= step and (type(data) is bytes or (
+                type(data) is memoryview and data.readonly)):  # (kept: see below)
             push(stream, header(stream, n))  # the common relay case: one frame, no copy
             push(stream, data)
             self.stats.frames_out += 1
@@ -547,11 +551,12 @@ class Link:
                 push(stream, header(stream, len(chunk)))
                 push(stream, chunk if keep else bytes(chunk))
                 self.stats.frames_out += 1
-        sent = n + wire.HEADER.size * ((n + step - 1) // step)
+        sent = n + _HEADER_SIZE * ((n + step - 1) // step)
         self.stats.bytes_out += sent
         self._queued += sent
         self._last_send = now
-        self._sent(s, now)
+        if not s.relay:  # (a relay stream has no liveness: never tracked, `_track`)
+            self._liveness.sent(s.id, now)
         return n
 
     def end_frame(self, stream: int, fin: bool) -> bytes | None:
@@ -669,7 +674,7 @@ class Link:
 
     def send_message(self, kind: int, seq: int, body: bytes, now: float) -> None:
         """Send a mesh MSG (the mesh numbers and retransmits; the link only carries)."""
-        if self.state is not LinkState.OPEN and self.state is not LinkState.DRAINING:
+        if self.state is not _OPEN and self.state is not _DRAINING:
             raise LocalProtocolError(f"cannot send a message on a link in state "
                                      f"{self.state.name}")
         n = len(body)
@@ -686,14 +691,14 @@ class Link:
 
     def send_ack(self, seq: int, now: float) -> None:
         """Acknowledge every mesh MSG up to `seq`."""
-        if self.state is LinkState.OPEN or self.state is LinkState.DRAINING:
+        if self.state is _OPEN or self.state is _DRAINING:
             self._emit(wire.Ack(seq=seq), now)
 
     def goaway(self, now: float, reason: str = "shutdown") -> None:
         """Graceful shutdown: refuse new flows, let live ones finish. The link terminates
         by itself once none is left (or call `close` at the drain deadline)."""
-        if self.state is not LinkState.OPEN:
-            if self.state is LinkState.HANDSHAKE:
+        if self.state is not _OPEN:
+            if self.state is _HANDSHAKE:
                 self.close(ErrorCode.SHUTDOWN, reason, now)
             return
         self.state = LinkState.DRAINING
@@ -704,13 +709,13 @@ class Link:
     def close(self, code: int, reason: str, now: float) -> None:
         """Terminate now: every live flow is taken DOWN with `reason` on both sides (the
         peer gets a RESET with code FLOW_DOWN for each), then GOAWAY with `code`."""
-        if self.state is LinkState.CLOSED:
+        if self.state is _CLOSED:
             return
         for s in list(self._streams.values()):
             s.fsm.process(FlowInput.LINK_LOST)
             self._emit(wire.Reset(stream=s.id, code=ErrorCode.FLOW_DOWN, reason=reason), now)
             self._ended(s, ErrorCode.FLOW_DOWN, f"down: {reason}", "local")
-        if self.state is not LinkState.HANDSHAKE:
+        if self.state is not _HANDSHAKE:
             self._emit(wire.GoAway(last_stream=self._highest_peer_id, code=code,
                                    reason=reason), now)
         self._terminate(code, reason, "local", now, flow_reason=reason)
@@ -738,7 +743,7 @@ class Link:
         """Queue one encoded frame: ahead of the rest if `urgent` (once the handshake is
         done: until then, everything follows the HELLO), else in `stream`'s turn (a
         stream's FIN or CLOSE after its DATA; 0 for link frames)."""
-        if urgent and self.state is not LinkState.HANDSHAKE:
+        if urgent and self.state is not _HANDSHAKE:
             self._urgent.append(raw)
         else:
             self._send.push(stream, raw)
@@ -771,7 +776,7 @@ class Link:
     def _ended(self, s: _Stream, code: int, reason: str, initiator: Initiator) -> None:
         del self._streams[s.id]
         if s.fsm.state is not FlowState.CLOSED and s.id in self._send \
-                and self.state is not LinkState.CLOSED:
+                and self.state is not _CLOSED:
             # reset, down or refused: the peer discards what the stream still has queued
             # (its RESET overtakes it, §6.3), so it leaves the queue now (when the whole
             # link ends, its last frames are written as they are, behind the GOAWAY)
@@ -804,11 +809,11 @@ class Link:
     def _maybe_drained(self, now: float) -> None:
         """A draining link whose last stream ended -- by a frame, a local call or a
         timer -- terminates by itself."""
-        if self.state is LinkState.DRAINING and not self._streams:
+        if self.state is _DRAINING and not self._streams:
             self._terminate(ErrorCode.NO_ERROR, "drained", "local", now, flow_reason="drained")
 
     def _handle(self, frame: wire.Frame, now: float) -> None:
-        if self.state is LinkState.HANDSHAKE:
+        if self.state is _HANDSHAKE:
             self._handle_hello(frame, now)
             return
         if isinstance(frame, wire.Data):
@@ -819,7 +824,7 @@ class Link:
             self._on_link_frame(frame, now)
         else:
             self._on_flow_frame(frame, now)
-        if self.state is LinkState.DRAINING:
+        if self.state is _DRAINING:
             self._maybe_drained(now)
 
     def _handle_hello(self, frame: wire.Frame, now: float) -> None:
@@ -891,7 +896,7 @@ class Link:
         stream that is not live, the frame was already answered (or found late) then."""
         if frame.stream in self._streams:
             self._on_data(frame, now)
-        if self.state is LinkState.DRAINING:
+        if self.state is _DRAINING:
             self._maybe_drained(now)
 
     def _on_data(self, frame: wire.Data, now: float) -> None:
@@ -899,14 +904,15 @@ class Link:
         if s is None:
             self._unknown_stream(frame.stream, "DATA", now)
             return
-        self._liveness.received(s.id, now)
+        if not s.relay:  # (a relay stream has no liveness: never tracked, `_track`)
+            self._liveness.received(s.id, now)
         n = len(frame.data)
         if n > s.recv_allowed:
             self._reset_by_error(s, ErrorCode.FLOW_CONTROL,
                                  f"peer sent {n} bytes with only {s.recv_allowed} of credit", now)
             return
-        try:
-            act = s.fsm.process(FlowInput.REMOTE_DATA)
+        try:  # (in the receiving states, DATA changes no state)
+            act = s.fsm.state in RECEIVING_STATES or s.fsm.process(FlowInput.REMOTE_DATA)
         except RemoteProtocolError as exc:
             self._reset_by_error(s, ErrorCode.PROTOCOL_ERROR, str(exc), now)
             return
@@ -988,7 +994,7 @@ class Link:
                        now)
             return
         refusal = None
-        if self.state is not LinkState.OPEN:
+        if self.state is not _OPEN:
             refusal = "going away"
         elif len(self._streams) >= self.config.max_flows:
             refusal = f"too many flows on this link (max_flows={self.config.max_flows})"
@@ -1029,11 +1035,17 @@ class Link:
         self._ended(s, code, f"error: {reason}", "peer")
 
 
-# `Link.peek_stream_end`'s and `Link.end_frame`'s constants
+# The hot paths' constants: a module global, not an Enum member looked up on its class
+# (under Python 3.11 that goes through `EnumType.__getattr__`'s hook, 75 ns against 16)
+# or a `wire` attribute, per call
+_HANDSHAKE = LinkState.HANDSHAKE
 _OPEN = LinkState.OPEN
 _DRAINING = LinkState.DRAINING
+_CLOSED = LinkState.CLOSED
 _FIN = int(wire.FrameType.FIN)
 _CLOSE = int(wire.FrameType.CLOSE)
 _HEADER_SIZE = wire.HEADER.size
 _unpack_header = wire.HEADER.unpack_from
 _pack_header = wire.HEADER.pack
+_data_header = functools.partial(_pack_header, int(wire.FrameType.DATA), 0)
+"""`wire.encode_data_header`, called without a Python frame."""
