@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -421,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     keep_heap_pages()
     daemonlog.configure(args.log_level)
+    # What is here now (modules, classes, functions: ~27,000 objects) lives as long as
+    # the process: out of the garbage collector's sight, its collections of older
+    # generations no longer walk all of it (one took 1.3 ms in a gateway, on a close).
+    gc.freeze()
     try:
         code: int = run(args.func(args))
     except (TetherError, OSError, ValueError) as exc:

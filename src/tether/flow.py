@@ -236,6 +236,7 @@ class Flow:
             self._fin_told = True
             sink.flow_fin()
         if self._end is not None:
+            self._sink = None  # (see `_on_end`)
             sink.flow_ended(self._state, self._end)
 
     def try_write(self, data: bytes | memoryview) -> int:
@@ -357,8 +358,9 @@ class Flow:
             self._writer.set_result(None)
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)
-        if self._sink is not None:
-            self._sink.flow_ended(event.state, self._end)
+        sink, self._sink = self._sink, None  # (its last event: the sink, which holds this
+        if sink is not None:  # flow, and the flow no longer hold each other, so both are
+            sink.flow_ended(event.state, self._end)  # freed when dropped, not by the GC)
 
     def _wake_reader(self) -> None:
         if self._reader is not None and not self._reader.done():

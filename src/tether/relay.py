@@ -474,6 +474,7 @@ class Connector(_Edge):
             except TetherError:
                 return
             spawn_owned(self.tasks, self._connect(flow))
+            del flow  # (not held here until the next one comes)
 
     async def _connect(self, flow: Any) -> None:
         host, port = self.services[flow.service]
