@@ -526,6 +526,14 @@ async def measure_bulk(args: argparse.Namespace, paths: list[Path]) -> dict[str,
             ctx["cpu_s_per_gb_by_process"] = {
                 pr.name.removeprefix(f"{p.name} "): per_proc[pr.name] * 1e9 / (total * args.runs)
                 for pr in p.procs}
+            chain = SAME_HOPS.get(p.name)
+            if chain in rates:  # each round's transfers run one after the other: a
+                # ratio per round leaves out the machine's drift between rounds (one
+                # path's three transfers measured 860, 1343 and 808 MB/s in one run);
+                # for information: the target is the ratio of the medians, as before
+                ctx[f"paired_vs_{chain}"] = statistics.median(
+                    mine / theirs for mine, theirs in zip(rates[p.name], rates[chain],
+                                                          strict=True))
         if p.note:
             ctx["note"] = p.note
         emit("bulk", p.name, medians[p.name], "MB/s", **ctx)
