@@ -61,9 +61,10 @@ _DRAIN_TARGET = 0.05
 # A drain that took less than this, or of fewer than _CHUNK_MIN bytes (the kernel took
 # nearly all of a write), tells nothing of a slow link: the loop's clock counts
 # milliseconds (uvloop's), and a busy machine keeps a process off the CPU that long. Such
-# a sample may grow the write size, never shrink it: 40 bytes left behind, seen 1 ms
-# later, had cut a 700 MB/s link's writes and TCP_NOTSENT_LOWAT to 16 KiB (and its
-# frames, cut to the chunk, at every hop after it).
+# a sample counts only if it says the link is fast (writes of _CHUNK_MAX): the write
+# size, TCP_NOTSENT_LOWAT, the queue limit and the in-flight bound all follow it. 40
+# bytes left behind, seen 1 ms later, had cut a 700 MB/s link's writes and lowat to
+# 16 KiB (and its frames, cut to the writes, at every hop after it).
 _RATE_MIN_TIME = 0.01
 _LOWAT_MAX = 1024 * 1024  # the kernel's unsent bytes, likewise sized to the link's speed
 # The link's own queue (`Link.queue_limit`): what the link sends in about _QUEUE_TIME,
@@ -236,15 +237,15 @@ def writelines(transport: asyncio.WriteTransport, pieces: list[bytes | memoryvie
             check()
 
 
-def _drain_rate(paused_bytes: int, elapsed: float, chunk: int) -> float | None:
+def _drain_rate(paused_bytes: int, elapsed: float) -> float | None:
     """The rate of a link whose transport, paused holding `paused_bytes`, resumed
-    `elapsed` seconds later, when it writes `chunk` bytes at a time: None when that says
-    nothing of the link (see `_RATE_MIN_TIME`), unless it says to write more."""
+    `elapsed` seconds later; None when that says nothing of the link (see
+    `_RATE_MIN_TIME`), unless it says the link is fast."""
     if not paused_bytes:
         return None
     rate = paused_bytes / max(elapsed, 1e-4)
-    if rate * _DRAIN_TARGET >= chunk or (elapsed >= _RATE_MIN_TIME
-                                         and paused_bytes >= _CHUNK_MIN):
+    if rate * _DRAIN_TARGET >= _CHUNK_MAX or (elapsed >= _RATE_MIN_TIME
+                                              and paused_bytes >= _CHUNK_MIN):
         return rate
     return None
 
@@ -443,7 +444,7 @@ class LinkConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._held_reads.apply()
         self._paused = False
-        rate = _drain_rate(self._paused_bytes, self.loop.time() - self._paused_at, self._chunk)
+        rate = _drain_rate(self._paused_bytes, self.loop.time() - self._paused_at)
         self._paused_bytes = 0
         if rate is not None:  # size the writes to the link's rate
             self._chunk = _paced(rate, _DRAIN_TARGET, _CHUNK_MIN, _CHUNK_MAX, self._chunk)
