@@ -231,11 +231,15 @@ def test_sigterm_lets_open_connections_finish_and_takes_no_new_one(rig: Rig,
 
 def _newcomer(ag: Daemon) -> str:
     """How a new application connection (sending a request) during the drain ends:
-    "refused" (the agent no longer listens), "reset" or "eof"."""
+    "refused" (the agent no longer listens), "reset" or "eof". An agent that resets at
+    once may do it before the client's `connect()` has returned (as in `_echo_once`):
+    that is a "reset" too."""
     try:
         app = socket.create_connection((HOST, ag.ports["slow"]), timeout=5)
     except ConnectionRefusedError:
         return "refused"
+    except ConnectionResetError:
+        return "reset"
     with app:
         with contextlib.suppress(ConnectionResetError, BrokenPipeError):
             app.sendall(b"request")
