@@ -19,7 +19,6 @@ becomes a RESET of the one stream or, for a broken frame stream, a GOAWAY and a
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -534,7 +533,7 @@ class Link:
             return 0
         s.send_credit -= n
         step = self._max_payload
-        header = _data_header
+        header = wire.encode_data_header
         push = self._send.push
         if n == len(data) <= step and (type(data) is bytes or (
                 type(data) is memoryview and data.readonly)):  # (kept: see below)
@@ -585,7 +584,7 @@ class Link:
         if not s.fsm.process(FlowInput.LOCAL_FIN):
             return
         self._emit_end(wire.FrameType.FIN, stream, now, written)
-        self._sent(s, now)
+        self._liveness.sent(s.id, now)
         if s.fsm.is_terminal:
             self._ended(s, ErrorCode.NO_ERROR, "closed", "local")
             self._maybe_drained(now)
@@ -634,7 +633,7 @@ class Link:
             self._emit(wire.Window(stream=stream, increment=increment), now)
             s.recv_allowed += increment
             s.unacked = 0
-            # no `_sent`: a relay answers a WINDOW itself, so it tells the far end nothing
+            # no `_liveness.sent`: a relay answers a WINDOW itself, so it tells the far end nothing
             # of this side's life; a keepalive still goes when nothing else does
 
     def _grow_window(self, s: _Stream) -> int:
@@ -731,9 +730,6 @@ class Link:
     def _track(self, s: _Stream, now: float) -> None:
         if not s.relay and s.liveness is not None and not math.isinf(s.liveness):
             self._liveness.add(s.id, s.liveness, now)
-
-    def _sent(self, s: _Stream, now: float) -> None:
-        self._liveness.sent(s.id, now)
 
     def _emit(self, frame: wire.Frame, now: float) -> None:
         self._emit_raw(wire.encode(frame), now, urgent=type(frame) in _URGENT)
@@ -1047,5 +1043,3 @@ _CLOSE = int(wire.FrameType.CLOSE)
 _HEADER_SIZE = wire.HEADER.size
 _unpack_header = wire.HEADER.unpack_from
 _pack_header = wire.HEADER.pack
-_data_header = functools.partial(_pack_header, int(wire.FrameType.DATA), 0)
-"""`wire.encode_data_header`, called without a Python frame."""
