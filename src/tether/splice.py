@@ -190,7 +190,7 @@ class Splice:
         self._pump(dst)
 
     def _pump(self, dst: SpliceEnd) -> None:
-        src = self.b if dst is self.a else self.a
+        src = self.other(dst)
         link = dst.conn.link
         now = dst.conn.now
         moved = 0
