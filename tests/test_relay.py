@@ -814,11 +814,13 @@ def test_garbage_on_the_gateway_port_is_refused_logged_and_counted(rig: Rig) -> 
 
 def test_agent_with_a_wrong_token_is_refused(rig: Rig) -> None:
     """Gateway `--token`: a connector with the token is served; an agent with a wrong one
-    gets a clear error and exits 1; the gateway logs and counts the refusal."""
+    gets a clear error and exits 1, with `--start-wait` too (a refusal is not waited
+    out); the gateway logs and counts the refusal."""
     echo = rig.echo_server()
     gw = rig.gateway("--token", "s3cret")
     rig.connector(gw, {"echo": echo.port}, "--token", "s3cret")
-    bad = rig.agent(gw, ["echo"], "--token", "wrong", expect_ready=False)
+    bad = rig.agent(gw, ["echo"], "--token", "wrong", "--start-wait", "60",
+                    expect_ready=False)
     assert bad.proc.wait(CLIENT_TIMEOUT) == 1
     bad.wait_log(r"^tether agent: .*bad token")
     gw.wait_log(r"link from agent \(127\.0\.0\.1:\d+\) closed: .*bad token")

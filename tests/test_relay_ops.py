@@ -126,6 +126,10 @@ def test_idle_admin_connections_cannot_exhaust_the_daemon(rig: Rig) -> None:
       "c" * 256], "1 to 255 bytes"),
     (["agent", "--gateway", "127.0.0.1:1", "--forward", "127.0.0.1:0=web", "--drain", "nan"],
      "--drain"),
+    (["connector", "--gateway", "127.0.0.1:1", "--service", "web=127.0.0.1:1",
+      "--start-wait", "-1"], "--start-wait"),
+    (["agent", "--gateway", "127.0.0.1:1", "--forward", "127.0.0.1:0=web",
+      "--start-wait", "inf"], "--start-wait"),
     (["gateway", "--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
      "/nonexistent/cert.pem"),
     (["agent", "--gateway", "127.0.0.1:1", "--forward", "127.0.0.1:0=web",
@@ -484,3 +488,70 @@ def test_tether_status_on_a_link_port_says_it_is_not_an_admin_endpoint(rig: Rig)
     line = done.stderr.decode()
     assert line.rstrip("\n").isprintable(), line
     assert "not an admin endpoint" in line and "admin endpoint on port" in line, line
+
+
+def _echo_once(port: int, data: bytes) -> bytes:
+    """`data` sent through an agent's forward, the write side shut; the whole answer."""
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got
+
+
+def test_edges_started_before_their_gateway_wait_for_it_with_start_wait(rig: Rig) -> None:
+    """`--start-wait`: an agent and a connector started before their gateway listens are
+    refused, say so once, dial again until it is there, then serve; no order needed."""
+    echo = rig.echo_server()
+    port = free_port()
+    gateway = f"{HOST}:{port}"
+    agent = Daemon(rig.start("agent", tether_argv(
+        "agent", "--gateway", gateway, "--name", "agent", "--forward", f"{HOST}:0=echo",
+        "--start-wait", "30")), "agent", "agent", 0)
+    connector = Daemon(rig.start("connector", tether_argv(
+        "connector", "--gateway", gateway, "--name", "connector", "--service",
+        f"echo={HOST}:{echo.port}", "--start-wait", "30")), "connector", "connector", 0)
+    waiting = (rf"(agent|connector): no gateway at {gateway} yet \(Connection refused\): "
+               rf"trying again for up to 30s$")
+    for edge in (agent, connector):
+        edge.wait_log(waiting)
+    time.sleep(0.3)  # (a few attempts refused, none of them fatal)
+    assert agent.proc.running and connector.proc.running
+    gw = rig.gateway(port=port)
+    match, _ = agent.proc.expect(r"^agent agent forwarding 127\.0\.0\.1:(\d+) to echo$",
+                                 stream="stderr")
+    gw.wait_log(r"\bconnector registered service echo$")
+    assert _echo_once(int(match.group(1)), b"no order") == b"no order"
+    for edge in (agent, connector):
+        line = edge.wait_log(rf"link to the gateway {gateway} up after (\d+) attempts")
+        assert int(line.rsplit(" after ", 1)[1].split()[0]) >= 3, line
+        assert len([ln for ln in edge.proc.lines("stderr") if "no gateway at" in ln.text]) == 1
+
+
+def test_start_wait_ends_with_the_reason_and_the_attempts(rig: Rig) -> None:
+    """With no gateway at all, `--start-wait` is a bound: the agent exits 1 once it has
+    passed, saying how many attempts over how long, and why the last one failed."""
+    gateway = f"{HOST}:{free_port()}"
+    started = time.monotonic()
+    proc = rig.start("agent", tether_argv("agent", "--gateway", gateway, "--forward",
+                                          f"{HOST}:0=echo", "--start-wait", "0.8"))
+    assert proc.popen.wait(20) == 1
+    took = time.monotonic() - started
+    match, _ = proc.expect(rf"^tether agent: no gateway at {gateway} after (\d+) attempts "
+                           rf"\((\d+\.\d)s\): Connection refused$", stream="stderr")
+    assert int(match.group(1)) >= 3
+    assert 0.8 <= float(match.group(2)) < 5
+    assert took >= 0.8
+
+
+def test_without_start_wait_an_edge_with_no_gateway_exits_at_once(rig: Rig) -> None:
+    """The default (`--start-wait 0`): no gateway at start is a configuration to fix; the
+    edge exits 1 with the reason after one attempt."""
+    gateway = f"{HOST}:{free_port()}"
+    proc = rig.start("connector", tether_argv("connector", "--gateway", gateway,
+                                              "--service", f"echo={HOST}:9"))
+    assert proc.popen.wait(20) == 1
+    proc.expect(r"^tether connector: .*Connection refused", stream="stderr")
+    assert not any("no gateway at" in ln.text for ln in proc.lines("stderr"))

@@ -248,7 +248,8 @@ async def _agent(args: argparse.Namespace) -> int:
     agent = Agent(args.gateway, forwards, name=args.name, token=args.token or b"",
                   tls=_tls_client_context(args), liveness=args.liveness,
                   fin_timeout=args.fin_timeout, cascade=args.cascade, window=args.window,
-                  keepalive=args.keepalive, retry_interval=args.retry_interval)
+                  keepalive=args.keepalive, retry_interval=args.retry_interval,
+                  start_wait=args.start_wait)
     await agent.start()
     for (host, _, service), port in zip(forwards, agent.ports(), strict=True):
         print(f"agent {args.name} forwarding {host}:{port} to {service}", file=sys.stderr,
@@ -272,7 +273,7 @@ async def _connector(args: argparse.Namespace) -> int:
                           tls=_tls_client_context(args), liveness=args.liveness,
                           fin_timeout=args.fin_timeout, window=args.window,
                           keepalive=args.keepalive, connect_timeout=args.connect_timeout,
-                          retry_interval=args.retry_interval)
+                          retry_interval=args.retry_interval, start_wait=args.start_wait)
     await connector.start()
     print(f"connector {args.name} serving {', '.join(s for s, _, _ in services)}",
           file=sys.stderr, flush=True)
@@ -327,6 +328,10 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--retry-interval", type=float, default=2.0, metavar="SECONDS",
                    help="once the link to the gateway is lost, dial it again, waiting at "
                         "most this long between attempts (default 2)")
+    p.add_argument("--start-wait", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="at start, dial a gateway that is not there yet (refused, "
+                        "unreachable) again for up to this long before exiting, so that "
+                        "daemons started together need no order (default 0: exit at once)")
     p.add_argument("--admin", default="127.0.0.1:0", metavar="HOST:PORT",
                    help="admin endpoint for `tether status` and /metrics "
                         "(default 127.0.0.1:0, 'none' to disable)")

@@ -33,7 +33,7 @@ from typing import Any
 from .aio import SocketOptions, listening_port, listening_sockets, parse_address, spawn_owned
 from .backoff import retry_delay
 from .bridge import SocketBridge, reset_socket
-from .errors import ErrorCode, FlowClosed, FlowDown, TetherError
+from .errors import ErrorCode, FlowClosed, FlowDown, PeerUnreachable, TetherError
 from .flowstate import FlowState
 from .ids import check_service_name
 from .listing import oldest
@@ -100,12 +100,16 @@ class _Edge:
     def __init__(self, name: str, gateway: str, *, token: bytes | str, tls: ssl.SSLContext | None,
                  liveness: float | None, fin_timeout: float, cascade: str,
                  window: int = 256 * 1024, keepalive: float | None = 60.0,
-                 retry_interval: float = 2.0) -> None:
+                 retry_interval: float = 2.0, start_wait: float = 0.0) -> None:
         if cascade not in _CASCADE:
             raise ValueError(f"cascade must be 'half' or 'full', not {cascade!r}")
         if not 0 < retry_interval < math.inf:
             raise ValueError(f"retry_interval must be positive seconds, not {retry_interval}")
+        if not 0 <= start_wait < math.inf:
+            raise ValueError(f"start_wait must be 0 (none) or positive seconds, not "
+                             f"{start_wait}")
         self.retry_interval = retry_interval
+        self.start_wait = start_wait
         self.gateway = gateway
         if not fin_timeout >= 0:  # (NaN too)
             raise ValueError(f"fin_timeout must be 0 (none) or positive seconds, not "
@@ -134,6 +138,40 @@ class _Edge:
         if self.at_service:
             return bridge.bytes_down, bridge.bytes_up
         return bridge.bytes_up, bridge.bytes_down
+
+    async def _first_link(self) -> None:
+        """The link at start. A gateway that is not there (refused, unreachable, no
+        answer: `PeerUnreachable`) is dialled again, as `_keep_link` does, for up to
+        `start_wait` seconds, so that daemons started all at once need no order; then,
+        or at once with no `start_wait`, the edge fails with the reason. A refusal by
+        the gateway (token, TLS: `HandshakeError`) is a configuration to fix: it fails
+        at once."""
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        attempts = 0
+        while True:
+            try:
+                await self.node.start()
+                break
+            except PeerUnreachable as exc:
+                cause = exc.__cause__
+                why = (cause.strerror if isinstance(cause, OSError) and cause.strerror
+                       else str(cause or exc) or "timed out")
+                left = since + self.start_wait - loop.time()
+                if left <= 0:
+                    if attempts:
+                        raise PeerUnreachable(
+                            f"no gateway at {self.gateway} after {attempts + 1} attempts "
+                            f"({loop.time() - since:.1f}s): {why}") from exc
+                    raise
+                if not attempts:
+                    log.warning("%s: no gateway at %s yet (%s): trying again for up to "
+                                "%gs", self.name, self.gateway, why, self.start_wait)
+                await asyncio.sleep(min(left, retry_delay(attempts, self.retry_interval)))
+                attempts += 1
+        if attempts:
+            log.info("%s: link to the gateway %s up after %d attempts (%.1fs)", self.name,
+                     self.gateway, attempts + 1, loop.time() - since)
 
     def _linked_up(self) -> None:
         """The node's link is up: keep it so (`_keep_link`)."""
@@ -299,16 +337,17 @@ class Agent(_Edge):
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
                  fin_timeout: float = 60.0, cascade: str = "half",
                  window: int = 256 * 1024, keepalive: float | None = 60.0,
-                 retry_interval: float = 2.0) -> None:
+                 retry_interval: float = 2.0, start_wait: float = 0.0) -> None:
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
                          fin_timeout=fin_timeout, cascade=cascade, window=window,
-                         keepalive=keepalive, retry_interval=retry_interval)
+                         keepalive=keepalive, retry_interval=retry_interval,
+                         start_wait=start_wait)
         self.forwards = forwards
         self.servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
-        """Connect to the gateway, then listen on every forward."""
-        await self.node.start()
+        """Connect to the gateway (`_first_link`), then listen on every forward."""
+        await self._first_link()
         self._linked_up()
         loop = asyncio.get_running_loop()
         try:
@@ -428,12 +467,13 @@ class Connector(_Edge):
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
                  fin_timeout: float = 60.0, connect_timeout: float = 5.0,
                  window: int = 256 * 1024, keepalive: float | None = 60.0,
-                 retry_interval: float = 2.0) -> None:
+                 retry_interval: float = 2.0, start_wait: float = 0.0) -> None:
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive seconds, got {connect_timeout!r}")
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
                          fin_timeout=fin_timeout, cascade="half", window=window,
-                         keepalive=keepalive, retry_interval=retry_interval)
+                         keepalive=keepalive, retry_interval=retry_interval,
+                         start_wait=start_wait)
         self.services = {svc: (host, port) for svc, host, port in services}
         if len(self.services) != len(services):
             names = [svc for svc, _, _ in services]
@@ -442,8 +482,9 @@ class Connector(_Edge):
         self.connect_timeout = connect_timeout
 
     async def start(self) -> None:
-        """Connect to the gateway, register the services, start accepting flows."""
-        await self.node.start()
+        """Connect to the gateway (`_first_link`), register the services, start
+        accepting flows."""
+        await self._first_link()
         for service in self.services:
             self.node.register(service)  # (registered again on every new link)
         self._linked_up()
