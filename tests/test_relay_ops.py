@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -555,3 +557,99 @@ def test_without_start_wait_an_edge_with_no_gateway_exits_at_once(rig: Rig) -> N
     assert proc.popen.wait(20) == 1
     proc.expect(r"^tether connector: .*Connection refused", stream="stderr")
     assert not any("no gateway at" in ln.text for ln in proc.lines("stderr"))
+
+
+def _round_trip(app: socket.socket, data: bytes) -> bytes | str:
+    """`data` sent on an open connection to an echo: what came back, or how it failed
+    (`"reset"`; `b""` is an EOF)."""
+    try:
+        app.sendall(data)
+        got = b""
+        while len(got) < len(data):
+            chunk = app.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+        return got
+    except ConnectionResetError:
+        return "reset"
+
+
+def test_connections_over_max_connections_are_reset_logged_and_counted(rig: Rig) -> None:
+    """`--max-connections 3`: three connections open are served; more are reset (not
+    left to hang, not an EOF), logged (one line, then one a second counting the rest)
+    and counted (`over_limit`, in `refused` too, and in /metrics); once one of the three
+    has closed, a new connection is served again."""
+    echo = rig.echo_server()
+    _, _, ag = rig.relay({"echo": echo.port}, agent_args=["--max-connections", "3"])
+    port = ag.ports["echo"]
+    held = [socket.create_connection((HOST, port), timeout=10) for _ in range(3)]
+    try:
+        assert [_round_trip(app, b"held") for app in held] == [b"held"] * 3
+        over = [socket.create_connection((HOST, port), timeout=10) for _ in range(3)]
+        assert [_round_trip(app, b"over") for app in over] == ["reset"] * 3
+        for app in over:
+            app.close()
+        ag.wait_log(r"agent agent: connection from 127\.0\.0\.1:\d+ to echo refused: "
+                    r"3 connection\(s\) open, at the limit \(--max-connections 3\)$")
+        ag.wait_log(r"agent agent: 2 more connection\(s\) refused in the last second, at "
+                    r"the limit \(--max-connections 3\)$", timeout=5)
+        status = ag.status()
+        assert (status["max_connections"], status["over_limit"], status["refused"],
+                status["open"], status["connections"]) == (3, 3, 3, 3, 3), status
+        assert re.search(r'^tether_over_limit_total\{node="agent",role="agent"\} 3\.0$',
+                         ag.metrics(), re.M)
+        assert "# TYPE tether_max_connections gauge" in ag.metrics()
+        held.pop().close()
+        wait_until(lambda: ag.status()["open"] != 2, 10, "the closed connection still open")
+        with socket.create_connection((HOST, port), timeout=10) as again:
+            assert _round_trip(again, b"again") == b"again"
+    finally:
+        for app in held:
+            app.close()
+    rig.wait_idle(ag)
+
+
+def test_an_agent_at_its_open_file_limit_resets_instead_of_dropping_silently(
+        rig: Rig) -> None:
+    """An agent whose open-file limit is 200 takes its default `max_connections` from
+    it (100: half of it, so small a limit; 128 less than it above 256) and resets what
+    is over it. Before, with no limit of its own,
+    it ran out of files: libuv then accepts and closes every connection waiting in the
+    backlog (so that its loop does not spin), and those applications read an EOF, a
+    "clean" empty answer, with nothing logged or counted anywhere."""
+    echo = rig.echo_server()
+    gw = rig.gateway()
+    rig.connector(gw, {"echo": echo.port})
+    proc = rig.start("agent", ["prlimit", "--nofile=200:200", *tether_argv(
+        "agent", "--gateway", gw.address, "--name", "agent", "--forward",
+        f"{HOST}:0=echo")])
+    match, _ = proc.expect(r"^agent agent forwarding 127\.0\.0\.1:(\d+) to echo$",
+                           stream="stderr")
+    _, line = proc.expect(r"^agent agent admin endpoint on port (\d+)$", stream="stderr")
+    ag = Daemon(proc, "agent", "agent", int(line.text.rsplit(" ", 1)[1]),
+                ports={"echo": int(match.group(1))})
+    assert ag.status()["max_connections"] == 100
+    apps = [socket.create_connection((HOST, ag.ports["echo"]), timeout=10)
+            for _ in range(150)]
+    try:
+        got = [_round_trip(app, b"%d" % i) for i, app in enumerate(apps)]
+    finally:
+        for app in apps:
+            app.close()
+    wrong = {i: g for i, g in enumerate(got) if g not in (b"%d" % i, "reset")}
+    assert not wrong, f"neither answered nor reset: {wrong}"
+    assert got.count("reset") == 150 - 100
+    assert ag.status()["over_limit"] == 150 - 100
+    rig.wait_idle(ag)
+
+
+@pytest.mark.parametrize(("nofile", "limit"), [(20000, 19872), (257, 129), (256, 128),
+                                               (100, 50)])
+def test_default_max_connections_follows_the_open_file_limit(nofile: int, limit: int) -> None:
+    """The agent's default limit, in a process whose open-file limit is `nofile`."""
+    done = subprocess.run(
+        ["prlimit", f"--nofile={nofile}:{nofile}", sys.executable, "-c",
+         "from tether.relay import default_max_connections as d; print(d())"],
+        capture_output=True, text=True, timeout=30, check=True)
+    assert done.stdout.strip() == str(limit), done.stderr

@@ -76,6 +76,13 @@ def _node_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_count(text: str) -> int:
+    """A count, 1 or more."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a count, 1 or more")
+    return int(text)
+
+
 def _count_or_all(text: str) -> str:
     """A count (0 or more) or `all`."""
     if text != "all" and not (text.isascii() and text.isdigit()):
@@ -249,7 +256,8 @@ async def _agent(args: argparse.Namespace) -> int:
                   tls=_tls_client_context(args), liveness=args.liveness,
                   fin_timeout=args.fin_timeout, cascade=args.cascade, window=args.window,
                   keepalive=args.keepalive, retry_interval=args.retry_interval,
-                  start_wait=args.start_wait)
+                  start_wait=args.start_wait,
+                  max_connections=args.max_connections or "default")
     await agent.start()
     for (host, _, service), port in zip(forwards, agent.ports(), strict=True):
         print(f"agent {args.name} forwarding {host}:{port} to {service}", file=sys.stderr,
@@ -397,6 +405,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="listen here and forward to SERVICE (repeatable)")
     ag.add_argument("--cascade", choices=["half", "full"], default="half",
                     help="half: TCP half-close (default); full: one side's EOF closes both")
+    ag.add_argument("--max-connections", type=_positive_count, default=None, metavar="N",
+                    help="connections open at once; one more is reset, logged and counted "
+                         "(over_limit) (default: the open-file limit less 128, so that the "
+                         "limit met is the agent's, not the kernel's)")
     ag.set_defaults(func=_agent)
 
     co = sub.add_parser(

@@ -25,10 +25,11 @@ import asyncio
 import logging
 import math
 import os
+import resource
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from .aio import SocketOptions, listening_port, listening_sockets, parse_address, spawn_owned
 from .backoff import retry_delay
@@ -50,6 +51,25 @@ the kernel has completed and the agent not accepted yet. Past it, a client's SYN
 dropped and its connect waits a second or more for the retry: with asyncio's default
 of 100, a burst of clients while the agent was busy did."""
 _CASCADE = {"half": "half-close", "full": "cascade"}
+FD_RESERVE = 128
+"""Open files an agent keeps for itself below its open-file limit (its link, listeners
+and event loop, the admin endpoint's at most 64 connections): `default_max_connections`."""
+
+
+def default_max_connections() -> int | None:
+    """An agent's connection limit when none is given: the process's open-file limit
+    (`RLIMIT_NOFILE`, soft) less `FD_RESERVE` (half of it, if that is less than
+    `FD_RESERVE` twice); None if there is no limit.
+
+    The limit is the agent's, not the kernel's, because at the kernel's the agent would
+    not hear of it: libuv, finding no file for an accept (EMFILE), accepts and closes
+    every connection waiting in the backlog to keep its loop from spinning, so those
+    applications read a plain EOF and nothing is logged or counted. Below it, a
+    connection over the limit is reset, logged and counted (`over_limit`)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return soft - FD_RESERVE if soft > 2 * FD_RESERVE else max(1, soft // 2)
 
 
 def parse_forward(text: str) -> tuple[str, int, str]:
@@ -125,11 +145,12 @@ class _Edge:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.TimerHandle | None = None
         self.counters: dict[str, int] = dict.fromkeys(
-            ("connections", "refused", "fin_timeouts", "edge_timeouts", "bytes_up",
-             "bytes_down", "reconnects"), 0)
+            ("connections", "refused", "over_limit", "fin_timeouts", "edge_timeouts",
+             "bytes_up", "bytes_down", "reconnects"), 0)
         self._closing = False
 
     at_service = False  # whether this edge's sockets are the service's (a connector's)
+    max_connections: int | None = None  # (an agent's: see `Agent`)
 
     def bytes_of(self, bridge: SocketBridge) -> tuple[int, int]:
         """A connection's bytes (up, down): up toward the service, down from it, as the
@@ -308,6 +329,8 @@ class _Edge:
         for them or not yet; `bytes_up` and `bytes_down` count the open connections'
         bytes too."""
         loop_now = asyncio.get_running_loop().time()
+        limit = {} if self.max_connections is None else \
+            {"max_connections": self.max_connections}
         counters = dict(self.counters)
         for bridge in self.bridges:  # (`_done` moves its bytes into `counters`)
             up, down = self.bytes_of(bridge)
@@ -321,7 +344,7 @@ class _Edge:
                            "age": round(loop_now - bridge.opened_at, 3),
                            "bytes_up": up, "bytes_down": down})
         return {"name": self.name, "gateway": self.gateway, "linked": self.node.linked,
-                "open": len(self.bridges) + len(self.arriving), **counters,
+                "open": len(self.bridges) + len(self.arriving), **limit, **counters,
                 "node": self.node.stats(), "flows": listed}
 
 
@@ -330,6 +353,8 @@ class Agent(_Edge):
 
     `forwards` maps (host, port) to a service name. A connection whose flow cannot be
     allocated (unknown service, denied, no gateway) is reset, and the reason logged.
+    So is one beyond `max_connections` open at once (default: from the open-file
+    limit, `default_max_connections`; None for no limit of the agent's own).
     """
 
     def __init__(self, gateway: str, forwards: list[tuple[str, int, str]], *,
@@ -337,13 +362,21 @@ class Agent(_Edge):
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
                  fin_timeout: float = 60.0, cascade: str = "half",
                  window: int = 256 * 1024, keepalive: float | None = 60.0,
-                 retry_interval: float = 2.0, start_wait: float = 0.0) -> None:
+                 retry_interval: float = 2.0, start_wait: float = 0.0,
+                 max_connections: int | Literal["default"] | None = "default") -> None:
+        if max_connections == "default":
+            max_connections = default_max_connections()
+        if max_connections is not None and not max_connections >= 1:
+            raise ValueError(f"max_connections must be 1 or more, not {max_connections}")
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
                          fin_timeout=fin_timeout, cascade=cascade, window=window,
                          keepalive=keepalive, retry_interval=retry_interval,
                          start_wait=start_wait)
         self.forwards = forwards
         self.servers: list[asyncio.Server] = []
+        self.max_connections = max_connections
+        self._over_timer: asyncio.TimerHandle | None = None  # (see `_over_limit`)
+        self._over_unsaid = 0  # connections over the limit not in a line yet
 
     async def start(self) -> None:
         """Connect to the gateway (`_first_link`), then listen on every forward."""
@@ -385,6 +418,9 @@ class Agent(_Edge):
         connections get that many seconds to finish on their own first."""
         for server in self.servers:
             server.close()
+        if self._over_timer is not None:
+            self._over_timer.cancel()
+            self._over_summary(rearm=False)  # (the last count, now)
         await self._close_edge(drain)
         for server in self.servers:  # (after the connections: from Python 3.12 on, it
             await server.wait_closed()  # waits for every connection it accepted)
@@ -398,8 +434,38 @@ class Agent(_Edge):
         await self.aclose()
 
     def _connected(self, bridge: SocketBridge, service: str) -> None:
+        held = len(self.bridges) + len(self.arriving)
+        if self.max_connections is not None and held >= self.max_connections:
+            self._over_limit(bridge, service, held)
+            return
         self.arriving.add(bridge)
         spawn_owned(self.tasks, self._allocate(bridge, service))
+
+    def _over_limit(self, bridge: SocketBridge, service: str, held: int) -> None:
+        """Reset a connection beyond `max_connections`. A line for the first; while more
+        come, one a second that counts them (`_over_summary`)."""
+        self.counters["refused"] += 1
+        self.counters["over_limit"] += 1
+        if bridge.transport is not None and not bridge.transport.is_closing():
+            reset_socket(bridge.transport)
+        if self._over_timer is not None:
+            self._over_unsaid += 1
+            return
+        log.warning("agent %s: connection from %s to %s refused: %d connection(s) open, "
+                    "at the limit (--max-connections %d)", self.name, bridge.peer, service,
+                    held, self.max_connections)
+        self._over_timer = asyncio.get_running_loop().call_later(1.0, self._over_summary)
+
+    def _over_summary(self, rearm: bool = True) -> None:
+        self._over_timer = None
+        if self._over_unsaid:
+            log.warning("agent %s: %d more connection(s) refused in the last second, at the "
+                        "limit (--max-connections %d)", self.name, self._over_unsaid,
+                        self.max_connections)
+            self._over_unsaid = 0
+            if rearm:
+                self._over_timer = asyncio.get_running_loop().call_later(
+                    1.0, self._over_summary)
 
     async def _allocate(self, bridge: SocketBridge, service: str) -> None:
         try:
