@@ -653,3 +653,18 @@ def test_default_max_connections_follows_the_open_file_limit(nofile: int, limit:
          "from tether.relay import default_max_connections as d; print(d())"],
         capture_output=True, text=True, timeout=30, check=True)
     assert done.stdout.strip() == str(limit), done.stderr
+
+
+def test_an_agent_takes_the_hard_open_file_limit(rig: Rig) -> None:
+    """A soft open-file limit below the hard one (often 1024 against far more) is raised
+    to it at start, as Go's runtime does, and the agent's default `max_connections`
+    follows: 1000 less 128, not 300 less 128."""
+    gw = rig.gateway()
+    proc = rig.start("agent", ["prlimit", "--nofile=300:1000", *tether_argv(
+        "agent", "--gateway", gw.address, "--name", "agent", "--forward",
+        f"{HOST}:0=echo")])
+    _, line = proc.expect(r"^agent agent admin endpoint on port (\d+)$", stream="stderr")
+    assert get_status(int(line.text.rsplit(" ", 1)[1]))["max_connections"] == 872
+    with open(f"/proc/{proc.pid}/limits") as limits:
+        files = next(ln for ln in limits if ln.startswith("Max open files")).split()
+    assert files[3:5] == ["1000", "1000"], files

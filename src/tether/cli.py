@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import math
+import resource
 import signal
 import ssl
 import sys
@@ -434,10 +435,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_open_file_limit() -> None:
+    """Raise the soft open-file limit to the hard one, as Go's runtime does for every
+    program: a daemon holds a socket per connection (an edge) or per link (a
+    gateway), and the soft limit is often 1024 where the hard one is far higher. An
+    agent's default `--max-connections` follows the limit raised."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or hard == resource.RLIM_INFINITY or soft >= hard:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tether` command."""
     args = _parser().parse_args(argv)
     keep_heap_pages()
+    _take_open_file_limit()
     daemonlog.configure(args.log_level)
     # What is here now (modules, classes, functions: ~27,000 objects) lives as long as
     # the process: out of the garbage collector's sight, its collections of older
