@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -643,16 +642,6 @@ def test_an_agent_at_its_open_file_limit_resets_instead_of_dropping_silently(
     assert ag.status()["over_limit"] == 150 - 100
     rig.wait_idle(ag)
 
-
-@pytest.mark.parametrize(("nofile", "limit"), [(20000, 19872), (257, 129), (256, 128),
-                                               (100, 50)])
-def test_default_max_connections_follows_the_open_file_limit(nofile: int, limit: int) -> None:
-    """The agent's default limit, in a process whose open-file limit is `nofile`."""
-    done = subprocess.run(
-        ["prlimit", f"--nofile={nofile}:{nofile}", sys.executable, "-c",
-         "from tether.relay import default_max_connections as d; print(d())"],
-        capture_output=True, text=True, timeout=30, check=True)
-    assert done.stdout.strip() == str(limit), done.stderr
 
 
 def test_an_agent_takes_the_hard_open_file_limit(rig: Rig) -> None:

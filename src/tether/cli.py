@@ -14,7 +14,6 @@ import gc
 import json
 import logging
 import math
-import resource
 import signal
 import ssl
 import sys
@@ -25,6 +24,7 @@ from . import daemonlog
 from .admin import AdminServer, fetch_status
 from .aio import parse_address, run
 from .errors import TetherError
+from .fdlimit import take_hard_limit
 from .gateway import Gateway
 from .heap import keep_heap_pages
 from .ids import check_node_name
@@ -435,23 +435,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _take_open_file_limit() -> None:
-    """Raise the soft open-file limit to the hard one, as Go's runtime does for every
-    program: a daemon holds a socket per connection (an edge) or per link (a
-    gateway), and the soft limit is often 1024 where the hard one is far higher. An
-    agent's default `--max-connections` follows the limit raised."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or hard == resource.RLIM_INFINITY or soft >= hard:
-        return
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `tether` command."""
     args = _parser().parse_args(argv)
     keep_heap_pages()
-    _take_open_file_limit()
+    take_hard_limit()
     daemonlog.configure(args.log_level)
     # What is here now (modules, classes, functions: ~27,000 objects) lives as long as
     # the process: out of the garbage collector's sight, its collections of older

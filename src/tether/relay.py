@@ -25,7 +25,6 @@ import asyncio
 import logging
 import math
 import os
-import resource
 import socket
 import ssl
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from .aio import SocketOptions, listening_port, listening_sockets, parse_address
 from .backoff import retry_delay
 from .bridge import SocketBridge, reset_socket
 from .errors import ErrorCode, FlowClosed, FlowDown, PeerUnreachable, TetherError
+from .fdlimit import default_max_connections
 from .flowstate import FlowState
 from .ids import check_service_name
 from .listing import oldest
@@ -51,25 +51,6 @@ the kernel has completed and the agent not accepted yet. Past it, a client's SYN
 dropped and its connect waits a second or more for the retry: with asyncio's default
 of 100, a burst of clients while the agent was busy did."""
 _CASCADE = {"half": "half-close", "full": "cascade"}
-FD_RESERVE = 128
-"""Open files an agent keeps for itself below its open-file limit (its link, listeners
-and event loop, the admin endpoint's at most 64 connections): `default_max_connections`."""
-
-
-def default_max_connections() -> int | None:
-    """An agent's connection limit when none is given: the process's open-file limit
-    (`RLIMIT_NOFILE`, soft) less `FD_RESERVE` (half of it, if that is less than
-    `FD_RESERVE` twice); None if there is no limit.
-
-    The limit is the agent's, not the kernel's, because at the kernel's the agent would
-    not hear of it: libuv, finding no file for an accept (EMFILE), accepts and closes
-    every connection waiting in the backlog to keep its loop from spinning, so those
-    applications read a plain EOF and nothing is logged or counted. Below it, a
-    connection over the limit is reset, logged and counted (`over_limit`)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    return soft - FD_RESERVE if soft > 2 * FD_RESERVE else max(1, soft // 2)
 
 
 def parse_forward(text: str) -> tuple[str, int, str]:
