@@ -708,6 +708,45 @@ def test_connections_beyond_max_unseen_opens_are_refused_while_nobody_takes_even
     assert "max_unseen_opens" in caplog.text
 
 
+def test_connections_beyond_max_connections_are_reset_logged_and_counted(
+        arun: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """`max_connections=3`: a fourth connection is reset as it is accepted (the client
+    reads a reset, not an EOF), logged, counted in `refused` and `over_limit`, and never
+    opened; once one of the three has closed, a new one is opened."""
+    async def main() -> None:
+        async with Hub(max_connections=3) as hub:
+            held = [await connect(hub.port) for _ in range(3)]
+            opened = [await asyncio.wait_for(hub.recv_open(), 2) for _ in range(3)]
+            reader, writer = await connect(hub.port)
+            with pytest.raises(ConnectionResetError):
+                writer.write(b"over\n")
+                await writer.drain()
+                assert await asyncio.wait_for(reader.read(100), 5) != b"", "an EOF"
+                raise AssertionError("neither reset nor EOF")
+            writer.close()
+            stats = hub.stats()
+            assert (stats.open, stats.opened, stats.refused, stats.over_limit) == \
+                (3, 3, 1, 1), stats
+            held[0][1].close()
+            closed = await asyncio.wait_for(hub.recv_close(), 2)
+            assert closed.id == opened[0].id
+            await until(lambda: hub.stats().open == 2)
+            _, again = await connect(hub.port)
+            assert (await asyncio.wait_for(hub.recv_open(), 2)).id.serial == 4
+            for _, w in [*held[1:], (None, again)]:
+                w.close()
+
+    with caplog.at_level(logging.WARNING, logger="tether.hub"):
+        arun(main())
+    assert "3 connections open (max_connections 3)" in caplog.text
+
+
+def test_max_connections_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_connections must be positive"):
+        Hub(max_connections=0)
+    assert Hub(max_connections=None)._max_conns is None
+
+
 @pytest.mark.parametrize("framing", [Lines(), LengthPrefixed(width=4)],
                          ids=["lines", "length-prefixed"])
 def test_queued_bytes_give_back_what_they_counted(arun: Run,

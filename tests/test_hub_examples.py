@@ -107,3 +107,40 @@ def test_pubsub_example() -> None:
         proc.wait(10)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_a_hub_at_its_open_file_limit_resets_instead_of_dropping_silently() -> None:
+    """The echo example under an open-file limit of 200: the hub's default
+    `max_connections` (100) is below it, so of 150 clients each is answered or reset.
+    Before, the hub ran out of files, and libuv closed every connection waiting to be
+    accepted: 65 of 150 clients read an EOF, with nothing logged or counted."""
+    proc = subprocess.Popen(["prlimit", "--nofile=200:200", sys.executable,
+                             str(EXAMPLES / "echo_hub.py"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        port = int(line.split()[-1])
+        got: list[str] = []
+        clients = []
+        for _ in range(150):
+            try:
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            except ConnectionResetError:
+                got.append("reset")
+        for i, client in enumerate(clients):
+            try:
+                client.sendall(b"%d\n" % i)
+                answer = lines(client, 1)
+                got.append("echo" if answer == [b"%d" % i] else repr(answer))
+            except ConnectionResetError:
+                got.append("reset")
+        for client in clients:
+            client.close()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert sorted(set(got)) == ["echo", "reset"], got
+    assert got.count("echo") == 100
+    assert "100 connections open (max_connections 100)" in err, err

@@ -27,8 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 
 from . import heldreads
-from .aio import listening_port
-from .bridge import reset_socket
+from .aio import listening_port, reset_socket
 
 __all__ = ["AdminServer", "fetch_status", "flatten"]
 

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "new_event_loop",
     "open_link",
     "parse_address",
+    "reset_socket",
     "run",
     "serve_links",
     "serve_tls",
@@ -97,6 +99,19 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool = False) -> T:
     """Run `main` to completion on a new loop (uvloop when installed)."""
     with asyncio.Runner(loop_factory=new_event_loop, debug=debug) as runner:
         return runner.run(main)
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def reset_socket(transport: asyncio.BaseTransport) -> None:
+    """Close `transport` with a TCP RST (SO_LINGER 0), so the peer sees a reset, not EOF
+    (`abort()` alone closes with a FIN when nothing is unread)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    transport.abort()  # type: ignore[attr-defined]
 
 
 def listening_sockets(server: object) -> list[socket.socket]:

@@ -20,39 +20,27 @@ and a reset socket resets the flow.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import fcntl
 import logging
 import socket
-import struct
 import sys
 import termios
 from collections.abc import Callable
 
 from . import coalesce, heldreads, readbuf
-from .aio import SocketOptions, writelines
+from .aio import SocketOptions, reset_socket, writelines
 from .errors import ErrorCode, FlowError
 from .flow import Flow
 from .flowstate import FlowState
 
-__all__ = ["SocketBridge", "reset_socket", "shutdown_write"]
+__all__ = ["SocketBridge", "shutdown_write"]
 
 log = logging.getLogger("tether.relay")
 _SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
-_LINGER_ZERO = struct.pack("ii", 1, 0)
 _HELD_MAX = 64 * 1024
 """Bytes an application's socket may send before its flow is allocated (then reading
 pauses until it is)."""
-
-
-def reset_socket(transport: asyncio.BaseTransport) -> None:
-    """Close `transport` with a TCP RST (SO_LINGER 0), so the peer sees a reset, not EOF."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-    transport.abort()  # type: ignore[attr-defined]
 
 
 def _libc_shutdown() -> Callable[[int, int], int] | None:

@@ -50,8 +50,16 @@ from typing import (
     overload,
 )
 
-from .aio import SocketOptions, TLSServer, listening_port, listening_sockets, serve_tls
+from .aio import (
+    SocketOptions,
+    TLSServer,
+    listening_port,
+    listening_sockets,
+    reset_socket,
+    serve_tls,
+)
 from .errors import FlowClosed, TetherError
+from .fdlimit import default_max_connections
 from .framing import Decoder, Framing, Lines, MessageTooLarge
 from .ids import FlowId
 from .liveness import TimingWheel
@@ -203,9 +211,12 @@ class HubStats:
     (each logged with the peer's address and why); such a connection is never opened,
     so it is in no other counter."""
     refused: int = 0
-    """Connections reset as they were accepted because ``max_unseen_opens`` ``Opened``
-    events were waiting for the application already (never opened: in no other
-    counter)."""
+    """Connections reset as they were accepted (never opened: in no other counter):
+    ``max_unseen_opens`` ``Opened`` events were waiting for the application already, or
+    ``max_connections`` were open (``over_limit`` of them)."""
+    over_limit: int = 0
+    """Of ``refused``: connections reset as they were accepted because
+    ``max_connections`` were open."""
 
     @property
     def closed_total(self) -> int:
@@ -410,7 +421,12 @@ class Hub:
     ``Opened`` events the application has not taken: beyond it, a new connection is
     reset as it is accepted (logged, counted in ``stats().refused``), so that
     connections coming and going while the application takes no events cannot grow
-    the event queues without bound.
+    the event queues without bound. ``max_connections`` bounds the connections open at
+    once (default: the open-file limit less 128, :func:`tether.fdlimit.default_max_connections`;
+    None: no bound of the hub's own): one more is reset as it is accepted (logged,
+    counted in ``stats().refused`` and ``stats().over_limit``). The bound is the hub's
+    so that the kernel's is never met: out of files, libuv closes every connection
+    waiting to be accepted, and those clients read an EOF that nothing logs or counts.
 
     Use ``async with Hub(...) as hub`` or ``await hub.start()`` / ``await hub.aclose()``.
     """
@@ -450,6 +466,8 @@ class Hub:
         "_lingering",
         "_loop",
         "_low",
+        "_max_conns",
+        "_max_conns_given",
         "_max_unseen",
         "_msg_cost",
         "_msgs_in",
@@ -458,6 +476,7 @@ class Hub:
         "_next_serial",
         "_opened",
         "_opens",
+        "_over_limit",
         "_paused",
         "_pool",
         "_port",
@@ -509,6 +528,7 @@ class Hub:
         linger: float = 5.0,
         close_timeout: float = 5.0,
         max_unseen_opens: int = 10_000,
+        max_connections: int | Literal["default"] | None = "default",
         workers: int = 1,
         handler: Handler | None = None,
     ) -> None:
@@ -538,6 +558,9 @@ class Hub:
             raise ValueError("linger and close_timeout must be >= 0")
         if max_unseen_opens < 1:
             raise ValueError(f"max_unseen_opens must be positive, got {max_unseen_opens!r}")
+        if max_connections is not None and max_connections != "default" and \
+                not max_connections >= 1:
+            raise ValueError(f"max_connections must be positive, got {max_connections!r}")
         if tls is not None and not handshake_timeout > 0:
             raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
         FlowId(node=name, serial=0, worker=worker)  # validates name and worker
@@ -563,10 +586,15 @@ class Hub:
         self._linger = linger
         self._close_timeout = close_timeout
         self._max_unseen = max_unseen_opens
+        # (as given, for workers: each takes the default from its own open-file limit)
+        self._max_conns_given = max_connections
+        self._max_conns = default_max_connections() if max_connections == "default" \
+            else max_connections
         # what a message taken gives back to queued_bytes: its framing's bytes too, as
         # they were counted when it was read
         self._msg_cost = _MSG_OVERHEAD + framing.per_message
         self._refused = 0
+        self._over_limit = 0
         self._refused_logged = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | TLSServer | None = None
@@ -1261,7 +1289,14 @@ class Hub:
             transport.abort()
             return
         if len(self._opens) >= self._max_unseen:
-            self._refuse(conn, transport)
+            self._refuse(conn, transport, f"{len(self._opens)} Opened events not taken by "
+                         f"the application (max_unseen_opens)")
+            return
+        limit = self._max_conns
+        if limit is not None and len(self._conns) >= limit:
+            self._over_limit += 1
+            self._refuse(conn, transport, f"{len(self._conns)} connections open "
+                         f"(max_connections {limit})")
             return
         conn.state = _OPEN
         serial = self._next_serial
@@ -1282,20 +1317,18 @@ class Hub:
         if self._router is not None:
             self._router.opened(serial)
 
-    def _refuse(self, conn: _Conn, transport: asyncio.Transport) -> None:
-        """End a connection as it is accepted (abort): the application has
-        `max_unseen_opens` Opened events to take already. One line a second at most,
-        with the count."""
+    def _refuse(self, conn: _Conn, transport: asyncio.Transport, why: str) -> None:
+        """End a connection as it is accepted (abort), for `why`. One line a second at
+        most, with the count."""
         conn.state = _GONE
-        transport.abort()
+        reset_socket(transport)
         self._refused += 1
         now = self._time()
         if now - self._refused_logged >= 1.0:
             self._refused_logged = now
-            log.warning("hub %s: reset a new connection from %s: %d Opened events not "
-                        "taken by the application (max_unseen_opens); %d reset so far",
+            log.warning("hub %s: reset a new connection from %s: %s; %d reset so far",
                         self._name, _format_peer(transport.get_extra_info("peername")),
-                        len(self._opens), self._refused)
+                        why, self._refused)
 
     def _handshake_failed(self, peer: object, why: str) -> None:
         """A TLS handshake failed or timed out (:class:`~tether.aio.TLSServer`)."""
@@ -1504,6 +1537,7 @@ class Hub:
             incomplete=self._incomplete,
             handshakes_failed=self._handshakes_failed,
             refused=self._refused,
+            over_limit=self._over_limit,
         )
 
 

@@ -30,9 +30,16 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Literal
 
-from .aio import SocketOptions, listening_port, listening_sockets, parse_address, spawn_owned
+from .aio import (
+    SocketOptions,
+    listening_port,
+    listening_sockets,
+    parse_address,
+    reset_socket,
+    spawn_owned,
+)
 from .backoff import retry_delay
-from .bridge import SocketBridge, reset_socket
+from .bridge import SocketBridge
 from .errors import ErrorCode, FlowClosed, FlowDown, PeerUnreachable, TetherError
 from .fdlimit import default_max_connections
 from .flowstate import FlowState

@@ -99,7 +99,7 @@ Handler: TypeAlias = "str | Callable[[Hub], Awaitable[None]]"
 (the workers import it by name), called with the worker's hub."""
 
 _SUMMED: Final = ("bytes_in", "bytes_out", "messages_in", "messages_out", "dropped",
-                  "incomplete", "handshakes_failed", "refused")
+                  "incomplete", "handshakes_failed", "refused", "over_limit")
 _GAUGES: Final = ("queued", "queued_bytes", "paused")
 _FLOOR_STEP: Final = 1 << 24  # a restarted worker's serials start above a multiple of it
 _MESH_TICK: Final = 0.25  # seconds between looks at the mesh's peers
@@ -278,6 +278,7 @@ class WorkerPool:
                 "slow_consumer": "drop" if hub._slow_drop else "disconnect",
                 "linger": hub._linger, "close_timeout": hub._close_timeout,
                 "max_unseen_opens": hub._max_unseen,
+                "max_connections": hub._max_conns_given,
                 "tls": hub._tls_files.to_json() if hub._tls_files is not None else None,
             },
         }
@@ -813,7 +814,7 @@ class WorkerPool:
             queued_bytes=sum(int(st["queued_bytes"]) for st in live),
             paused=sum(int(st["paused"]) for st in live), dropped=total("dropped"),
             incomplete=total("incomplete"), handshakes_failed=total("handshakes_failed"),
-            refused=total("refused"))
+            refused=total("refused"), over_limit=total("over_limit"))
 
     def routing_stats(self) -> dict[str, int]:
         """The routing counters (docs/workers.md) summed over every process."""
@@ -997,6 +998,8 @@ async def hub_command(args: argparse.Namespace) -> int:
     host, port = parse_address(args.listen)
     hub = Hub(host, port, framing=args.framing, workers=args.workers, handler=args.handler,
               name=args.name, idle_timeout=args.idle_timeout, max_message=args.max_message,
+              max_connections="default" if args.max_connections is None
+              else args.max_connections,
               tls=ServerTLS.from_args(args))
     if args.mesh_listen or args.mesh_peer:
         peers = {}
@@ -1035,6 +1038,9 @@ def add_hub_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="close connections silent this long (default: never)")
     p.add_argument("--max-message", type=int, default=None, metavar="BYTES",
                    help="largest message accepted (default: the framing's)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="connections open at once per worker; one more is reset, logged "
+                        "and counted (default: the open-file limit less 128)")
     p.add_argument("--drain", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM, let connections flush this long (default 5)")
     add_server_tls_arguments(p, "connections")
