@@ -657,3 +657,30 @@ def test_an_agent_takes_the_hard_open_file_limit(rig: Rig) -> None:
     with open(f"/proc/{proc.pid}/limits") as limits:
         files = next(ln for ln in limits if ln.startswith("Max open files")).split()
     assert files[3:5] == ["1000", "1000"], files
+
+
+def test_links_over_max_links_are_reset_logged_and_counted(rig: Rig) -> None:
+    """`tether gateway --max-links 2`: two connections in their handshake hold the two
+    places; a third is reset as it is accepted (not closed with a FIN, not dropped
+    without a word), logged and counted; once one of the two has gone, an agent links
+    up."""
+    gw = rig.gateway("--max-links", "2")
+    assert gw.status()["max_links"] == 2
+    held = [socket.create_connection((HOST, gw.port), timeout=10) for _ in range(2)]
+    try:
+        with socket.create_connection((HOST, gw.port), timeout=10) as over:
+            over.settimeout(10)
+            with pytest.raises(ConnectionResetError):
+                assert over.recv(100) != b"", "an EOF, not a reset"
+                raise AssertionError("neither reset nor EOF")
+        gw.wait_log(r"gateway gw1: link from 127\.0\.0\.1:\d+ refused: 2 link\(s\) open or "
+                    r"in their handshake, at the limit \(--max-links 2\)$")
+        status = gw.status()
+        assert (status["links_over_limit"], status["links_refused"]) == (1, 1), status
+        held.pop().close()
+        ag = rig.agent(gw, ["echo"])  # (no connector: only its link is asked for)
+        wait_until(lambda: gw.status()["links"] != 1, 10, "the agent's link not up")
+        assert ag.proc.running
+    finally:
+        for sock in held:
+            sock.close()

@@ -723,11 +723,27 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
     return conn
 
 
+class _OverLimit(asyncio.Protocol):
+    """A connection accepted beyond a link server's `max_links`: reset as it is made,
+    and reported to `refused(peer)`."""
+
+    def __init__(self, refused: Callable[[str], None] | None) -> None:
+        self._refused = refused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        reset_socket(transport)
+        if self._refused is not None:
+            self._refused(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer))
+
+
 async def serve_links(host: str, port: int, config_factory: Callable[[], LinkConfig],
                       handler: LinkHandler, *, ssl_context: ssl.SSLContext | None = None,
                       sockopts: SocketOptions | None = None, backlog: int = 1024,
                       reuse_port: bool = False,
-                      accepted: set[LinkConnection] | None = None) -> asyncio.Server:
+                      accepted: set[LinkConnection] | None = None,
+                      max_links: int | None = None,
+                      over_limit: Callable[[str], None] | None = None) -> asyncio.Server:
     """Listen for links; each accepted socket becomes a server-side `LinkConnection`.
     With `ssl_context`, each connection is upgraded to TLS, which must complete within
     the link config's `handshake_timeout`; a failure ends the link with
@@ -735,10 +751,15 @@ async def serve_links(host: str, port: int, config_factory: Callable[[], LinkCon
     every connection until its link ends, those still in their handshake included (the
     handler knows them only from `HandshakeCompleted` on): a server that closes ends
     them too, not their handshake timeout (and from Python 3.12 on,
-    `Server.wait_closed()` waits for them)."""
+    `Server.wait_closed()` waits for them). With `accepted`, `max_links` bounds them:
+    one more is reset as it is accepted and reported to `over_limit(peer)` (see
+    `tether.fdlimit`: the bound keeps the process below its open-file limit, where
+    libuv would drop the connections waiting to be accepted without a word)."""
     loop = asyncio.get_running_loop()
 
-    def factory() -> LinkConnection:
+    def factory() -> asyncio.Protocol:
+        if max_links is not None and accepted is not None and len(accepted) >= max_links:
+            return _OverLimit(over_limit)
         conn = LinkConnection(Role.SERVER, config_factory(), handler, sockopts,
                               server_tls=ssl_context)
         if accepted is not None:

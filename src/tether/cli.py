@@ -226,6 +226,7 @@ async def _gateway(args: argparse.Namespace) -> int:
                  retry_interval=args.retry_interval, peer_tls=peer_tls,
                  tls=_tls_server_context(args), heartbeat=args.heartbeat,
                  link_timeout=args.link_timeout, window=args.window,
+                 max_links="default" if args.max_links is None else args.max_links,
                  # an empty file is a gateway nobody may join, not one without tokens
                  tokens={k: v.encode() for k, v in tokens.items()}
                  if tokens is not None else None,
@@ -258,7 +259,8 @@ async def _agent(args: argparse.Namespace) -> int:
                   fin_timeout=args.fin_timeout, cascade=args.cascade, window=args.window,
                   keepalive=args.keepalive, retry_interval=args.retry_interval,
                   start_wait=args.start_wait,
-                  max_connections=args.max_connections or "default")
+                  max_connections="default" if args.max_connections is None
+                  else args.max_connections)
     await agent.start()
     for (host, _, service), port in zip(forwards, agent.ports(), strict=True):
         print(f"agent {args.name} forwarding {host}:{port} to {service}", file=sys.stderr,
@@ -384,6 +386,10 @@ def _parser() -> argparse.ArgumentParser:
                          "--tls-cert as client certificate: where peers require one, "
                          "that certificate must allow TLS client authentication too, "
                          "extendedKeyUsage serverAuth,clientAuth)")
+    gw.add_argument("--max-links", type=_positive_count, default=None, metavar="N",
+                    help="links open at once, those in their handshake included; one more "
+                         "is reset, logged and counted (links_over_limit) (default: the "
+                         "open-file limit less 128)")
     gw.add_argument("--window", type=int, default=256 * 1024, metavar="BYTES",
                     help="receive window per relayed flow and side (default 262144)")
     gw.add_argument("--tokens", metavar="JSON",

@@ -15,7 +15,7 @@ import json
 import logging
 import ssl
 from collections import Counter, defaultdict
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from . import wire
 from .aio import (
@@ -43,6 +43,7 @@ from .events import (
     StreamProtocolError,
     WindowUpdated,
 )
+from .fdlimit import OverLimitLog, default_max_connections
 from .ids import FlowId, check_node_name
 from .link import DEFAULT_MAX_WINDOW, LinkConfig, Role
 from .listing import oldest
@@ -97,7 +98,15 @@ class Gateway:
                  policy: dict[str, set[str]] | None = None,
                  peers: dict[str, str] | None = None,
                  retry_interval: float = 2.0,
-                 peer_tls: ssl.SSLContext | None = None) -> None:
+                 peer_tls: ssl.SSLContext | None = None,
+                 max_links: int | Literal["default"] | None = "default") -> None:
+        if max_links == "default":
+            max_links = default_max_connections()
+        if max_links is not None and not max_links >= 1:
+            raise ValueError(f"max_links must be 1 or more, not {max_links}")
+        self.max_links = max_links
+        self._over_log = OverLimitLog(log, f"gateway {name}: %d more link(s) refused in the "
+                                      f"last second, at the limit (--max-links {max_links})")
         self.listen = listen
         self.name = check_node_name(name)
         self.token = token.encode() if isinstance(token, str) else token
@@ -126,7 +135,8 @@ class Gateway:
         self._accepted: set[LinkConnection] = set()  # every accepted link until it ends
         self._serial = 0
         self.counters: dict[str, int] = dict.fromkeys(
-            ("links_accepted", "links_refused", "flows_opened", "flows_spliced",
+            ("links_accepted", "links_refused", "links_over_limit", "flows_opened",
+             "flows_spliced",
              "flows_ended", "flows_closed", "flows_refused", "flows_down", "flows_reset",
              "bytes_up", "bytes_down", "no_such_service", "denied", "protocol_errors"), 0)
         # Settings a link would refuse are refused here, at once, not by every link later
@@ -162,10 +172,20 @@ class Gateway:
         """Start listening."""
         host, port = parse_address(self.listen)
         self._server = await serve_links(host, port, self._config, self, ssl_context=self.tls,
-                                         sockopts=self.sockopts, accepted=self._accepted)
+                                         sockopts=self.sockopts, accepted=self._accepted,
+                                         max_links=self.max_links,
+                                         over_limit=self._link_over_limit)
         log.info("gateway %s listening on %s:%d", self.name, host, self.port)
         for peer, address in self.peers.items():
             spawn_owned(self._tasks, self._keep_peer(peer, address))
+
+    def _link_over_limit(self, peer: str) -> None:
+        """A connection beyond `max_links` was reset as it was accepted."""
+        self.counters["links_refused"] += 1
+        self.counters["links_over_limit"] += 1
+        self._over_log.refused("gateway %s: link from %s refused: %d link(s) open or in "
+                               "their handshake, at the limit (--max-links %s)", self.name,
+                               peer, len(self._accepted), self.max_links)
 
     async def _keep_peer(self, peer: str, address: str) -> None:
         """Dial a peer gateway and keep the link up: re-dial while it is down, waiting
@@ -218,6 +238,7 @@ class Gateway:
         await asyncio.gather(*(c.aclose("shutdown", drain) for c in list(self._conns)))
         for conn in list(self._accepted):  # (still in their handshake)
             conn.close("shutdown")
+        self._over_log.close()
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -272,7 +293,8 @@ class Gateway:
         for s in splices:  # (a flow's bytes move into `counters` when it ends)
             counters["bytes_up"] += s.bytes_up
             counters["bytes_down"] += s.bytes_down
-        return {"name": self.name, "links": len(self._conns), "flows": len(splices),
+        limit = {} if self.max_links is None else {"max_links": self.max_links}
+        return {"name": self.name, "links": len(self._conns), "flows": len(splices), **limit,
                 "services": self.services(), "peers": self.cluster(), **counters,
                 "open_flows": [{"id": str(s.id), "service": s.service, "from": repr(s.a),
                                 "to": repr(s.b), "age": round(now - s.opened_at, 3),

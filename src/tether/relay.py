@@ -41,7 +41,7 @@ from .aio import (
 from .backoff import retry_delay
 from .bridge import SocketBridge
 from .errors import ErrorCode, FlowClosed, FlowDown, PeerUnreachable, TetherError
-from .fdlimit import default_max_connections
+from .fdlimit import OverLimitLog, default_max_connections
 from .flowstate import FlowState
 from .ids import check_service_name
 from .listing import oldest
@@ -363,8 +363,9 @@ class Agent(_Edge):
         self.forwards = forwards
         self.servers: list[asyncio.Server] = []
         self.max_connections = max_connections
-        self._over_timer: asyncio.TimerHandle | None = None  # (see `_over_limit`)
-        self._over_unsaid = 0  # connections over the limit not in a line yet
+        self._over_log = OverLimitLog(
+            log, f"agent {name}: %d more connection(s) refused in the last second, at the "
+                 f"limit (--max-connections {max_connections})")
 
     async def start(self) -> None:
         """Connect to the gateway (`_first_link`), then listen on every forward."""
@@ -406,9 +407,7 @@ class Agent(_Edge):
         connections get that many seconds to finish on their own first."""
         for server in self.servers:
             server.close()
-        if self._over_timer is not None:
-            self._over_timer.cancel()
-            self._over_summary(rearm=False)  # (the last count, now)
+        self._over_log.close()
         await self._close_edge(drain)
         for server in self.servers:  # (after the connections: from Python 3.12 on, it
             await server.wait_closed()  # waits for every connection it accepted)
@@ -430,30 +429,14 @@ class Agent(_Edge):
         spawn_owned(self.tasks, self._allocate(bridge, service))
 
     def _over_limit(self, bridge: SocketBridge, service: str, held: int) -> None:
-        """Reset a connection beyond `max_connections`. A line for the first; while more
-        come, one a second that counts them (`_over_summary`)."""
+        """Reset a connection beyond `max_connections`."""
         self.counters["refused"] += 1
         self.counters["over_limit"] += 1
         if bridge.transport is not None and not bridge.transport.is_closing():
             reset_socket(bridge.transport)
-        if self._over_timer is not None:
-            self._over_unsaid += 1
-            return
-        log.warning("agent %s: connection from %s to %s refused: %d connection(s) open, "
-                    "at the limit (--max-connections %d)", self.name, bridge.peer, service,
-                    held, self.max_connections)
-        self._over_timer = asyncio.get_running_loop().call_later(1.0, self._over_summary)
-
-    def _over_summary(self, rearm: bool = True) -> None:
-        self._over_timer = None
-        if self._over_unsaid:
-            log.warning("agent %s: %d more connection(s) refused in the last second, at the "
-                        "limit (--max-connections %d)", self.name, self._over_unsaid,
-                        self.max_connections)
-            self._over_unsaid = 0
-            if rearm:
-                self._over_timer = asyncio.get_running_loop().call_later(
-                    1.0, self._over_summary)
+        self._over_log.refused("agent %s: connection from %s to %s refused: %d "
+                               "connection(s) open, at the limit (--max-connections %d)",
+                               self.name, bridge.peer, service, held, self.max_connections)
 
     async def _allocate(self, bridge: SocketBridge, service: str) -> None:
         try:
