@@ -126,6 +126,18 @@ def free_ports(n: int) -> list[int]:
         return [int(s.getsockname()[1]) for s in socks]
 
 
+def echo_once(port: int, data: bytes) -> bytes:
+    """`data` sent to `port` (an agent's forward to an echo), the write side shut; the
+    whole answer, up to the EOF."""
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    return got
+
+
 def reset_close(sock: socket.socket) -> None:
     """Close `sock` with a TCP RST (SO_LINGER 0)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)

@@ -41,6 +41,7 @@ from relayrig import (
     EchoServer,
     Rig,
     Server,
+    echo_once,
     free_port,
     get_status,
     need,
@@ -808,7 +809,7 @@ def test_garbage_on_the_gateway_port_is_refused_logged_and_counted(rig: Rig) -> 
     assert b"protocol error" in reply  # the GOAWAY's reason, then EOF
     gw.wait_log(r"link from \? \(127\.0\.0\.1:\d+\) closed: protocol error")
     assert gw.status()["protocol_errors"] == 1
-    assert _echo_sync(ag.ports["echo"], b"still serving") == b"still serving"
+    assert echo_once(ag.ports["echo"], b"still serving") == b"still serving"
     rig.wait_idle(gw, co, ag)
 
 
@@ -826,7 +827,7 @@ def test_agent_with_a_wrong_token_is_refused(rig: Rig) -> None:
     gw.wait_log(r"link from agent \(127\.0\.0\.1:\d+\) closed: .*bad token")
     assert gw.status()["protocol_errors"] == 1
     good = rig.agent(gw, ["echo"], "--token", "s3cret", name="agent2")
-    assert _echo_sync(good.ports["echo"], b"welcome") == b"welcome"
+    assert echo_once(good.ports["echo"], b"welcome") == b"welcome"
 
 
 def test_refused_link_is_counted_as_refused(rig: Rig) -> None:
@@ -854,7 +855,7 @@ def test_policy_denial_resets_the_application(rig: Rig, tmp_path: Path) -> None:
     ag.wait_log(r"connection from 127\.0\.0\.1:\d+ to sha refused: denied by policy")
     assert gw.status()["denied"] == 1
     assert ag.status()["refused"] == 1
-    assert _echo_sync(ag.ports["echo"], b"allowed") == b"allowed"
+    assert echo_once(ag.ports["echo"], b"allowed") == b"allowed"
     rig.wait_idle(gw, co, ag)
 
 
@@ -886,16 +887,6 @@ def test_unreachable_server_resets_the_application_without_its_address(rig: Rig)
     assert str(port) not in told, told
     assert co.status()["refused"] == 1
     rig.wait_idle(gw, co, ag)
-
-
-def _echo_sync(port: int, data: bytes) -> bytes:
-    with socket.create_connection((HOST, port), timeout=5) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
-    return got
 
 
 # fin timeout ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from relayrig import (
     TCP_CLOSE,
     Daemon,
     Rig,
+    echo_once,
     free_port,
     get_status,
     tcp_state,
@@ -491,17 +492,6 @@ def test_tether_status_on_a_link_port_says_it_is_not_an_admin_endpoint(rig: Rig)
     assert "not an admin endpoint" in line and "admin endpoint on port" in line, line
 
 
-def _echo_once(port: int, data: bytes) -> bytes:
-    """`data` sent through an agent's forward, the write side shut; the whole answer."""
-    with socket.create_connection((HOST, port), timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        got = b""
-        while chunk := s.recv(65536):
-            got += chunk
-    return got
-
-
 def test_edges_started_before_their_gateway_wait_for_it_with_start_wait(rig: Rig) -> None:
     """`--start-wait`: an agent and a connector started before their gateway listens are
     refused, say so once, dial again until it is there, then serve; no order needed."""
@@ -524,7 +514,7 @@ def test_edges_started_before_their_gateway_wait_for_it_with_start_wait(rig: Rig
     match, _ = agent.proc.expect(r"^agent agent forwarding 127\.0\.0\.1:(\d+) to echo$",
                                  stream="stderr")
     gw.wait_log(r"\bconnector registered service echo$")
-    assert _echo_once(int(match.group(1)), b"no order") == b"no order"
+    assert echo_once(int(match.group(1)), b"no order") == b"no order"
     for edge in (agent, connector):
         line = edge.wait_log(rf"link to the gateway {gateway} up after (\d+) attempts")
         assert int(line.rsplit(" after ", 1)[1].split()[0]) >= 3, line

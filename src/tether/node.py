@@ -21,7 +21,7 @@ import enum
 import logging
 import ssl
 from collections import deque
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from . import wire
 from .aio import (
@@ -57,6 +57,7 @@ from .events import (
     StreamProtocolError,
     WindowUpdated,
 )
+from .fdlimit import OverLimitLog, default_max_connections
 from .flow import Flow
 from .flowstate import FlowState
 from .ids import FlowId, check_node_name, check_service_name
@@ -88,6 +89,9 @@ class Node:
     `liveness` is the node-wide default liveness timeout of the flows it allocates
     (seconds, 10 ms to years; None for none). `token` is the shared secret sent to
     the gateway; a listening node requires it from nodes that connect to it.
+    `max_links` bounds the links a listening node holds, those in their handshake
+    included (default: from the open-file limit, `tether.fdlimit`; None for none): one
+    more is reset as it is accepted, logged and counted (`links_over_limit`).
     """
 
     def __init__(self, name: str, gateway: str | None = None, *, listen: str | None = None,
@@ -97,9 +101,15 @@ class Node:
                  liveness: float | None = 30.0, heartbeat: float = 5.0,
                  link_timeout: float = 15.0, window: int = 256 * 1024,
                  sockopts: SocketOptions | None = None, accept_backlog: int = 1024,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0,
+                 max_links: int | Literal["default"] | None = "default") -> None:
         if gateway is None and listen is None:
             raise ValueError("a Node needs a gateway to connect to, or an address to listen on")
+        if max_links == "default":
+            max_links = default_max_connections()
+        if max_links is not None and not max_links >= 1:
+            raise ValueError(f"max_links must be 1 or more, not {max_links}")
+        self.max_links = max_links
         self.name = check_node_name(name)
         self.gateway = gateway
         self.listen = listen
@@ -130,7 +140,9 @@ class Node:
         self._link_lost: str | None = None  # why the link to the gateway ended
         self.counters: dict[str, int] = dict.fromkeys(
             ("allocated", "accepted", "refused", "closed", "down", "reset", "links_lost",
-             "protocol_errors"), 0)
+             "protocol_errors", "links_over_limit"), 0)
+        self._over_log = OverLimitLog(log, f"node {name}: %d more link(s) refused in the "
+                                      f"last second, at the limit (max_links {max_links})")
 
     # lifecycle ------------------------------------------------------------------------
 
@@ -155,7 +167,8 @@ class Node:
             server = await serve_links(
                 host, port, lambda: self._link_config(server=True), self,
                 ssl_context=self.server_tls, sockopts=self.sockopts,
-                accepted=self._accepted)
+                accepted=self._accepted, max_links=self.max_links,
+                over_limit=self._link_over_limit)
             if self._closing:  # aclose() meanwhile: nothing will close it later
                 server.close()
                 self._check_open()
@@ -248,9 +261,17 @@ class Node:
         await asyncio.gather(*(c.aclose("shutdown", drain) for c in conns))
         for conn in list(self._accepted):  # (still in their handshake)
             conn.close("shutdown")
+        self._over_log.close()
         if server is not None:  # (after the links: from Python 3.12 on, it waits for
             await server.wait_closed()  # every connection the server accepted to close)
         self._wake_all_accepters()
+
+    def _link_over_limit(self, peer: str) -> None:
+        """A connection beyond `max_links` was reset as it was accepted."""
+        self.counters["links_over_limit"] += 1
+        self._over_log.refused("node %s: link from %s refused: %d link(s) open or in their "
+                               "handshake, at the limit (max_links %s)", self.name, peer,
+                               len(self._accepted), self.max_links)
 
     async def _close_server(self) -> None:
         if self._server is not None:
