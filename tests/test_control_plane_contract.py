@@ -27,7 +27,7 @@ from test_mesh import eventually
 from tether import gateway as gateway_module
 from tether import heldreads, wire
 from tether.admin import AdminServer, fetch_status
-from tether.aio import LinkConnection, open_link, parse_address
+from tether.aio import LinkConnection, format_address, open_link, parse_address
 from tether.events import Event
 from tether.link import LinkConfig
 
@@ -55,6 +55,17 @@ def tether_fails(*args: str) -> str:
 def test_a_port_above_65535_is_not_an_address(address: str) -> None:
     with pytest.raises(ValueError, match="out of"):
         parse_address(address)
+
+
+@pytest.mark.parametrize(("peer", "shown"), [
+    (("127.0.0.1", 80), "127.0.0.1:80"), (("::1", 80, 0, 0), "[::1]:80"),
+    (("fe80::1%eth0", 7), "[fe80::1%eth0]:7"), (None, "?"), ("", "?"),
+    ("/run/x.sock", "/run/x.sock")])
+def test_addresses_are_shown_as_parse_address_reads_them(peer: object, shown: str) -> None:
+    """IPv6 in brackets (`::1:80` is ambiguous), and what `parse_address` reads back."""
+    assert format_address(peer) == shown
+    if isinstance(peer, tuple):
+        assert parse_address(shown) == (peer[0], peer[1])
 
 
 @pytest.mark.parametrize("args", [

@@ -674,3 +674,48 @@ def test_links_over_max_links_are_reset_logged_and_counted(rig: Rig) -> None:
     finally:
         for sock in held:
             sock.close()
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+def test_the_relay_over_ipv6_names_its_peers_in_brackets(rig: Rig) -> None:
+    """Gateway, connector, agent and server all on ::1: the bytes go through, and the
+    log lines name IPv6 peers as `[::1]:PORT`, not the ambiguous `::1:PORT`."""
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.bind(("::1", 0))
+        listener.listen()
+        server_port = listener.getsockname()[1]
+
+        def serve_one() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(conn.recv(100).upper())
+
+        server = threading.Thread(target=serve_one, daemon=True)
+        server.start()
+        gw_port = free_port()
+        gw = rig.start("gateway", tether_argv("gateway", "--listen", f"[::1]:{gw_port}",
+                                              "--name", "gw1"))
+        gw.expect(r"gateway gw1 listening on \[::1\]:\d+$", stream="stderr")
+        rig.start("connector", tether_argv("connector", "--gateway", f"[::1]:{gw_port}",
+                                           "--service", f"up=[::1]:{server_port}"))
+        gw.expect(r"node connector connected from \[::1\]:\d+$", stream="stderr")
+        gw.expect(r"registered service up$", stream="stderr")
+        agent = rig.start("agent", tether_argv("agent", "--gateway", f"[::1]:{gw_port}",
+                                               "--forward", "[::1]:0=up"))
+        match, _ = agent.expect(r"^agent agent forwarding \[::1\]:(\d+) to up$",
+                                stream="stderr")
+        with socket.create_connection(("::1", int(match.group(1))), timeout=10) as app:
+            app.sendall(b"six")
+            assert app.recv(100) == b"SIX"
+        server.join(10)
+    agent.expect(r"flow \S+ allocated service=up as gw1#\d+ for \[::1\]:\d+$",
+                 stream="stderr")

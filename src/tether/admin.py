@@ -27,7 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 
 from . import heldreads
-from .aio import listening_port, reset_socket
+from .aio import format_address, listening_port, reset_socket
 
 __all__ = ["AdminServer", "fetch_status", "flatten"]
 
@@ -139,8 +139,8 @@ class AdminServer:
         """Listen."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _AdminProtocol(self), *self.listen)
-        log.info("%s %s: admin endpoint on %s:%d", self.role, self.name, self.listen[0],
-                 self.port)
+        log.info("%s %s: admin endpoint on %s", self.role, self.name,
+                 format_address((self.listen[0], self.port)))
 
     @property
     def port(self) -> int:
@@ -249,10 +249,9 @@ class _AdminProtocol(asyncio.Protocol):
         code = status.partition(" ")[0]
         server.responses[code] = server.responses.get(code, 0) + 1
         if code != "200":
-            peer = self.transport.get_extra_info("peername")
+            peer = format_address(self.transport.get_extra_info("peername"))
             log.info("%s %s: admin endpoint answered %s to %s: %s", server.role, server.name,
-                     status, f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?",
-                     why)
+                     status, peer, why)
         head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
         self.transport.write(head.encode() + body)

@@ -39,6 +39,7 @@ __all__ = [
     "LinkHandler",
     "SocketOptions",
     "TLSServer",
+    "format_address",
     "listening_port",
     "listening_sockets",
     "new_event_loop",
@@ -124,6 +125,15 @@ def listening_port(server: object) -> int:
     """The port of `server`'s first listening socket (the one bound to port 0, say)."""
     port: int = listening_sockets(server)[0].getsockname()[1]
     return port
+
+
+def format_address(peer: object) -> str:
+    """A socket address (``getpeername()``) as logs and stats show it: ``host:port``,
+    ``[v6]:port``, "?" for none."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer) if peer else "?"
 
 
 def parse_address(address: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -352,7 +362,7 @@ class LinkConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.peer_address = f"{peer[0]}:{peer[1]}"
+            self.peer_address = format_address(peer)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -731,10 +741,10 @@ class _OverLimit(asyncio.Protocol):
         self._refused = refused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        peer = transport.get_extra_info("peername")
+        peer = format_address(transport.get_extra_info("peername"))
         reset_socket(transport)
         if self._refused is not None:
-            self._refused(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer))
+            self._refused(peer)
 
 
 async def serve_links(host: str, port: int, config_factory: Callable[[], LinkConfig],

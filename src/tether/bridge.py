@@ -29,7 +29,7 @@ import termios
 from collections.abc import Callable
 
 from . import coalesce, heldreads, readbuf
-from .aio import SocketOptions, reset_socket, writelines
+from .aio import SocketOptions, format_address, reset_socket, writelines
 from .errors import ErrorCode, FlowError
 from .flow import Flow
 from .flowstate import FlowState
@@ -223,7 +223,7 @@ class SocketBridge(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.peer = f"{peer[0]}:{peer[1]}"
+            self.peer = format_address(peer)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._fd = sock.fileno()

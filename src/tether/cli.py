@@ -22,7 +22,7 @@ from typing import Any
 
 from . import daemonlog
 from .admin import AdminServer, fetch_status
-from .aio import parse_address, run
+from .aio import format_address, parse_address, run
 from .errors import TetherError
 from .fdlimit import take_hard_limit
 from .gateway import Gateway
@@ -263,8 +263,8 @@ async def _agent(args: argparse.Namespace) -> int:
                   else args.max_connections)
     await agent.start()
     for (host, _, service), port in zip(forwards, agent.ports(), strict=True):
-        print(f"agent {args.name} forwarding {host}:{port} to {service}", file=sys.stderr,
-              flush=True)
+        print(f"agent {args.name} forwarding {format_address((host, port))} to {service}",
+              file=sys.stderr, flush=True)
     admin = await _with_admin(args, "agent", args.name, agent.stats)
     try:
         await _until_signalled(asyncio.Event())

@@ -21,6 +21,7 @@ from . import wire
 from .aio import (
     LinkConnection,
     SocketOptions,
+    format_address,
     listening_port,
     open_link,
     parse_address,
@@ -175,7 +176,7 @@ class Gateway:
                                          sockopts=self.sockopts, accepted=self._accepted,
                                          max_links=self.max_links,
                                          over_limit=self._link_over_limit)
-        log.info("gateway %s listening on %s:%d", self.name, host, self.port)
+        log.info("gateway %s listening on %s", self.name, format_address((host, self.port)))
         for peer, address in self.peers.items():
             spawn_owned(self._tasks, self._keep_peer(peer, address))
 

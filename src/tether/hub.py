@@ -53,6 +53,7 @@ from typing import (
 from .aio import (
     SocketOptions,
     TLSServer,
+    format_address,
     listening_port,
     listening_sockets,
     reset_socket,
@@ -233,13 +234,6 @@ _GONE: Final = 3  # the transport is gone
 
 _MSG_OVERHEAD: Final = 120  # bytes of Python objects per queued message (Data, bytes)
 _RELEASE_ALL: Final = -1
-
-
-def _format_peer(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    return str(peer) if peer else "?"
 
 
 def _reason_of(exc: Exception | None) -> str:
@@ -1313,7 +1307,7 @@ class Hub:
             conn.last_rx = now
             self._schedule(serial, now + timeout)
         self._opened += 1
-        self._push_open(Opened(fid, _format_peer(transport.get_extra_info("peername"))))
+        self._push_open(Opened(fid, format_address(transport.get_extra_info("peername"))))
         if self._router is not None:
             self._router.opened(serial)
 
@@ -1327,13 +1321,13 @@ class Hub:
         if now - self._refused_logged >= 1.0:
             self._refused_logged = now
             log.warning("hub %s: reset a new connection from %s: %s; %d reset so far",
-                        self._name, _format_peer(transport.get_extra_info("peername")),
+                        self._name, format_address(transport.get_extra_info("peername")),
                         why, self._refused)
 
     def _handshake_failed(self, peer: object, why: str) -> None:
         """A TLS handshake failed or timed out (:class:`~tether.aio.TLSServer`)."""
         self._handshakes_failed += 1
-        self._handshake_log.failed(_format_peer(peer), why)
+        self._handshake_log.failed(format_address(peer), why)
 
     def _peer_eof(self, conn: _Conn) -> bool:
         """The peer closed its side: its data, then Closed("peer"); stay writable for

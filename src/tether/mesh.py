@@ -49,7 +49,14 @@ from enum import Enum
 from typing import Any, Final
 
 from . import wire
-from .aio import LinkConnection, SocketOptions, listening_port, parse_address, spawn_owned
+from .aio import (
+    LinkConnection,
+    SocketOptions,
+    format_address,
+    listening_port,
+    parse_address,
+    spawn_owned,
+)
 from .backoff import retry_delay
 from .errors import (
     ErrorCode,
@@ -381,8 +388,8 @@ class Mesh:
             host, port = parse_address(self.listen)
             self._server = await self._loop.create_server(self._accepted, host, port,
                                                           backlog=1024)
-            log.info("mesh %s: listening on %s:%d (incarnation %016x)", self.name, host,
-                     self.port, self.incarnation)
+            log.info("mesh %s: listening on %s (incarnation %016x)", self.name,
+                     format_address((host, self.port)), self.incarnation)
 
     def _accepted(self) -> LinkConnection:
         conn = LinkConnection(Role.SERVER, self._link_config(server=True), self,

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from .aio import (
     SocketOptions,
+    format_address,
     listening_port,
     listening_sockets,
     parse_address,
@@ -386,8 +387,8 @@ class Agent(_Edge):
                 for sock in listening_sockets(server):
                     self.sockopts.apply(sock)
                 await server.start_serving()
-                log.info("agent %s: forwarding %s:%d to service %s", self.name, host,
-                         listening_port(server), service)
+                log.info("agent %s: forwarding %s to service %s", self.name,
+                         format_address((host, listening_port(server))), service)
         except BaseException:
             await self.aclose()
             raise
@@ -555,7 +556,7 @@ class Connector(_Edge):
             del flow  # (not held here until the next one comes)
 
     async def _connect(self, flow: Any) -> None:
-        host, port = self.services[flow.service]
+        address = host, port = self.services[flow.service]
         loop = asyncio.get_running_loop()
         bridge = SocketBridge(flow, label="server", on_done=self._done,
                               sockopts=self.sockopts)
@@ -571,17 +572,18 @@ class Connector(_Edge):
             if not abandon.fired or (task := asyncio.current_task()) is None \
                     or task.uncancel():  # (cancelled by someone else as well)
                 raise
-            log.info("flow %s ended while connecting to service %s at %s:%d: "
-                     "connection abandoned", flow.id, flow.service, host, port)
+            log.info("flow %s ended while connecting to service %s at %s: "
+                     "connection abandoned", flow.id, flow.service, format_address(address))
             return
         except (OSError, TimeoutError) as exc:
             if ended.done():  # (the flow had ended: nobody was refused)
-                log.info("flow %s ended while connecting to service %s at %s:%d: %s",
-                         flow.id, flow.service, host, port, str(exc) or "timed out")
+                log.info("flow %s ended while connecting to service %s at %s: %s",
+                         flow.id, flow.service, format_address(address),
+                         str(exc) or "timed out")
                 return
             self.counters["refused"] += 1
-            log.warning("connector %s: flow %s: cannot connect to service %s at %s:%d: %s",
-                        self.name, flow.id, flow.service, host, port,
+            log.warning("connector %s: flow %s: cannot connect to service %s at %s: %s",
+                        self.name, flow.id, flow.service, format_address(address),
                         str(exc) or "timed out")
             flow.reset_nowait(f"cannot connect to service {flow.service}: "
                               f"{connect_failure(exc)}", ErrorCode.UNREACHABLE)
@@ -589,8 +591,8 @@ class Connector(_Edge):
         finally:
             abandon.disarm()
             ended.remove_done_callback(abandon.flow_ended)
-        log.info("flow %s connected service=%s as %s to %s:%d", flow.id, flow.service,
-                 flow.link_stream, host, port)
+        log.info("flow %s connected service=%s as %s to %s", flow.id, flow.service,
+                 flow.link_stream, format_address(address))
         if bridge.on_done is None:  # the whole flow already ended while connecting
             self.counters["connections"] += 1
             return
