@@ -667,6 +667,9 @@ def test_links_over_max_links_are_reset_logged_and_counted(rig: Rig) -> None:
                     r"in their handshake, at the limit \(--max-links 2\)$")
         status = gw.status()
         assert (status["links_over_limit"], status["links_refused"]) == (1, 1), status
+        metrics = gw.metrics()
+        assert "# TYPE tether_max_links gauge" in metrics
+        assert "# TYPE tether_links_over_limit_total counter" in metrics
         held.pop().close()
         ag = rig.agent(gw, ["echo"])  # (no connector: only its link is asked for)
         wait_until(lambda: gw.status()["links"] != 1, 10, "the agent's link not up")
