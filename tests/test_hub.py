@@ -742,7 +742,7 @@ def test_connections_beyond_max_connections_are_reset_logged_and_counted(
 
 
 def test_max_connections_is_checked() -> None:
-    with pytest.raises(ValueError, match="max_connections must be positive"):
+    with pytest.raises(ValueError, match="max_connections must be 1 or more"):
         Hub(max_connections=0)
     assert Hub(max_connections=None)._max_conns is None
 

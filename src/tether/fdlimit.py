@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import logging
 import resource
-from typing import Final
+from typing import Final, Literal
 
-__all__ = ["FD_RESERVE", "OverLimitLog", "default_max_connections", "take_hard_limit"]
+__all__ = ["FD_RESERVE", "OverLimitLog", "default_max_connections", "resolve_limit",
+           "take_hard_limit"]
 
 FD_RESERVE: Final = 128
 """Open files a server keeps for itself below its open-file limit: its listeners, links
@@ -32,6 +33,17 @@ def default_max_connections() -> int | None:
     if soft == resource.RLIM_INFINITY:
         return None
     return soft - FD_RESERVE if soft > 2 * FD_RESERVE else max(1, soft // 2)
+
+
+def resolve_limit(given: int | Literal["default"] | None, name: str) -> int | None:
+    """A server's `max_connections` or `max_links` as given: "default" is
+    `default_max_connections()`, None no limit of its own, else 1 or more (`ValueError`
+    naming `name` otherwise)."""
+    if given == "default":
+        return default_max_connections()
+    if given is not None and not given >= 1:
+        raise ValueError(f"{name} must be 1 or more, not {given!r}")
+    return given
 
 
 def take_hard_limit() -> None:

@@ -44,7 +44,7 @@ from .events import (
     StreamProtocolError,
     WindowUpdated,
 )
-from .fdlimit import OverLimitLog, default_max_connections
+from .fdlimit import OverLimitLog, resolve_limit
 from .ids import FlowId, check_node_name
 from .link import DEFAULT_MAX_WINDOW, LinkConfig, Role
 from .listing import oldest
@@ -101,10 +101,7 @@ class Gateway:
                  retry_interval: float = 2.0,
                  peer_tls: ssl.SSLContext | None = None,
                  max_links: int | Literal["default"] | None = "default") -> None:
-        if max_links == "default":
-            max_links = default_max_connections()
-        if max_links is not None and not max_links >= 1:
-            raise ValueError(f"max_links must be 1 or more, not {max_links}")
+        max_links = resolve_limit(max_links, "max_links")
         self.max_links = max_links
         self._over_log = OverLimitLog(log, f"gateway {name}: %d more link(s) refused in the "
                                       f"last second, at the limit (--max-links {max_links})")

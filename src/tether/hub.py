@@ -60,7 +60,7 @@ from .aio import (
     serve_tls,
 )
 from .errors import FlowClosed, TetherError
-from .fdlimit import default_max_connections
+from .fdlimit import resolve_limit
 from .framing import Decoder, Framing, Lines, MessageTooLarge
 from .ids import FlowId
 from .liveness import TimingWheel
@@ -552,9 +552,6 @@ class Hub:
             raise ValueError("linger and close_timeout must be >= 0")
         if max_unseen_opens < 1:
             raise ValueError(f"max_unseen_opens must be positive, got {max_unseen_opens!r}")
-        if max_connections is not None and max_connections != "default" and \
-                not max_connections >= 1:
-            raise ValueError(f"max_connections must be positive, got {max_connections!r}")
         if tls is not None and not handshake_timeout > 0:
             raise ValueError(f"handshake_timeout must be positive, got {handshake_timeout!r}")
         FlowId(node=name, serial=0, worker=worker)  # validates name and worker
@@ -582,8 +579,7 @@ class Hub:
         self._max_unseen = max_unseen_opens
         # (as given, for workers: each takes the default from its own open-file limit)
         self._max_conns_given = max_connections
-        self._max_conns = default_max_connections() if max_connections == "default" \
-            else max_connections
+        self._max_conns = resolve_limit(max_connections, "max_connections")
         # what a message taken gives back to queued_bytes: its framing's bytes too, as
         # they were counted when it was read
         self._msg_cost = _MSG_OVERHEAD + framing.per_message

@@ -57,7 +57,7 @@ from .events import (
     StreamProtocolError,
     WindowUpdated,
 )
-from .fdlimit import OverLimitLog, default_max_connections
+from .fdlimit import OverLimitLog, resolve_limit
 from .flow import Flow
 from .flowstate import FlowState
 from .ids import FlowId, check_node_name, check_service_name
@@ -105,10 +105,7 @@ class Node:
                  max_links: int | Literal["default"] | None = "default") -> None:
         if gateway is None and listen is None:
             raise ValueError("a Node needs a gateway to connect to, or an address to listen on")
-        if max_links == "default":
-            max_links = default_max_connections()
-        if max_links is not None and not max_links >= 1:
-            raise ValueError(f"max_links must be 1 or more, not {max_links}")
+        max_links = resolve_limit(max_links, "max_links")
         self.max_links = max_links
         self.name = check_node_name(name)
         self.gateway = gateway

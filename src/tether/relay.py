@@ -42,7 +42,7 @@ from .aio import (
 from .backoff import retry_delay
 from .bridge import SocketBridge
 from .errors import ErrorCode, FlowClosed, FlowDown, PeerUnreachable, TetherError
-from .fdlimit import OverLimitLog, default_max_connections
+from .fdlimit import OverLimitLog, resolve_limit
 from .flowstate import FlowState
 from .ids import check_service_name
 from .listing import oldest
@@ -353,10 +353,7 @@ class Agent(_Edge):
                  window: int = 256 * 1024, keepalive: float | None = 60.0,
                  retry_interval: float = 2.0, start_wait: float = 0.0,
                  max_connections: int | Literal["default"] | None = "default") -> None:
-        if max_connections == "default":
-            max_connections = default_max_connections()
-        if max_connections is not None and not max_connections >= 1:
-            raise ValueError(f"max_connections must be 1 or more, not {max_connections}")
+        max_connections = resolve_limit(max_connections, "max_connections")
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
                          fin_timeout=fin_timeout, cascade=cascade, window=window,
                          keepalive=keepalive, retry_interval=retry_interval,
