@@ -3,14 +3,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import subprocess
 import sys
 
 import pytest
-
-from tether.fdlimit import OverLimitLog
 
 
 def _in_process(nofile: str, code: str) -> str:
@@ -41,18 +37,3 @@ def test_take_hard_limit_leaves_a_soft_limit_at_the_hard_one() -> None:
                       "print(resource.getrlimit(resource.RLIMIT_NOFILE))")
     assert got == "(500, 500)"
 
-
-def test_over_limit_log_says_the_first_and_counts_the_rest(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """Three refusals within a second: the first's line, then (here at `close()`, else
-    a second later) one line counting the other two; nothing more after."""
-    async def main() -> None:
-        lines = OverLimitLog(logging.getLogger("test.fdlimit"), "%d more refused")
-        for peer in ("a", "b", "c"):
-            lines.refused("refused %s", peer)
-        lines.close()
-        lines.close()
-
-    with caplog.at_level(logging.WARNING, logger="test.fdlimit"):
-        asyncio.run(main())
-    assert [r.getMessage() for r in caplog.records] == ["refused a", "2 more refused"]

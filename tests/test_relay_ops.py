@@ -732,3 +732,19 @@ def test_the_relay_over_ipv6_names_its_peers_in_brackets(rig: Rig) -> None:
         server.join(10)
     agent.expect(r"flow \S+ allocated service=up as gw1#\d+ for \[::1\]:\d+$",
                  stream="stderr")
+
+
+def test_an_outage_is_a_line_and_a_count_not_a_line_per_connection(rig: Rig) -> None:
+    """The gateway gone, every application connection is reset at once ("no link to a
+    gateway"): the first has its WARNING line, the rest one line a second that counts
+    them, so an outage at thousands of connections a second does not flood the log."""
+    echo = rig.echo_server()
+    gw, _, ag = rig.relay({"echo": echo.port}, agent_args=["--retry-interval", "5"])
+    gw.proc.kill()
+    ag.wait_log(r"link to the gateway .* lost")
+    assert [_connect_round_trip(ag.ports["echo"], b"x") for _ in range(5)] == ["reset"] * 5
+    ag.wait_log(r"agent agent: 4 more connection\(s\) refused in the last second: no link "
+                r"to the gateway 127\.0\.0\.1:\d+$", timeout=5)
+    named = [ln for ln in ag.proc.lines("stderr") if " refused: " in ln.text]
+    assert len(named) == 1 and "has no link to a gateway" in named[0].text, named
+    assert ag.status()["refused"] == 5

@@ -6,19 +6,16 @@ the backlog, so that its loop does not spin on a listening socket that stays rea
 Those clients read a plain EOF, an empty answer that looks clean, and nothing is
 logged or counted. So each server that accepts many connections (an agent, a hub)
 keeps a limit of its own below the kernel's (`default_max_connections`) and resets,
-logs and counts what is over it.
+logs and counts what is over it (`tether.refusals.RefusalLog` for the lines).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 import resource
 from typing import Final, Literal
 
-__all__ = ["FD_RESERVE", "OverLimitLog", "default_max_connections", "resolve_limit",
-           "take_hard_limit"]
+__all__ = ["FD_RESERVE", "default_max_connections", "resolve_limit", "take_hard_limit"]
 
 FD_RESERVE: Final = 128
 """Open files a server keeps for itself below its open-file limit: its listeners, links
@@ -56,45 +53,3 @@ def take_hard_limit() -> None:
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-
-class OverLimitLog:
-    """The lines for connections refused at a limit: a WARNING for the first, then, while
-    more come, one a second that counts them (`summary`, a format taking the count), so
-    that a flood of refusals is neither a flood of lines nor unsaid. Needs a running
-    loop (its timer)."""
-
-    __slots__ = ("_log", "_summary", "_timer", "_unsaid")
-
-    def __init__(self, log: logging.Logger, summary: str) -> None:
-        self._log = log
-        self._summary = summary
-        self._timer: asyncio.TimerHandle | None = None
-        self._unsaid = 0
-
-    def refused(self, line: str, *args: object) -> None:
-        """One connection refused: `line % args` if no line was written in the last
-        second, else counted for the next summary."""
-        if self._timer is not None:
-            self._unsaid += 1
-            return
-        self._log.warning(line, *args)
-        self._timer = asyncio.get_running_loop().call_later(1.0, self._tick)
-
-    def close(self) -> None:
-        """Write the count not written yet, now, and stop."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._say()
-
-    def _tick(self) -> None:
-        self._timer = None
-        if self._say():
-            self._timer = asyncio.get_running_loop().call_later(1.0, self._tick)
-
-    def _say(self) -> bool:
-        if not self._unsaid:
-            return False
-        self._log.warning(self._summary, self._unsaid)
-        self._unsaid = 0
-        return True

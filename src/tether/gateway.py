@@ -44,10 +44,11 @@ from .events import (
     StreamProtocolError,
     WindowUpdated,
 )
-from .fdlimit import OverLimitLog, resolve_limit
+from .fdlimit import resolve_limit
 from .ids import FlowId, check_node_name
 from .link import DEFAULT_MAX_WINDOW, LinkConfig, Role
 from .listing import oldest
+from .refusals import RefusalLog
 from .splice import Splice, SpliceEnd
 
 __all__ = ["Gateway"]
@@ -103,7 +104,7 @@ class Gateway:
                  max_links: int | Literal["default"] | None = "default") -> None:
         max_links = resolve_limit(max_links, "max_links")
         self.max_links = max_links
-        self._over_log = OverLimitLog(log, f"gateway {name}: %d more link(s) refused in the "
+        self._over_log = RefusalLog(log, f"gateway {name}: %d more link(s) refused in the "
                                       f"last second, at the limit (--max-links {max_links})")
         self.listen = listen
         self.name = check_node_name(name)

@@ -57,7 +57,7 @@ from .events import (
     StreamProtocolError,
     WindowUpdated,
 )
-from .fdlimit import OverLimitLog, resolve_limit
+from .fdlimit import resolve_limit
 from .flow import Flow
 from .flowstate import FlowState
 from .ids import FlowId, check_node_name, check_service_name
@@ -68,6 +68,7 @@ from .link import (
     LinkConfig,
     check_liveness,
 )
+from .refusals import RefusalLog
 
 __all__ = ["Node"]
 
@@ -138,7 +139,7 @@ class Node:
         self.counters: dict[str, int] = dict.fromkeys(
             ("allocated", "accepted", "refused", "closed", "down", "reset", "links_lost",
              "protocol_errors", "links_over_limit"), 0)
-        self._over_log = OverLimitLog(log, f"node {name}: %d more link(s) refused in the "
+        self._over_log = RefusalLog(log, f"node {name}: %d more link(s) refused in the "
                                       f"last second, at the limit (max_links {max_links})")
 
     # lifecycle ------------------------------------------------------------------------

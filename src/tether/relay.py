@@ -42,11 +42,12 @@ from .aio import (
 from .backoff import retry_delay
 from .bridge import SocketBridge
 from .errors import ErrorCode, FlowClosed, FlowDown, PeerUnreachable, TetherError
-from .fdlimit import OverLimitLog, resolve_limit
+from .fdlimit import resolve_limit
 from .flowstate import FlowState
 from .ids import check_service_name
 from .listing import oldest
 from .node import Node
+from .refusals import RefusalLog
 
 __all__ = ["Agent", "Connector", "connect_failure", "parse_forward", "parse_service"]
 
@@ -361,9 +362,12 @@ class Agent(_Edge):
         self.forwards = forwards
         self.servers: list[asyncio.Server] = []
         self.max_connections = max_connections
-        self._over_log = OverLimitLog(
+        self._over_log = RefusalLog(
             log, f"agent {name}: %d more connection(s) refused in the last second, at the "
                  f"limit (--max-connections {max_connections})")
+        self._no_link_log = RefusalLog(
+            log, f"agent {name}: %d more connection(s) refused in the last second: no link "
+                 f"to the gateway {gateway}")
 
     async def start(self) -> None:
         """Connect to the gateway (`_first_link`), then listen on every forward."""
@@ -406,6 +410,7 @@ class Agent(_Edge):
         for server in self.servers:
             server.close()
         self._over_log.close()
+        self._no_link_log.close()
         await self._close_edge(drain)
         for server in self.servers:  # (after the connections: from Python 3.12 on, it
             await server.wait_closed()  # waits for every connection it accepted)
@@ -442,10 +447,12 @@ class Agent(_Edge):
         except TetherError as exc:
             self.arriving.discard(bridge)
             self.counters["refused"] += 1
-            log.warning("agent %s: connection from %s to %s refused: %s", self.name,
-                        bridge.peer, service, exc)
             if bridge.transport is not None and not bridge.transport.is_closing():
                 reset_socket(bridge.transport)
+            # each refusal has its line, but for the flood of an outage
+            say = log.warning if self.node.linked else self._no_link_log.refused
+            say("agent %s: connection from %s to %s refused: %s", self.name, bridge.peer,
+                service, exc)
             return
         self.arriving.discard(bridge)
         log.info("flow %s allocated service=%s as %s for %s", flow.id, service,
