@@ -890,3 +890,35 @@ def test_four_workers_hold_fifteen_thousand_connections_each() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(main(), 300))
+
+
+async def test_each_worker_takes_max_connections_as_given() -> None:
+    """`Hub(workers=2, max_connections=1)`: each worker holds one connection at most, so
+    of three clients at least one is reset as it is accepted, and the supervisor's sum
+    counts it in `refused` and `over_limit`."""
+    async with running(2, max_connections=1) as hub:
+        results = []
+        writers = []
+        for _ in range(3):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
+                writers.append(writer)
+                writer.write(b"PING\n")
+                await writer.drain()
+                line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+                results.append("eof" if not line else "served")
+            except ConnectionResetError:
+                results.append("reset")
+        try:
+            assert results.count("reset") >= 1 and "eof" not in results, results
+
+            async def counted() -> bool:
+                stats = await pool_of(hub).refresh_stats()
+                return stats.over_limit == stats.refused == results.count("reset")
+            deadline = time.monotonic() + TIMEOUT
+            while not await counted():
+                assert time.monotonic() < deadline, await pool_of(hub).refresh_stats()
+                await asyncio.sleep(0.05)
+        finally:
+            for writer in writers:
+                writer.close()
