@@ -748,3 +748,31 @@ def test_an_outage_is_a_line_and_a_count_not_a_line_per_connection(rig: Rig) -> 
     named = [ln for ln in ag.proc.lines("stderr") if " refused: " in ln.text]
     assert len(named) == 1 and "has no link to a gateway" in named[0].text, named
     assert ag.status()["refused"] == 5
+
+
+def test_a_connector_over_max_connections_refuses_the_flow_with_the_reason(
+        rig: Rig) -> None:
+    """`tether connector --max-connections 2`: with two connections to the server open,
+    a third flow is reset at once (REFUSED) and the application's socket with it; the
+    agent's line says why; the connector logs and counts it."""
+    echo = rig.echo_server()
+    _, co, ag = rig.relay({"echo": echo.port}, connector_args=["--max-connections", "2"])
+    port = ag.ports["echo"]
+    held = [socket.create_connection((HOST, port), timeout=10) for _ in range(2)]
+    try:
+        assert [_round_trip(app, b"held") for app in held] == [b"held"] * 2
+        assert _connect_round_trip(port, b"third") == "reset"
+        ag.wait_log(r"flow \S+ reset: connector connector has 2 connection\(s\) open, its "
+                    r"limit$")
+        co.wait_log(r"connector connector: flow \S+ to echo refused: 2 connection\(s\) "
+                    r"open, at the limit \(--max-connections 2\)$")
+        status = co.status()
+        assert (status["max_connections"], status["over_limit"], status["refused"]) == \
+            (2, 1, 1), status
+        held.pop().close()
+        wait_until(lambda: co.status()["open"] != 1, 10, "the closed connection still open")
+        assert _connect_round_trip(port, b"again") == b"again"
+    finally:
+        for app in held:
+            app.close()
+    rig.wait_idle(co, ag)

@@ -284,7 +284,9 @@ async def _connector(args: argparse.Namespace) -> int:
                           tls=_tls_client_context(args), liveness=args.liveness,
                           fin_timeout=args.fin_timeout, window=args.window,
                           keepalive=args.keepalive, connect_timeout=args.connect_timeout,
-                          retry_interval=args.retry_interval, start_wait=args.start_wait)
+                          retry_interval=args.retry_interval, start_wait=args.start_wait,
+                          max_connections="default" if args.max_connections is None
+                          else args.max_connections)
     await connector.start()
     print(f"connector {args.name} serving {', '.join(s for s, _, _ in services)}",
           file=sys.stderr, flush=True)
@@ -339,6 +341,11 @@ def _edge_options(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--retry-interval", type=float, default=2.0, metavar="SECONDS",
                    help="once the link to the gateway is lost, dial it again, waiting at "
                         "most this long between attempts (default 2)")
+    p.add_argument("--max-connections", type=_positive_count, default=None, metavar="N",
+                   help="connections open at once (an agent's from applications, a "
+                        "connector's to servers); one more is reset, logged and counted "
+                        "(over_limit) (default: the open-file limit less 128, so that the "
+                        "limit met is the daemon's, not the kernel's)")
     p.add_argument("--start-wait", type=_seconds, default=0.0, metavar="SECONDS",
                    help="at start, dial a gateway that is not there yet (refused, "
                         "unreachable) again for up to this long before exiting, so that "
@@ -412,10 +419,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="listen here and forward to SERVICE (repeatable)")
     ag.add_argument("--cascade", choices=["half", "full"], default="half",
                     help="half: TCP half-close (default); full: one side's EOF closes both")
-    ag.add_argument("--max-connections", type=_positive_count, default=None, metavar="N",
-                    help="connections open at once; one more is reset, logged and counted "
-                         "(over_limit) (default: the open-file limit less 128, so that the "
-                         "limit met is the agent's, not the kernel's)")
     ag.set_defaults(func=_agent)
 
     co = sub.add_parser(

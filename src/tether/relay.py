@@ -110,7 +110,8 @@ class _Edge:
     def __init__(self, name: str, gateway: str, *, token: bytes | str, tls: ssl.SSLContext | None,
                  liveness: float | None, fin_timeout: float, cascade: str,
                  window: int = 256 * 1024, keepalive: float | None = 60.0,
-                 retry_interval: float = 2.0, start_wait: float = 0.0) -> None:
+                 retry_interval: float = 2.0, start_wait: float = 0.0,
+                 max_connections: int | Literal["default"] | None = "default") -> None:
         if cascade not in _CASCADE:
             raise ValueError(f"cascade must be 'half' or 'full', not {cascade!r}")
         if not 0 < retry_interval < math.inf:
@@ -120,6 +121,10 @@ class _Edge:
                              f"{start_wait}")
         self.retry_interval = retry_interval
         self.start_wait = start_wait
+        self.max_connections = resolve_limit(max_connections, "max_connections")
+        self._over_log = RefusalLog(
+            log, f"{self.role} {name}: %d more connection(s) refused in the last second, at "
+                 f"the limit (--max-connections {self.max_connections})")
         self.gateway = gateway
         if not fin_timeout >= 0:  # (NaN too)
             raise ValueError(f"fin_timeout must be 0 (none) or positive seconds, not "
@@ -140,7 +145,7 @@ class _Edge:
         self._closing = False
 
     at_service = False  # whether this edge's sockets are the service's (a connector's)
-    max_connections: int | None = None  # (an agent's: see `Agent`)
+    role = "edge"  # (its lines' first word)
 
     def bytes_of(self, bridge: SocketBridge) -> tuple[int, int]:
         """A connection's bytes (up, down): up toward the service, down from it, as the
@@ -291,6 +296,7 @@ class _Edge:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.node.aclose()
+        self._over_log.close()
         # every socket still there: adopted, still being allocated (its task was just
         # cancelled), or closing but still holding bytes for its peer
         for bridge in [*self.bridges, *self.arriving]:
@@ -347,6 +353,8 @@ class Agent(_Edge):
     limit, `default_max_connections`; None for no limit of the agent's own).
     """
 
+    role = "agent"
+
     def __init__(self, gateway: str, forwards: list[tuple[str, int, str]], *,
                  name: str = "agent", token: bytes | str = b"",
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
@@ -354,17 +362,12 @@ class Agent(_Edge):
                  window: int = 256 * 1024, keepalive: float | None = 60.0,
                  retry_interval: float = 2.0, start_wait: float = 0.0,
                  max_connections: int | Literal["default"] | None = "default") -> None:
-        max_connections = resolve_limit(max_connections, "max_connections")
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
                          fin_timeout=fin_timeout, cascade=cascade, window=window,
                          keepalive=keepalive, retry_interval=retry_interval,
-                         start_wait=start_wait)
+                         start_wait=start_wait, max_connections=max_connections)
         self.forwards = forwards
         self.servers: list[asyncio.Server] = []
-        self.max_connections = max_connections
-        self._over_log = RefusalLog(
-            log, f"agent {name}: %d more connection(s) refused in the last second, at the "
-                 f"limit (--max-connections {max_connections})")
         self._no_link_log = RefusalLog(
             log, f"agent {name}: %d more connection(s) refused in the last second: no link "
                  f"to the gateway {gateway}")
@@ -409,9 +412,8 @@ class Agent(_Edge):
         connections get that many seconds to finish on their own first."""
         for server in self.servers:
             server.close()
-        self._over_log.close()
-        self._no_link_log.close()
         await self._close_edge(drain)
+        self._no_link_log.close()
         for server in self.servers:  # (after the connections: from Python 3.12 on, it
             await server.wait_closed()  # waits for every connection it accepted)
         self.servers.clear()
@@ -500,22 +502,27 @@ class Connector(_Edge):
     the service's address. A server that cannot be reached resets the flow with the
     reason (the application's socket is reset at the agent). A flow that ends while its
     server has not answered yet (the application reset) is not waited for: the connect
-    is given up `_ABANDON_GRACE` seconds later, not after the whole `connect_timeout`."""
+    is given up `_ABANDON_GRACE` seconds later, not after the whole `connect_timeout`.
+    A flow beyond `max_connections` (connected or connecting; default from the
+    open-file limit) is reset at once (REFUSED, with the reason), logged and counted."""
 
     at_service = True
+    role = "connector"
 
     def __init__(self, gateway: str, services: list[tuple[str, str, int]], *,
                  name: str = "connector", token: bytes | str = b"",
                  tls: ssl.SSLContext | None = None, liveness: float | None = 30.0,
                  fin_timeout: float = 60.0, connect_timeout: float = 5.0,
                  window: int = 256 * 1024, keepalive: float | None = 60.0,
-                 retry_interval: float = 2.0, start_wait: float = 0.0) -> None:
+                 retry_interval: float = 2.0, start_wait: float = 0.0,
+                 max_connections: int | Literal["default"] | None = "default") -> None:
         if not connect_timeout > 0:
             raise ValueError(f"connect_timeout must be positive seconds, got {connect_timeout!r}")
         super().__init__(name, gateway, token=token, tls=tls, liveness=liveness,
                          fin_timeout=fin_timeout, cascade="half", window=window,
                          keepalive=keepalive, retry_interval=retry_interval,
-                         start_wait=start_wait)
+                         start_wait=start_wait, max_connections=max_connections)
+        self._connecting = 0  # flows whose server is being connected to
         self.services = {svc: (host, port) for svc, host, port in services}
         if len(self.services) != len(services):
             names = [svc for svc, _, _ in services]
@@ -556,10 +563,32 @@ class Connector(_Edge):
                 continue
             except TetherError:
                 return
+            held = len(self.bridges) + self._connecting
+            if self.max_connections is not None and held >= self.max_connections:
+                self._over_limit(flow, held)
+                continue
+            self._connecting += 1
             spawn_owned(self.tasks, self._connect(flow))
             del flow  # (not held here until the next one comes)
 
+    def _over_limit(self, flow: Any, held: int) -> None:
+        """Refuse a flow beyond `max_connections` (reset: the application's socket is
+        reset at the agent, with the reason)."""
+        self.counters["refused"] += 1
+        self.counters["over_limit"] += 1
+        flow.reset_nowait(f"connector {self.name} has {held} connection(s) open, its limit",
+                          ErrorCode.REFUSED)
+        self._over_log.refused("connector %s: flow %s to %s refused: %d connection(s) open, "
+                               "at the limit (--max-connections %d)", self.name, flow.id,
+                               flow.service, held, self.max_connections)
+
     async def _connect(self, flow: Any) -> None:
+        try:
+            await self._connect_server(flow)
+        finally:
+            self._connecting -= 1
+
+    async def _connect_server(self, flow: Any) -> None:
         address = host, port = self.services[flow.service]
         loop = asyncio.get_running_loop()
         bridge = SocketBridge(flow, label="server", on_done=self._done,
