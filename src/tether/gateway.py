@@ -11,6 +11,7 @@ exactly that ("unresponsive peer"), not masked by a healthy gateway in between.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import ssl
@@ -159,7 +160,7 @@ class Gateway:
     def _authorize(self, name: str, token: bytes) -> bool:
         assert self.tokens is not None
         expected = self.tokens.get(name)
-        return expected is not None and expected == token
+        return expected is not None and hmac.compare_digest(expected, token)  # (see Link)
 
     def allowed(self, node: str, service: str) -> bool:
         """Whether the policy lets `node` allocate flows to `service`."""

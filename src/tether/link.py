@@ -19,6 +19,7 @@ becomes a RESET of the one stream or, for a broken frame stream, a GOAWAY and a
 
 from __future__ import annotations
 
+import hmac
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -833,7 +834,9 @@ class Link:
             raise RemoteProtocolError(f"expected HELLO, got {wire.frame_name(frame.TYPE)}")
         cfg = self.config
         self.peer_name = frame.name  # for log lines, even if the token is refused below
-        if cfg.expected_token is not None and frame.token != cfg.expected_token:
+        # compare_digest: a refusal takes as long whatever part of a guessed token was right
+        if cfg.expected_token is not None and \
+                not hmac.compare_digest(frame.token, cfg.expected_token):
             raise RemoteProtocolError(f"bad token from {frame.name!r}", ErrorCode.BAD_TOKEN)
         if cfg.authorize is not None and not cfg.authorize(frame.name, frame.token):
             raise RemoteProtocolError(f"bad token from {frame.name!r}", ErrorCode.BAD_TOKEN)
