@@ -200,3 +200,54 @@ async def test_a_lost_peer_gateway_is_redialled_with_the_shared_backoff(
         assert calls[before][0] == 0  # the first delay again, not where it had got to
     finally:
         await gw1.aclose()
+
+
+@contextlib.asynccontextmanager
+async def mirrored(names: tuple[str, str]) -> AsyncIterator[list[tether.Gateway]]:
+    """Two gateways naming each other with `--peer` (as the issue runs them), started
+    at once: both dial."""
+    ports = []
+    for _ in names:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    gws = [tether.Gateway(f"127.0.0.1:{ports[i]}", name=names[i], retry_interval=0.2,
+                          heartbeat=0.2, link_timeout=1.0,
+                          peers={names[1 - i]: f"127.0.0.1:{ports[1 - i]}"})
+           for i in range(2)]
+    await asyncio.gather(*(gw.start() for gw in gws))
+    try:
+        yield gws
+    finally:
+        for gw in gws:
+            await gw.aclose()
+
+
+def _peer_links(gw: tether.Gateway) -> int:
+    return sum(1 for c in gw._conns if c.link.is_open)
+
+
+@pytest.mark.parametrize("names", [("gw1", "gw2"), ("zz", "aa")])
+async def test_gateways_that_both_dial_keep_one_link(names: tuple[str, str]) -> None:
+    """Both name the other with `--peer` and both dial: once up, each keeps the link
+    the gateway whose name sorts first dialled (the same one) and drains the other, so
+    the pair has one link, and neither dials again while it is up. Killing it, they
+    re-form with one link again; flows go through before and after."""
+    async with echo_server() as port, mirrored(names) as (a, b):
+        await wait_until(lambda: _peer_links(a) == _peer_links(b) == 1
+                         and len(a._conns) == len(b._conns) == 1)
+        await asyncio.sleep(0.6)  # (three retry intervals: nobody dials a second one)
+        assert len(a._conns) == len(b._conns) == 1
+        assert a.cluster()[b.name]["up"] and b.cluster()[a.name]["up"]
+        async with Connector(f"127.0.0.1:{b.port}", [("echo", "127.0.0.1", port)]):
+            await wait_until(lambda: "echo" in a.services())
+            async with Agent(f"127.0.0.1:{a.port}", [("127.0.0.1", 0, "echo")]) as agent:
+                assert await roundtrip(agent.ports()[0], b"one link") == b"one link"
+                (link,) = [c for c in a._conns if c.link.peer_name == b.name]
+                link.close("cut")  # the pair's link goes: both dial again
+                await wait_until(lambda: not a.cluster()[b.name]["up"], 3)
+                await wait_until(lambda: a.cluster()[b.name]["up"] and "echo" in a.services()
+                                 and sum(c.link.peer_name == b.name for c in a._conns) == 1
+                                 and sum(c.link.peer_name == a.name for c in b._conns) == 1,
+                                 5)
+                assert await roundtrip(agent.ports()[0], b"again") == b"again"

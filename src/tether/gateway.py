@@ -63,6 +63,9 @@ _FIN: Final = int(wire.FrameType.FIN)
 MAX_SERVICES_PER_NODE: Final = 4096
 """Services one node may register on its link: one that registers more is refused (its
 link closed), so that no node can grow the gateway's service table without bound."""
+SECOND_LINK_DRAIN: Final = 60.0
+"""Seconds a second link between two peer gateways may carry the flows that began on
+it before it was found to be one (`Gateway._drop_second_link`)."""
 
 
 def _hops(n: int) -> str:
@@ -85,8 +88,9 @@ class Gateway:
     with hop counts so that chains of gateways work and loops do not), and forwards a
     flow for a service it does not serve itself to the nearest peer that reaches it,
     with the same splice. A peer whose link is lost takes its routes with it, and the
-    flows through it go DOWN on both ends. Either side may dial; a second link between
-    the same two gateways is harmless (both carry flows and routes). The `policy` is
+    flows through it go DOWN on both ends. Either side may dial, and only while it has no
+    link to that peer; when both dial at once, the pair keeps one link
+    (`_drop_second_link`). The `policy` is
     enforced where a flow enters the cluster: flows forwarded by a gateway named in
     `peers` (or dialled by this one) skip it here; those from any other node, one
     posing as a gateway included, are checked against its name.
@@ -196,6 +200,11 @@ class Gateway:
         attempts = 0
         refused = ""
         while True:
+            existing = self._peer_link(peer)
+            if existing is not None:  # (it dialled this gateway: one link is the pair's)
+                await asyncio.shield(existing.closed)
+                await asyncio.sleep(retry_delay(0, self.retry_interval))
+                continue
             try:
                 conn = await open_link(host, port, self._config(dial=True), self,
                                        ssl_context=self.peer_tls, sockopts=self.sockopts,
@@ -336,6 +345,7 @@ class Gateway:
                 log.info("gateway %s: peer gateway %s up (%s)", self.name, event.peer_name,
                          conn.peer_address)
                 self._send_table(conn)
+                self._drop_second_link(event.peer_name)
         elif isinstance(event, LinkTerminated):
             self._on_link_terminated(conn, event)
         elif isinstance(event, StreamProtocolError):
@@ -380,6 +390,27 @@ class Gateway:
 
     # the cluster ----------------------------------------------------------------------
 
+    def _drop_second_link(self, peer: str) -> None:
+        """Two gateways that name each other with `--peer` both dial, and at start (or
+        after a loss) both links may come up. Each gateway keeps the one dialled by the
+        gateway whose name sorts first, so both keep the same, and drains the other
+        (GOAWAY: a flow that began on it meanwhile finishes, for up to
+        `SECOND_LINK_DRAIN` seconds); `_keep_peer` dials only while there is no link."""
+        links = [c for c in self._peer_links.get(peer, ()) if c.link.is_open]
+        if len(links) < 2:
+            return
+        dialled_by_first = Role.CLIENT if self.name < peer else Role.SERVER
+        keep = [c for c in links if c.link.role is dialled_by_first]
+        if len(keep) != 1:  # (not the pair's two dials: left as they are)
+            return
+        for conn in links:
+            if conn is not keep[0]:
+                self._peer_links[peer].discard(conn)
+                log.info("gateway %s: a second link with peer %s (%s): keeping the one %s "
+                         "dialled", self.name, peer, conn.peer_address,
+                         "this gateway" if dialled_by_first is Role.CLIENT else peer)
+                spawn_owned(self._tasks, conn.aclose("a second link", SECOND_LINK_DRAIN))
+
     def _peer_link(self, peer: str) -> LinkConnection | None:
         for conn in self._peer_links.get(peer, ()):
             if conn.link.is_open:
@@ -395,6 +426,8 @@ class Gateway:
         except (ValueError, AttributeError, TypeError) as exc:
             self.counters["protocol_errors"] += 1
             log.warning("gateway %s: bad SERVICES message from %s: %s", self.name, peer, exc)
+            return
+        if not conn.link.is_open:  # (a second link, draining: the first one tells)
             return
         new_peer = conn not in self._peer_links[peer]
         self._peer_links[peer].add(conn)
