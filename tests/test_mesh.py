@@ -514,3 +514,33 @@ def test_backoff_is_exponential_jittered_and_bounded() -> None:
     assert all(0 < d <= 0.3 for row in delays for d in row)
     assert max(delays[0]) <= 0.04 and min(delays[2]) >= 0.04  # 20 ms, doubling
     assert len({round(d, 6) for d in delays[-1]}) > 100  # jitter even at the bound
+
+
+async def test_links_over_max_links_are_reset_and_their_messages_failed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A node with `max_links=1` takes one peer's link; a second peer's is reset as it
+    is accepted (logged, counted in `links_over_limit`), so its message comes back in a
+    failure report once `establish_timeout` has passed, not lost."""
+    srv = Mesh("srv", listen="127.0.0.1:0", max_links=1, **FAST)  # type: ignore[arg-type]
+    a = Mesh("a", listen="127.0.0.1:0", **FAST)  # type: ignore[arg-type]
+    b = Mesh("b", listen="127.0.0.1:0", **FAST)  # type: ignore[arg-type]
+    for mesh in (srv, a, b):
+        await mesh.start()
+    for mesh in (a, b):
+        mesh.add_peer("srv", f"127.0.0.1:{srv.port}")
+        srv.add_peer(mesh.name, f"127.0.0.1:{mesh.port}")
+    got = Receiver(srv)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tether.mesh"):
+            await a.send("srv", b"first", kind=1)
+            assert [m.body for m in await got.wait(1)] == [b"first"]
+            await b.send("srv", b"second", kind=1)
+            failure = await next_failure(b, timeout=FAST["establish_timeout"] + 3)
+            assert failure.remote == "srv", failure
+            assert [m.body for m in failure.undelivered] == [b"second"], failure
+        assert srv.counters["links_over_limit"] >= 1
+        assert "1 link(s) open, at the limit (max_links 1)" in caplog.text
+    finally:
+        await got.stop()
+        for mesh in (a, b, srv):
+            await mesh.aclose()

@@ -37,6 +37,7 @@ from .wire import HEADER
 __all__ = [
     "LinkConnection",
     "LinkHandler",
+    "RefusedAtAccept",
     "SocketOptions",
     "TLSServer",
     "format_address",
@@ -733,9 +734,9 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
     return conn
 
 
-class _OverLimit(asyncio.Protocol):
-    """A connection accepted beyond a link server's `max_links`: reset as it is made,
-    and reported to `refused(peer)`."""
+class RefusedAtAccept(asyncio.Protocol):
+    """The protocol for a connection accepted beyond a server's limit (`max_links`):
+    reset as it is made, and reported to `refused(peer)`."""
 
     def __init__(self, refused: Callable[[str], None] | None) -> None:
         self._refused = refused
@@ -769,7 +770,7 @@ async def serve_links(host: str, port: int, config_factory: Callable[[], LinkCon
 
     def factory() -> asyncio.Protocol:
         if max_links is not None and accepted is not None and len(accepted) >= max_links:
-            return _OverLimit(over_limit)
+            return RefusedAtAccept(over_limit)
         conn = LinkConnection(Role.SERVER, config_factory(), handler, sockopts,
                               server_tls=ssl_context)
         if accepted is not None:

@@ -46,11 +46,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from . import wire
 from .aio import (
     LinkConnection,
+    RefusedAtAccept,
     SocketOptions,
     format_address,
     listening_port,
@@ -76,6 +77,7 @@ from .events import (
     MessageReceived,
     StreamProtocolError,
 )
+from .fdlimit import resolve_limit
 from .link import LinkConfig, Role
 from .meshstate import (
     KIND_CLOSING,
@@ -301,7 +303,8 @@ class Mesh:
                  tls: ssl.SSLContext | None = None, server_tls: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, queue_bytes: int = 4 * 1024 * 1024,
                  max_message: int = wire.DEFAULT_MAX_PAYLOAD,
-                 sockopts: SocketOptions | None = None) -> None:
+                 sockopts: SocketOptions | None = None,
+                 max_links: int | Literal["default"] | None = "default") -> None:
         if not name or len(name.encode()) > 255:
             raise ValueError(f"node name {name!r} must be 1 to 255 bytes")
         if retry_interval <= 0 or establish_timeout <= 0 or liveness <= 0:
@@ -325,6 +328,7 @@ class Mesh:
         self.queue_bytes = queue_bytes
         self.max_message = max_message
         self.sockopts = sockopts
+        self.max_links = resolve_limit(max_links, "max_links")
         # This run of the process: lets peers tell a restart from a reconnect.
         self.incarnation = secrets.randbits(64) or 1
         self._peers: dict[str, _Peer] = {}
@@ -361,7 +365,7 @@ class Mesh:
         self._closed = False
         self.counters: dict[str, int] = dict.fromkeys(
             ("links_accepted", "links_dialled", "refused", "protocol_errors",
-             "session_timeouts"), 0)
+             "session_timeouts", "links_over_limit"), 0)
         # links past HELLO whose session is not up yet: the deadline of their SESSION
         self._session_deadlines: dict[LinkConnection, asyncio.TimerHandle] = {}
 
@@ -391,11 +395,21 @@ class Mesh:
             log.info("mesh %s: listening on %s (incarnation %016x)", self.name,
                      format_address((host, self.port)), self.incarnation)
 
-    def _accepted(self) -> LinkConnection:
+    def _accepted(self) -> asyncio.Protocol:
+        if self.max_links is not None and len(self._conns) >= self.max_links:
+            return RefusedAtAccept(self._link_over_limit)
         conn = LinkConnection(Role.SERVER, self._link_config(server=True), self,
                               self.sockopts, server_tls=self.server_tls)
         self._conns.add(conn)
         return conn
+
+    def _link_over_limit(self, peer: str) -> None:
+        """A connection beyond `max_links` (links dialled and accepted) was reset as it
+        was accepted (see `tether.fdlimit`)."""
+        self.counters["links_over_limit"] += 1
+        self._log_limited("", "over_limit", logging.WARNING, "mesh %s: link from %s "
+                          "refused: %d link(s) open, at the limit (max_links %s)", self.name,
+                          peer, len(self._conns), self.max_links)
 
     @property
     def port(self) -> int:
