@@ -1308,7 +1308,7 @@ class Hub:
             self._router.opened(serial)
 
     def _refuse(self, conn: _Conn, transport: asyncio.Transport, why: str) -> None:
-        """End a connection as it is accepted (abort), for `why`. One line a second at
+        """End a connection as it is accepted (a reset), for `why`. One line a second at
         most, with the count."""
         conn.state = _GONE
         reset_socket(transport)
