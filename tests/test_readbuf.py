@@ -42,14 +42,33 @@ def test_a_large_read_is_a_read_only_view_and_pins_its_scratch() -> None:
     assert rb.pinned == 0
 
 
-def test_at_the_cap_reads_are_copied() -> None:
+def test_at_the_cap_a_read_is_lent_and_its_scratch_reused() -> None:
+    """At the cap a large read is a writable view, for the callback only: the next read
+    goes into the same scratch (nothing is allocated, nothing more is pinned)."""
     rb = ReadBuffer(size=1024, copy_below=256, max_pinned=2)
     held = [_read(rb, bytes([i]) * 600) for i in range(2)]
-    assert all(isinstance(v, memoryview) for v in held)
+    assert all(isinstance(v, memoryview) and v.readonly for v in held)
     third = _read(rb, b"z" * 600)
     assert rb.pinned == 2
-    assert type(third) is bytes
+    assert isinstance(third, memoryview) and not third.readonly and third == b"z" * 600
+    scratch = third.obj
+    third.release()  # its reader copied what it keeps and let go
+    fourth = _read(rb, b"w" * 600)
+    assert isinstance(fourth, memoryview) and fourth.obj is scratch and fourth == b"w" * 600
+    assert rb.pinned == 2
     assert [bytes(v) for v in held] == [b"\0" * 600, b"\1" * 600]
+
+
+def test_a_lent_read_kept_all_the_same_is_never_written_again() -> None:
+    """A reader that keeps a lent view (against the contract) pins its scratch like any
+    holder: the next reads go elsewhere and the view keeps its bytes."""
+    rb = ReadBuffer(size=1024, copy_below=256, max_pinned=1)
+    first = _read(rb, b"a" * 600)
+    lent = _read(rb, b"b" * 600)
+    assert isinstance(lent, memoryview) and not lent.readonly
+    for i in range(5):
+        _read(rb, bytes([i]) * 600)
+    assert bytes(first) == b"a" * 600 and bytes(lent) == b"b" * 600
 
 
 def test_a_free_scratch_beyond_the_one_in_use_is_let_go() -> None:
@@ -80,14 +99,20 @@ def test_arguments_are_checked() -> None:
 def test_a_held_view_never_changes_and_pinning_is_capped(
         steps: list[tuple[int, bool, int]]) -> None:
     """Reads of random sizes; some results are held, some of those let go later (one
-    step in four, so that held views pile up past the cap): every held result keeps its
-    bytes, and at most `max_pinned` scratches are ever pinned."""
+    step in four, so that held views pile up past the cap), a lent (writable) one
+    copied to be held, as its contract says: every held result keeps its bytes, and at
+    most `max_pinned` scratches are ever pinned."""
     rb = ReadBuffer(size=1024, copy_below=256, max_pinned=3)
     held: list[tuple[bytes | memoryview, bytes]] = []
     for i, (n, keep, let_go) in enumerate(steps):
         payload = os.urandom(n)
         data = _read(rb, payload)
         assert data == payload
+        if isinstance(data, memoryview) and not data.readonly:
+            assert rb.pinned == rb.max_pinned  # lent only at the cap
+            kept: bytes | memoryview = data.tobytes()
+            data.release()
+            data = kept
         if keep:
             held.append((data, payload))
         if let_go == 3 and held:

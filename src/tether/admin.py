@@ -36,7 +36,7 @@ _MAX_REQUEST = 8192
 GAUGES: frozenset[str] = frozenset({
     "links", "flows", "open", "queued", "queued_bytes", "paused", "workers", "pid", "rss",
     "rss_total", "unread_bytes", "failed_bytes", "down_since", "up_since", "exit",
-    "serials_above", "linked", "max_connections", "max_links"})
+    "serials_above", "linked", "max_connections", "max_links", "parked_bytes"})
 """The stats keys that say what is now (exported as gauges); every other number in a
 daemon's stats only grows while the daemon runs (a counter: `..._total`)."""
 

@@ -110,8 +110,10 @@ class SocketBridge(asyncio.Protocol):
         "_lost_exc",
         "_out",
         "_out_bytes",
+        "_parked",
         "_pending",
         "_read_paused",
+        "_reads",
         "_sending",
         "_socket_done",
         "_timed_out",
@@ -142,7 +144,9 @@ class SocketBridge(asyncio.Protocol):
         self.on_connect = on_connect
         self.peer = "?"
         self.transport: asyncio.Transport | None = None
-        self._pending: memoryview | None = None
+        self._pending: memoryview | None = None  # read, not yet taken by the flow
+        self._parked = 0  # its length, counted in the thread's `ReadBuffer.parked`
+        self._reads = readbuf.current()
         self._fin_pending = False
         self._read_paused = False
         self._sending = False  # in `_send`: a `flow_credit` now is for it to see
@@ -207,8 +211,7 @@ class SocketBridge(asyncio.Protocol):
         if self._flow_done:
             return
         if self._pending is not None:  # uvloop may deliver bytes despite pause_reading
-            pending, self._pending = self._pending, None
-            self._send(pending)
+            self._send(self._pending)
         elif self._fin_pending:
             self._fin_pending = False
             flow.fin_nowait()
@@ -250,14 +253,14 @@ class SocketBridge(asyncio.Protocol):
         self.bytes_up += len(data)
         if self._flow is None:  # held until set_flow, up to _HELD_MAX
             held = b"" if self._pending is None else bytes(self._pending)
-            self._pending = memoryview(held + data)
-            if len(self._pending) >= _HELD_MAX and self.transport is not None \
+            self._set_pending(memoryview(held + data))
+            if self._parked >= _HELD_MAX and self.transport is not None \
                     and not self._read_paused:
                 self._read_paused = True
                 self.transport.pause_reading()
             return
         if self._pending is not None:  # reading is paused; this was already in flight
-            self._pending = memoryview(bytes(self._pending) + data)
+            self._set_pending(memoryview(bytes(self._pending) + data))
             return
         self._send(memoryview(data))
 
@@ -266,7 +269,8 @@ class SocketBridge(asyncio.Protocol):
         paused, until `flow_credit`. `try_write` flushes the link, and the flush may
         hand out the very credit (or queue room) this waits for: `flow_credit` then
         only notes it, and the loop looks again (`send_credit`) before parking."""
-        self._pending = None  # this call owns the bytes until it parks them
+        if self._pending is not None:  # this call owns the bytes until it parks them
+            self._set_pending(None)
         self._sending = True
         try:
             while True:
@@ -278,16 +282,43 @@ class SocketBridge(asyncio.Protocol):
                     break
                 view = view[n:]
                 if not self.flow.send_credit():
-                    self._pending = view
-                    if not self._read_paused and self.transport is not None:
+                    # a writable view is a read lent for this call (`ReadBuffer.take`)
+                    self._set_pending(view if view.readonly else memoryview(view.tobytes()))
+                    transport = self.transport
+                    if not self._read_paused and transport is not None:
                         self._read_paused = True
-                        self.transport.pause_reading()
+                        transport.pause_reading()
+                        reads = self._reads
+                        if reads.parked > reads.park_budget:  # from now on, reads
+                            readbuf.read_large(self, transport)  # sized by `read_room`
                     return
         finally:
             self._sending = False
         if self._fin_pending:
             self._fin_pending = False
             self.flow.fin_nowait()
+
+    def _set_pending(self, view: memoryview | None) -> None:
+        """Hold `view` (None: nothing) for the flow, counted in `ReadBuffer.parked`."""
+        n = 0 if view is None else len(view)
+        self._reads.parked += n - self._parked
+        self._parked = n
+        self._pending = view
+
+    @property
+    def parked(self) -> int:
+        """Bytes read from the socket that wait for the flow's credit (or for the flow)."""
+        return self._parked
+
+    def read_room(self) -> int:
+        """How much the socket's next read may take when the thread's parked bytes are
+        over `ReadBuffer.park_budget`: the flow's credit, and at least `LARGE_READ`
+        (a smaller read costs more calls per byte, and a read under `SMALL_READ` would
+        give the reads back to the loop, which reads 256 KiB)."""
+        flow = self._flow
+        if flow is None or self._flow_done:
+            return readbuf.LARGE_READ
+        return max(flow.send_credit(), readbuf.LARGE_READ)
 
     def eof_received(self) -> bool:
         held = self._held_reads
@@ -388,6 +419,8 @@ class SocketBridge(asyncio.Protocol):
 
     def flow_ended(self, state: FlowState, error: FlowError) -> None:
         self._flow_done = True
+        if self._pending is not None:  # nothing more can be sent: dropped
+            self._set_pending(None)
         if self.first_end is None:
             self.first_end = f"CLOSE from {self.flow.peer}" if state is FlowState.CLOSED \
                 else f"flow {state.name.lower()}"
@@ -404,6 +437,8 @@ class SocketBridge(asyncio.Protocol):
         self._maybe_done()
 
     def _maybe_done(self) -> None:
+        if self._pending is not None and self._socket_done and self._flow_done:
+            self._set_pending(None)  # (a socket that left before it had a flow)
         if self._socket_done and self._flow_done and self.on_done is not None:
             done, self.on_done = self.on_done, None
             done(self)

@@ -18,10 +18,17 @@ reads never nest: the loop handles one at a time, start to end -- and then:
   connection pins nothing.
 
 A pinned scratch may be held by a few bytes only (a flow's last piece, waiting for
-credit), so their number is capped (`max_pinned`): at the cap every read is copied,
-as without this module, until views are let go. Memory is thus at most
-`(max_pinned + 1) * size` per thread (9 MiB) beyond the bytes actually queued, and no
-buffer is kept per connection.
+credit), so their number is capped (`max_pinned`). At the cap a large read is *lent*:
+a writable view of the scratch, valid while the callback runs, and whoever keeps a
+part of it copies that part -- the frame decoder copies each DATA payload (it copies
+from any writable buffer), a bridge the bytes it parks for credit. Copying the whole
+read instead, as this module once did, made one `bytes` that every frame cut from it
+kept alive: with many slow flows on a link, a flow holding a few KiB held a whole
+1 MiB read (a gateway held 1.4 MB per stalled flow, its windows 256 KiB). Should a
+lent view be kept all the same, the scratch is pinned by it like any other and never
+written again while the view lives: a holder never sees its bytes change. Memory is
+thus at most `(max_pinned + 1) * size` per thread (9 MiB) beyond the bytes actually
+queued, and no buffer is kept per connection.
 
 Small reads are better left to the loop, though: a `BufferedProtocol`'s read costs
 three Python calls (`get_buffer`, `buffer_updated`, the buffer's bookkeeping), even
@@ -32,20 +39,34 @@ reads from the loop"). So tether's connections are plain Protocols that call
 `read_large` on a large read (`LARGE_READ`): the transport then reads into this
 buffer through a `LargeReads` face until `SMALL_READS` small reads in a row give the
 reads back to the loop.
+
+Parked reads. A relay's edge reads its socket before it knows how much of the read its
+flow's credit will take; the rest waits (reading paused) until credit comes. For one
+flow that is at most one read, and reading large is what makes a bulk flow cheap. But
+a read is up to 1 MiB where a window is 256 KiB, so with many slow consumers each
+stalled flow held about 1 MB at the edge (400 of them, 412 MB). The readers count what
+they hold in `ReadBuffer.parked`; while the thread's total is over `park_budget`
+(16 MiB), a reader that parks hands its reads to `LargeReads`, which sizes each read
+by the reader's `read_room` (its flow's credit, at least `LARGE_READ`). A few bulk
+flows never reach the budget and read as before; past it, each stalled flow holds at
+most about `LARGE_READ` more.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from .perthread import PerThread
 
-__all__ = ["LARGE_READ", "SMALL_READ", "SMALL_READS", "LargeReads", "ReadBuffer", "current",
-           "read_large"]
+__all__ = ["LARGE_READ", "PARK_BUDGET", "SMALL_READ", "SMALL_READS", "LargeReads", "ReadBuffer",
+           "current", "read_large"]
 
 LARGE_READ = 64 * 1024
 """A read of this many bytes or more hands a connection's reads to `LargeReads`."""
+PARK_BUDGET = 16 << 20
+"""Bytes a thread's readers may hold for credit before their reads are sized by it."""
 SMALL_READ = 4096
 SMALL_READS = 4
 """This many reads in a row under `SMALL_READ` give them back to the loop."""
@@ -65,10 +86,11 @@ class ReadBuffer:
     """A thread's scratch for reads (see the module docstring). Use `get` in
     `get_buffer` and `take` in `buffer_updated`."""
 
-    __slots__ = ("_free", "_pinned", "_scratch", "copy_below", "max_pinned", "size")
+    __slots__ = ("_free", "_pinned", "_scratch", "copy_below", "max_pinned", "park_budget",
+                 "parked", "size")
 
     def __init__(self, size: int = 1 << 20, copy_below: int = 256 * 1024,
-                 max_pinned: int = 8) -> None:
+                 max_pinned: int = 8, park_budget: int = PARK_BUDGET) -> None:
         if not 0 < copy_below <= size:
             raise ValueError(f"copy_below {copy_below} must lie in [1, size {size}]")
         if max_pinned < 0:
@@ -76,6 +98,8 @@ class ReadBuffer:
         self.size = size
         self.copy_below = copy_below
         self.max_pinned = max_pinned
+        self.park_budget = park_budget
+        self.parked = 0  # bytes read that their readers hold for credit (`LargeReads`)
         self._scratch: bytearray | None = None
         self._pinned: list[bytearray] = []  # scratches views may still hold
         # scratches whose views are all gone, for the next time the scratch is pinned: a
@@ -128,16 +152,20 @@ class ReadBuffer:
         del self._free[max(0, self.max_pinned - len(still)):]
 
     def take(self, nbytes: int) -> bytes | memoryview:
-        """The `nbytes` just read into the buffer `get` gave: a read-only view of it (a
-        large read, while fewer than `max_pinned` scratches are pinned) or a copy."""
+        """The `nbytes` just read into the buffer `get` gave: a copy (a small read), a
+        read-only view to keep (a large read, while fewer than `max_pinned` scratches
+        are pinned), or else a writable view lent for the callback: copy what is kept
+        of it."""
         scratch = self._scratch
         if scratch is None:
             raise RuntimeError("take() without get()")
         view = memoryview(scratch)[:nbytes]
-        if nbytes < self.copy_below or len(self._pinned) >= self.max_pinned:
+        if nbytes < self.copy_below:
             data = view.tobytes()
             view.release()
             return data
+        if len(self._pinned) >= self.max_pinned:
+            return view
         return view.toreadonly()
 
 
@@ -154,15 +182,24 @@ class LargeReads(asyncio.BufferedProtocol):
     transport reads into the thread's `ReadBuffer`; each read goes to the connection's
     `data_received`, and every other callback to the connection too."""
 
-    __slots__ = ("buffer", "owner", "small")
+    __slots__ = ("buffer", "owner", "room", "small")
 
     def __init__(self, owner: Any, buffer: ReadBuffer) -> None:
         self.owner = owner  # an asyncio.Protocol with a `transport`
         self.buffer = buffer
         self.small = 0  # small reads in a row
+        # a reader that holds what its flow cannot take yet (a bridge) says how much it
+        # can take (see "Parked reads" above)
+        self.room: Callable[[], int] | None = getattr(owner, "read_room", None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.buffer.get()
+        buffer = self.buffer
+        view = buffer.get()
+        if buffer.parked > buffer.park_budget and self.room is not None:
+            room = self.room()
+            if room < len(view):
+                return view[:room]
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
         if nbytes < SMALL_READ:

@@ -322,8 +322,9 @@ class _Edge:
     def stats(self, flows: int | None = None) -> dict[str, Any]:
         """Counters, the node's view, and the open connections with age and bytes (all,
         or the `flows` oldest). `open` counts the connections held, a flow allocated
-        for them or not yet; `bytes_up` and `bytes_down` count the open connections'
-        bytes too."""
+        for them or not yet; `parked_bytes`, the bytes read from their sockets that
+        wait for their flows' credit; `bytes_up` and `bytes_down` count the open
+        connections' bytes too."""
         loop_now = asyncio.get_running_loop().time()
         limit = {} if self.max_connections is None else \
             {"max_connections": self.max_connections}
@@ -339,8 +340,10 @@ class _Edge:
                            "state": bridge.flow.state.name,
                            "age": round(loop_now - bridge.opened_at, 3),
                            "bytes_up": up, "bytes_down": down})
+        parked = sum(bridge.parked for bridge in (*self.bridges, *self.arriving))
         return {"name": self.name, "gateway": self.gateway, "linked": self.node.linked,
-                "open": len(self.bridges) + len(self.arriving), **limit, **counters,
+                "open": len(self.bridges) + len(self.arriving), "parked_bytes": parked,
+                **limit, **counters,
                 "node": self.node.stats(), "flows": listed}
 
 
