@@ -40,6 +40,10 @@ Measurements, one JSON object per line on stdout:
   interleaving the paths, in a new random order each round. Also the CPU the path's
   relay processes used per connection (connect, one round trip, both closes; 10 ms
   clock ticks, so a few % either way).
+* ``stalled`` (only with ``--only stalled``): ``--stalled`` clients per path that
+  never read, each downloading from a server that sends as fast as it may: how much
+  each relay process's RSS grew per flow, after a few seconds (what a relay holds for
+  slow consumers; the minimal chain holds a read and its transport's buffer per hop).
 * ``target``: tether/chain3 and tether2/chain4 against the issue's targets (bulk >=
   0.7x, close p50 and p99 within 1.5x).
 
@@ -65,6 +69,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -167,6 +172,39 @@ class _Closer(asyncio.Protocol):
         elif self.buffer.endswith(b"r"):
             self.transport.write(self.buffer)  # type: ignore[attr-defined]
             self.buffer = b""
+
+
+class _Firehose(asyncio.Protocol):
+    """Sends STALLED_MB MB as fast as its peer takes them, then closes: a download whose
+    client (the `stalled` group's) never reads."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.left = STALLED_MB * 1_000_000
+        self.paused = False
+        self.pump()
+
+    def pump(self) -> None:
+        while self.left > 0 and not self.paused and not self.transport.is_closing():
+            chunk = _FIREHOSE_CHUNK[:min(self.left, len(_FIREHOSE_CHUNK))]
+            self.left -= len(chunk)
+            self.transport.write(chunk)
+        if self.left <= 0 and not self.transport.is_closing():
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.left = 0
+
+
+STALLED_MB = 64
+_FIREHOSE_CHUNK = bytes(256 * 1024)
 
 
 class _Source(asyncio.Protocol):
@@ -293,8 +331,12 @@ def redis_rps(port: int, n: int) -> dict[str, float]:
 # the paths
 
 
+KINDS = ("bulk", "close", "redis", "stalled")
+"""The servers a path may lead to (socat and haproxy: bulk and close only)."""
+
+
 class Path:
-    """A way from the client to the three servers (bulk sink, closer, redis)."""
+    """A way from the client to the servers (bulk sink, closer, redis, firehose)."""
 
     def __init__(self, name: str, ports: Mapping[str, int], procs: list[Proc],
                  hops: int, note: str = "") -> None:
@@ -379,7 +421,7 @@ def start_haproxy(tcp: dict[str, int], started: list[Proc], tmp: str) -> Path:
 
 def start_chain(name: str, hops: int, tcp: dict[str, int], started: list[Proc],
                 pad_us: float = 0.0) -> Path:
-    kinds = [k for k in ("bulk", "close", "redis") if k in tcp]
+    kinds = [k for k in KINDS if k in tcp]
     upstream = [tcp[k] for k in kinds]
     procs = []
     for i in range(hops):
@@ -407,7 +449,7 @@ def start_tether(args: argparse.Namespace, name: str, gateways: int, tcp: dict[s
     profile = os.path.join(args.profile, name) if args.profile else None
     if profile:
         os.makedirs(profile, exist_ok=True)
-    kinds: list[str] = [k for k in ("bulk", "close", "redis") if k in tcp]
+    kinds: list[str] = [k for k in KINDS if k in tcp]
     gws: list[Proc] = []
     addresses: list[str] = []
     admin = 0
@@ -599,6 +641,42 @@ def measure_redis(args: argparse.Namespace, paths: list[Path]) -> dict[str, floa
     return out
 
 
+async def measure_stalled(args: argparse.Namespace, paths: list[Path]) -> None:
+    """Each path in turn: `--stalled` clients connect and never read (4 KiB receive
+    buffers) while the firehose sends each of them STALLED_MB MB; after `HOLD` s, the
+    growth of each relay process's RSS, per flow. Then the clients reset and the next
+    path goes. Run this group alone (`--only stalled`): after bulk transfers, a
+    process's heap has room that hides the growth."""
+    loop = asyncio.get_running_loop()
+    hold = 1.0 if args.quick else 4.0
+    for p in paths:
+        if "stalled" not in p.ports or not p.procs:
+            continue
+        before = {pr.name: pr.rss() for pr in p.procs}
+        clients: list[socket.socket] = []
+        try:
+            for _ in range(args.stalled):
+                client = socket.socket()
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                client.setblocking(False)
+                clients.append(client)
+                await loop.sock_connect(client, (HOST, p.ports["stalled"]))
+            await asyncio.sleep(hold)
+            grown = {pr.name.removeprefix(f"{p.name} "): pr.rss() - before[pr.name]
+                     for pr in p.procs}
+        finally:
+            for client in clients:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+        emit("stalled", p.name, max(grown.values()) / args.stalled / 1024,
+             "KiB RSS per flow (the process that grew most)", flows=args.stalled,
+             hold_s=hold, hops=p.hops,
+             kib_per_flow_by_process={k: round(v / args.stalled / 1024) for k, v in
+                                      grown.items()},
+             mb_by_process={k: round(v / 1e6, 1) for k, v in grown.items()})
+        await asyncio.sleep(1.0)  # (the resets go through before the next path)
+
+
 def report_targets(bulk: dict[str, float], close: dict[str, tuple[float, float]]) -> None:
     """The issue's targets: bulk >= 0.7x and close within 1.5x the same-hop chain."""
     for name in ("tether", "tether2"):
@@ -630,9 +708,11 @@ async def bench_main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     sink = await loop.create_server(_Sink, HOST, 0, backlog=1024)
     closer = await loop.create_server(_Closer, HOST, 0, backlog=1024)
+    firehose = await loop.create_server(_Firehose, HOST, 0, backlog=1024)
     servers: dict[str, int | None] = {
         "bulk": sink.sockets[0].getsockname()[1],
-        "close": closer.sockets[0].getsockname()[1], "redis": None}
+        "close": closer.sockets[0].getsockname()[1], "redis": None,
+        "stalled": firehose.sockets[0].getsockname()[1]}
     with tempfile.TemporaryDirectory() as tmp, processes() as started:
         groups = args.only.split(",")
         if "redis" in groups:
@@ -665,9 +745,14 @@ async def bench_main(args: argparse.Namespace) -> None:
             t_phase = time.perf_counter()
             await asyncio.to_thread(measure_redis, args, paths)
             emit("meta", "redis phase", time.perf_counter() - t_phase, "s")
+        if "stalled" in groups:
+            t_phase = time.perf_counter()
+            await measure_stalled(args, paths)
+            emit("meta", "stalled phase", time.perf_counter() - t_phase, "s")
         report_targets(bulk, close)
     sink.close()
     closer.close()
+    firehose.close()
     if args.profile:
         print_profiles(args.profile)
 
@@ -676,7 +761,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a < 20 s smoke run")
     parser.add_argument("--only", default="bulk,close,redis",
-                        help="comma-separated groups: bulk,close,redis")
+                        help="comma-separated groups: bulk,close,redis,stalled (stalled: "
+                             "not by default, and best alone)")
     parser.add_argument("--paths",
                         help="comma-separated paths (default: all; --quick leaves out the "
                              "4-hop ones, chain4 and tether2)")
@@ -684,6 +770,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, help="bulk runs per path (3; quick 1)")
     parser.add_argument("--closes", type=int, help="close samples per path (300; quick 40)")
     parser.add_argument("--redis-n", type=int, help="redis-benchmark -n (10000; quick 1000)")
+    parser.add_argument("--stalled", type=int,
+                        help="clients that never read, per path, in group stalled (200; "
+                             "quick 50)")
     parser.add_argument("--log-level", default="INFO",
                         help="the tether daemons' --log-level (default INFO, as deployed)")
     parser.add_argument("--window", type=int, metavar="BYTES",
@@ -716,6 +805,7 @@ def main() -> int:
     args.runs = args.runs or (1 if q else 3)
     args.closes = args.closes or (40 if q else 300)
     args.redis_n = args.redis_n or (1000 if q else 10000)
+    args.stalled = args.stalled or (50 if q else 200)
     t0 = time.perf_counter()
     from tether.aio import run
 
