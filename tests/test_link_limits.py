@@ -1,21 +1,25 @@
 """`max_links`: a listening Node or a Gateway holds at most so many links (those in
-their handshake included); one more is reset as it is accepted, logged and counted.
-Real sockets, real nodes dialling in."""
+their handshake included); one more is refused as it is accepted -- told why in a
+GOAWAY (REFUSED) once its HELLO is read, or reset if it says nothing in time or too
+many wait already -- logged and counted. Real sockets, real nodes dialling in."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import pytest
 
 import tether
-from tether.errors import HandshakeError
+import tether.aio
+from tether import wire
+from tether.errors import ErrorCode, HandshakeError
 
 BOUND = 5.0  # a wait that ends at once when the code works
 
 
-async def test_a_listening_node_resets_links_over_max_links(
+async def test_a_listening_node_refuses_links_over_max_links(
         caplog: pytest.LogCaptureFixture) -> None:
     server = tether.Node("srv", listen="127.0.0.1:0", max_links=1)
     await server.start()
@@ -25,8 +29,10 @@ async def test_a_listening_node_resets_links_over_max_links(
         async with asyncio.timeout(BOUND):
             await first.start()
             with caplog.at_level(logging.WARNING, logger="tether.node"), \
-                    pytest.raises(HandshakeError, match="reset by peer"):
+                    pytest.raises(HandshakeError, match=r"^peer refused the handshake: node "
+                                  r"srv is at its limit of 1 link\(s\)$") as refused:
                 await second.start()
+        assert refused.value.code == ErrorCode.REFUSED
         assert server.stats()["links_over_limit"] == 1
         assert "node srv: link from 127.0.0.1:" in caplog.text
         assert "1 link(s) open or in their handshake, at the limit (max_links 1)" \
@@ -42,7 +48,7 @@ async def test_a_listening_node_resets_links_over_max_links(
             await node.aclose()
 
 
-async def test_a_gateway_resets_links_over_max_links() -> None:
+async def test_a_gateway_refuses_links_over_max_links() -> None:
     gw = tether.Gateway("127.0.0.1:0", name="gw", max_links=2)
     await gw.start()
     address = f"127.0.0.1:{gw.port}"
@@ -51,8 +57,10 @@ async def test_a_gateway_resets_links_over_max_links() -> None:
         async with asyncio.timeout(BOUND):
             await nodes[0].start()
             await nodes[1].start()
-            with pytest.raises(HandshakeError):
+            with pytest.raises(HandshakeError, match=r"gateway gw is at its limit of 2 "
+                               r"link\(s\) \(--max-links\)") as refused:
                 await nodes[2].start()
+        assert refused.value.code == ErrorCode.REFUSED
         stats = gw.stats()
         assert (stats["links"], stats["max_links"], stats["links_over_limit"],
                 stats["links_refused"]) == (2, 2, 1, 1), stats
@@ -60,6 +68,68 @@ async def test_a_gateway_resets_links_over_max_links() -> None:
         for node in nodes:
             await node.aclose()
         await gw.aclose()
+
+
+async def _answer(sock: socket.socket, timeout: float = BOUND) -> bytes | str:
+    """All `sock` reads until its end: the bytes, or "reset"."""
+    loop = asyncio.get_running_loop()
+    got = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await loop.sock_recv(sock, 4096):
+                got += chunk
+    except ConnectionResetError:
+        return "reset"
+    return got
+
+
+async def _connect(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+async def test_a_refused_dialler_is_told_after_its_hello_and_a_silent_one_reset(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the limit, raw connections: one that sends bytes (a HELLO, or anything) reads
+    one GOAWAY with code REFUSED and the reason, then EOF (not a reset, which would
+    drop the GOAWAY unread); one that sends nothing is reset after REFUSAL_WAIT; with
+    REFUSALS_TOLD (here 2) waiting already, the next is reset at once."""
+    monkeypatch.setattr(tether.aio, "REFUSAL_WAIT", 0.3)
+    monkeypatch.setattr(tether.aio, "REFUSALS_TOLD", 2)
+    server = tether.Node("srv", listen="127.0.0.1:0", max_links=1)
+    await server.start()
+    first = tether.Node("a", gateway=f"127.0.0.1:{server.port}")
+    socks: list[socket.socket] = []
+    try:
+        await first.start()
+        loop = asyncio.get_running_loop()
+        talker = await _connect(server.port)
+        socks.append(talker)
+        await loop.sock_sendall(talker, b"hello, anyone?")
+        answer = await _answer(talker)
+        assert isinstance(answer, bytes)
+        frames = wire.FrameDecoder().feed(answer)
+        assert frames == [wire.GoAway(last_stream=0, code=ErrorCode.REFUSED,
+                                      reason="node srv is at its limit of 1 link(s)")]
+        silent = [await _connect(server.port) for _ in range(2)]
+        socks += silent
+        await asyncio.sleep(0.05)  # (both accepted: they wait)
+        started = loop.time()
+        extra = await _connect(server.port)
+        socks.append(extra)
+        assert await _answer(extra) == "reset"
+        assert loop.time() - started < 0.25  # at once, not after REFUSAL_WAIT
+        assert [await _answer(s) for s in silent] == ["reset", "reset"]
+        assert loop.time() - started >= 0.2
+        assert server.stats()["links_over_limit"] == 4
+        assert server.stats()["links"] == 1
+    finally:
+        for s in socks:
+            s.close()
+        await first.aclose()
+        await server.aclose()
 
 
 def test_max_links_is_checked() -> None:

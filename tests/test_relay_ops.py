@@ -29,7 +29,9 @@ from relayrig import (
     tcp_state,
     wait_until,
 )
+from tether import wire
 from tether.admin import AdminServer
+from tether.errors import ErrorCode
 
 LONG_NAME = "s" * 256
 
@@ -668,16 +670,24 @@ def test_an_agent_takes_the_hard_open_file_limit(rig: Rig) -> None:
     assert files[3:5] == ["1000", "1000"], files
 
 
-def test_links_over_max_links_are_reset_logged_and_counted(rig: Rig) -> None:
+def test_links_over_max_links_are_refused_told_logged_and_counted(rig: Rig) -> None:
     """`tether gateway --max-links 2`: two connections in their handshake hold the two
-    places; a third is reset as it is accepted (not closed with a FIN, not dropped
-    without a word), logged and counted; once one of the two has gone, an agent links
-    up."""
+    places; a third is refused as it is accepted -- told why (a GOAWAY with code
+    REFUSED and the reason, then EOF; not dropped without a word), logged and counted.
+    An agent started meanwhile with `--start-wait` says why it waits and dials again;
+    once one of the two has gone, it links up."""
     gw = rig.gateway("--max-links", "2")
     assert gw.status()["max_links"] == 2
     held = [socket.create_connection((HOST, gw.port), timeout=10) for _ in range(2)]
     try:
-        assert _connect_round_trip(gw.port, b"not a HELLO") == "reset"
+        with socket.create_connection((HOST, gw.port), timeout=10) as third:
+            third.sendall(b"not a HELLO")
+            answer = b""
+            while chunk := third.recv(4096):
+                answer += chunk
+        assert wire.FrameDecoder().feed(answer) == [wire.GoAway(
+            last_stream=0, code=ErrorCode.REFUSED,
+            reason="gateway gw1 is at its limit of 2 link(s) (--max-links)")]
         gw.wait_log(r"gateway gw1: link from 127\.0\.0\.1:\d+ refused: 2 link\(s\) open or "
                     r"in their handshake, at the limit \(--max-links 2\)$")
         status = gw.status()
@@ -685,13 +695,32 @@ def test_links_over_max_links_are_reset_logged_and_counted(rig: Rig) -> None:
         metrics = gw.metrics()
         assert "# TYPE tether_max_links gauge" in metrics
         assert "# TYPE tether_links_over_limit_total counter" in metrics
+        # (no connector: only the agent's link is asked for)
+        ag = rig.agent(gw, ["echo"], "--start-wait", "30", expect_ready=False)
+        ag.wait_log(rf"agent: the gateway at {re.escape(gw.address)} refused the link "
+                    r"\(peer refused the handshake: gateway gw1 is at its limit of 2 "
+                    r"link\(s\) \(--max-links\)\): trying again for up to 30s$")
         held.pop().close()
-        ag = rig.agent(gw, ["echo"])  # (no connector: only its link is asked for)
+        ag.wait_log(r"agent: link to the gateway \S+ up after \d+ attempts")
         wait_until(lambda: gw.status()["links"] != 1, 10, "the agent's link not up")
         assert ag.proc.running
     finally:
         for sock in held:
             sock.close()
+
+
+def test_an_agent_without_start_wait_exits_naming_the_gateways_link_limit(rig: Rig) -> None:
+    """The default (`--start-wait 0`): a gateway at its `--max-links` ends the agent at
+    once (exit 1), with the gateway's reason, not a bare "connection reset"."""
+    gw = rig.gateway("--max-links", "1")
+    held = socket.create_connection((HOST, gw.port), timeout=10)
+    try:
+        ag = rig.agent(gw, ["echo"], expect_ready=False)
+        ag.proc.expect(r"^tether agent: peer refused the handshake: gateway gw1 is at its "
+                       r"limit of 1 link\(s\) \(--max-links\)$", stream="stderr")
+        assert ag.proc.wait(10) == 1
+    finally:
+        held.close()
 
 
 def _has_ipv6_loopback() -> bool:

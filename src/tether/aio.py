@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from . import coalesce, heldreads, readbuf
+from . import coalesce, heldreads, readbuf, wire
 from .errors import ErrorCode, HandshakeError, PeerUnreachable, caused_by
 from .events import Event, HandshakeCompleted, LinkTerminated
 from .inflight import InflightBound
@@ -84,7 +84,7 @@ _LARGE_READ = readbuf.LARGE_READ
 _INFLIGHT_RECHECK = 0.02  # a link holding data back for its bytes in flight looks again
 _HANDSHAKE_CODES = frozenset({ErrorCode.PROTOCOL_ERROR, ErrorCode.HANDSHAKE_FAILED,
                               ErrorCode.BAD_TOKEN, ErrorCode.VERSION_MISMATCH,
-                              ErrorCode.FRAME_TOO_LARGE})
+                              ErrorCode.FRAME_TOO_LARGE, ErrorCode.REFUSED})
 T = TypeVar("T")
 
 
@@ -734,18 +734,71 @@ async def open_link(host: str, port: int, config: LinkConfig, handler: LinkHandl
     return conn
 
 
-class RefusedAtAccept(asyncio.Protocol):
-    """The protocol for a connection accepted beyond a server's limit (`max_links`):
-    reset as it is made, and reported to `refused(peer)`."""
+REFUSALS_TOLD = 32
+"""Refused connections a server waits on at once to tell them why (`RefusedAtAccept`)."""
+REFUSAL_WAIT = 1.0
+"""How long a refused connection is waited on for its dialler's HELLO."""
 
-    def __init__(self, refused: Callable[[str], None] | None) -> None:
+
+class RefusedAtAccept(asyncio.Protocol):
+    """The protocol for a connection accepted beyond a server's limit (`max_links`),
+    reported to `refused(peer)`.
+
+    With a `reason` (a plaintext server), the dialler is told: its HELLO is read, then a
+    GOAWAY with code REFUSED and the reason is written and the connection closed, so
+    that the dialler fails with "peer refused the handshake: <reason>" -- and an edge
+    with `--start-wait` dials again -- instead of a bare reset. The HELLO is read first
+    because closing a socket with unread bytes sends a reset, which would make the
+    dialler's kernel drop the GOAWAY unread. At most `REFUSALS_TOLD` wait at once in
+    `waiting` (each for `REFUSAL_WAIT` at most, a descriptor each); beyond that, and
+    without a reason (TLS: a plaintext frame would mean nothing to the dialler), the
+    connection is reset as it is accepted."""
+
+    __slots__ = ("_reason", "_refused", "_timer", "_transport", "_waiting")
+
+    def __init__(self, refused: Callable[[str], None] | None, reason: str | None = None,
+                 waiting: set[RefusedAtAccept] | None = None) -> None:
         self._refused = refused
+        self._reason = reason
+        self._waiting = waiting
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = format_address(transport.get_extra_info("peername"))
-        reset_socket(transport)
+        waiting = self._waiting
+        if self._reason is None or waiting is None or len(waiting) >= REFUSALS_TOLD:
+            reset_socket(transport)
+        else:
+            waiting.add(self)
+            self._transport = transport  # type: ignore[assignment]
+            self._timer = asyncio.get_running_loop().call_later(REFUSAL_WAIT, self._end)
         if self._refused is not None:
             self._refused(peer)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self._reason is None:
+            return
+        self._transport = None  # (told once; what else arrives is dropped with the socket)
+        transport.write(wire.encode(wire.GoAway(last_stream=0, code=ErrorCode.REFUSED,
+                                                reason=self._reason)))
+        transport.close()  # after the GOAWAY: a FIN, nothing being unread
+
+    def _end(self) -> None:
+        """No HELLO in time: reset."""
+        self._timer = None
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            reset_socket(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None
+        if self._waiting is not None:
+            self._waiting.discard(self)
 
 
 async def serve_links(host: str, port: int, config_factory: Callable[[], LinkConfig],
@@ -754,7 +807,8 @@ async def serve_links(host: str, port: int, config_factory: Callable[[], LinkCon
                       reuse_port: bool = False,
                       accepted: set[LinkConnection] | None = None,
                       max_links: int | None = None,
-                      over_limit: Callable[[str], None] | None = None) -> asyncio.Server:
+                      over_limit: Callable[[str], None] | None = None,
+                      refusal: str | None = None) -> asyncio.Server:
     """Listen for links; each accepted socket becomes a server-side `LinkConnection`.
     With `ssl_context`, each connection is upgraded to TLS, which must complete within
     the link config's `handshake_timeout`; a failure ends the link with
@@ -763,14 +817,17 @@ async def serve_links(host: str, port: int, config_factory: Callable[[], LinkCon
     handler knows them only from `HandshakeCompleted` on): a server that closes ends
     them too, not their handshake timeout (and from Python 3.12 on,
     `Server.wait_closed()` waits for them). With `accepted`, `max_links` bounds them:
-    one more is reset as it is accepted and reported to `over_limit(peer)` (see
+    one more is refused as it is accepted and reported to `over_limit(peer)` (see
     `tether.fdlimit`: the bound keeps the process below its open-file limit, where
-    libuv would drop the connections waiting to be accepted without a word)."""
+    libuv would drop the connections waiting to be accepted without a word): told
+    `refusal` in a GOAWAY if given (and no TLS), else reset (`RefusedAtAccept`)."""
     loop = asyncio.get_running_loop()
+    told = None if ssl_context is not None else refusal
+    waiting: set[RefusedAtAccept] = set()
 
     def factory() -> asyncio.Protocol:
         if max_links is not None and accepted is not None and len(accepted) >= max_links:
-            return RefusedAtAccept(over_limit)
+            return RefusedAtAccept(over_limit, told, waiting)
         conn = LinkConnection(Role.SERVER, config_factory(), handler, sockopts,
                               server_tls=ssl_context)
         if accepted is not None:

@@ -178,13 +178,15 @@ class Gateway:
         self._server = await serve_links(host, port, self._config, self, ssl_context=self.tls,
                                          sockopts=self.sockopts, accepted=self._accepted,
                                          max_links=self.max_links,
-                                         over_limit=self._link_over_limit)
+                                         over_limit=self._link_over_limit,
+                                         refusal=f"gateway {self.name} is at its limit of "
+                                                 f"{self.max_links} link(s) (--max-links)")
         log.info("gateway %s listening on %s", self.name, format_address((host, self.port)))
         for peer, address in self.peers.items():
             spawn_owned(self._tasks, self._keep_peer(peer, address))
 
     def _link_over_limit(self, peer: str) -> None:
-        """A connection beyond `max_links` was reset as it was accepted."""
+        """A connection beyond `max_links` was refused as it was accepted."""
         self.counters["links_refused"] += 1
         self.counters["links_over_limit"] += 1
         self._over_log.refused("gateway %s: link from %s refused: %d link(s) open or in "

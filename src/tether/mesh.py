@@ -352,6 +352,7 @@ class Mesh:
         self._failed_bytes: dict[str, int] = {}
         # (peer, kind of line) -> (loop time of the last line, lines held back since).
         self._quiet: dict[tuple[str, str], tuple[float, int]] = {}
+        self._refusing: set[RefusedAtAccept] = set()  # told why they are refused
         # The peer of the message the application took last, until it asks for the next
         # one (there is never more than one such message: every take commits the last).
         self._taken_from: _Peer | None = None
@@ -397,15 +398,17 @@ class Mesh:
 
     def _accepted(self) -> asyncio.Protocol:
         if self.max_links is not None and len(self._conns) >= self.max_links:
-            return RefusedAtAccept(self._link_over_limit)
+            return RefusedAtAccept(
+                self._link_over_limit, None if self.server_tls is not None else
+                f"mesh {self.name} is at its limit of {self.max_links} link(s)", self._refusing)
         conn = LinkConnection(Role.SERVER, self._link_config(server=True), self,
                               self.sockopts, server_tls=self.server_tls)
         self._conns.add(conn)
         return conn
 
     def _link_over_limit(self, peer: str) -> None:
-        """A connection beyond `max_links` (links dialled and accepted) was reset as it
-        was accepted (see `tether.fdlimit`)."""
+        """A connection beyond `max_links` (links dialled and accepted) was refused as it
+        was accepted (see `tether.fdlimit`, `RefusedAtAccept`)."""
         self.counters["links_over_limit"] += 1
         self._log_limited("", "over_limit", logging.WARNING, "mesh %s: link from %s "
                           "refused: %d link(s) open, at the limit (max_links %s)", self.name,

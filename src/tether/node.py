@@ -92,7 +92,8 @@ class Node:
     the gateway; a listening node requires it from nodes that connect to it.
     `max_links` bounds the links a listening node holds, those in their handshake
     included (default: from the open-file limit, `tether.fdlimit`; None for none): one
-    more is reset as it is accepted, logged and counted (`links_over_limit`).
+    more is refused as it is accepted (told why in a GOAWAY, or reset over TLS), logged
+    and counted (`links_over_limit`).
     """
 
     def __init__(self, name: str, gateway: str | None = None, *, listen: str | None = None,
@@ -166,7 +167,8 @@ class Node:
                 host, port, lambda: self._link_config(server=True), self,
                 ssl_context=self.server_tls, sockopts=self.sockopts,
                 accepted=self._accepted, max_links=self.max_links,
-                over_limit=self._link_over_limit)
+                over_limit=self._link_over_limit,
+                refusal=f"node {self.name} is at its limit of {self.max_links} link(s)")
             if self._closing:  # aclose() meanwhile: nothing will close it later
                 server.close()
                 self._check_open()
@@ -265,7 +267,7 @@ class Node:
         self._wake_all_accepters()
 
     def _link_over_limit(self, peer: str) -> None:
-        """A connection beyond `max_links` was reset as it was accepted."""
+        """A connection beyond `max_links` was refused as it was accepted."""
         self.counters["links_over_limit"] += 1
         self._over_log.refused("node %s: link from %s refused: %d link(s) open or in their "
                                "handshake, at the limit (max_links %s)", self.name, peer,

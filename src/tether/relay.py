@@ -41,7 +41,14 @@ from .aio import (
 )
 from .backoff import retry_delay
 from .bridge import SocketBridge
-from .errors import ErrorCode, FlowClosed, FlowDown, PeerUnreachable, TetherError
+from .errors import (
+    ErrorCode,
+    FlowClosed,
+    FlowDown,
+    HandshakeError,
+    PeerUnreachable,
+    TetherError,
+)
 from .fdlimit import resolve_limit
 from .flowstate import FlowState
 from .ids import check_service_name
@@ -158,10 +165,11 @@ class _Edge:
     async def _first_link(self) -> None:
         """The link at start. A gateway that is not there (refused, unreachable, no
         answer: `PeerUnreachable`) is dialled again, as `_keep_link` does, for up to
-        `start_wait` seconds, so that daemons started all at once need no order; then,
-        or at once with no `start_wait`, the edge fails with the reason. A refusal by
-        the gateway (token, TLS: `HandshakeError`) is a configuration to fix: it fails
-        at once."""
+        `start_wait` seconds, so that daemons started all at once need no order; so is
+        a gateway at its `--max-links` (REFUSED: links may end); then, or at once with
+        no `start_wait`, the edge fails with the reason. Any other refusal by the
+        gateway (token, TLS: `HandshakeError`) is a configuration to fix: it fails at
+        once."""
         loop = asyncio.get_running_loop()
         since = loop.time()
         attempts = 0
@@ -169,20 +177,27 @@ class _Edge:
             try:
                 await self.node.start()
                 break
-            except PeerUnreachable as exc:
-                cause = exc.__cause__
-                why = (cause.strerror if isinstance(cause, OSError) and cause.strerror
-                       else str(cause or exc) or "timed out")
+            except (PeerUnreachable, HandshakeError) as exc:
+                if isinstance(exc, HandshakeError):
+                    if exc.code != ErrorCode.REFUSED:
+                        raise
+                    what, why = f"the gateway at {self.gateway} refused the link", str(exc)
+                else:
+                    cause = exc.__cause__
+                    what = f"no gateway at {self.gateway}"
+                    why = (cause.strerror if isinstance(cause, OSError) and cause.strerror
+                           else str(cause or exc) or "timed out")
                 left = since + self.start_wait - loop.time()
                 if left <= 0:
                     if attempts:
-                        raise PeerUnreachable(
-                            f"no gateway at {self.gateway} after {attempts + 1} attempts "
-                            f"({loop.time() - since:.1f}s): {why}") from exc
+                        raise type(exc)(
+                            f"{what} after {attempts + 1} attempts "
+                            f"({loop.time() - since:.1f}s): {why}", exc.code) from exc
                     raise
                 if not attempts:
-                    log.warning("%s: no gateway at %s yet (%s): trying again for up to "
-                                "%gs", self.name, self.gateway, why, self.start_wait)
+                    log.warning("%s: %s (%s): trying again for up to %gs", self.name,
+                                what + ("" if isinstance(exc, HandshakeError) else " yet"),
+                                why, self.start_wait)
                 await asyncio.sleep(min(left, retry_delay(attempts, self.retry_interval)))
                 attempts += 1
         if attempts:
