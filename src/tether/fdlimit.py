@@ -6,7 +6,7 @@ the backlog, so that its loop does not spin on a listening socket that stays rea
 Those clients read a plain EOF, an empty answer that looks clean, and nothing is
 logged or counted. So each server that accepts many connections (an agent, a hub)
 keeps a limit of its own below the kernel's (`default_max_connections`) and resets,
-logs and counts what is over it (`tether.refusals.RefusalLog` for the lines).
+logs and counts what is over it (`tether.floodlog.FloodLog` for the lines).
 """
 
 from __future__ import annotations

@@ -46,10 +46,10 @@ from .events import (
     WindowUpdated,
 )
 from .fdlimit import resolve_limit
+from .floodlog import FloodLog
 from .ids import FlowId, check_node_name
 from .link import DEFAULT_MAX_WINDOW, LinkConfig, Role
 from .listing import oldest
-from .refusals import RefusalLog
 from .splice import Splice, SpliceEnd
 
 __all__ = ["Gateway"]
@@ -109,7 +109,7 @@ class Gateway:
                  max_links: int | Literal["default"] | None = "default") -> None:
         max_links = resolve_limit(max_links, "max_links")
         self.max_links = max_links
-        self._over_log = RefusalLog(log, f"gateway {name}: %d more link(s) refused in the "
+        self._over_log = FloodLog(log, f"gateway {name}: %d more link(s) refused in the "
                                       f"last second, at the limit (--max-links {max_links})")
         self.listen = listen
         self.name = check_node_name(name)
@@ -189,7 +189,7 @@ class Gateway:
         """A connection beyond `max_links` was refused as it was accepted."""
         self.counters["links_refused"] += 1
         self.counters["links_over_limit"] += 1
-        self._over_log.refused("gateway %s: link from %s refused: %d link(s) open or in "
+        self._over_log.event("gateway %s: link from %s refused: %d link(s) open or in "
                                "their handshake, at the limit (--max-links %s)", self.name,
                                peer, len(self._accepted), self.max_links)
 

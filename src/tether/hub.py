@@ -61,6 +61,7 @@ from .aio import (
 )
 from .errors import FlowClosed, TetherError
 from .fdlimit import resolve_limit
+from .floodlog import FloodLog
 from .framing import Decoder, Framing, Lines, MessageTooLarge
 from .ids import FlowId
 from .liveness import TimingWheel
@@ -248,50 +249,9 @@ def _reason_of(exc: Exception | None) -> str:
 
 # A flood of failed TLS handshakes (a scanner, a misconfigured fleet) must not flood the
 # log: at most _HANDSHAKE_LOG_BURST lines per _HANDSHAKE_LOG_WINDOW seconds, then one
-# line for the rest of that window.
+# line for the rest of that window (`FloodLog`).
 _HANDSHAKE_LOG_BURST: Final = 10
 _HANDSHAKE_LOG_WINDOW: Final = 10.0
-
-
-class _HandshakeLog:
-    """The log lines of a hub's failed TLS handshakes, throttled (see above)."""
-
-    __slots__ = ("ends", "hub", "last", "logged", "quiet", "timer")
-
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
-        self.ends = 0.0  # when the current window ends
-        self.logged = 0  # lines logged in it
-        self.quiet = 0  # failures not logged one by one in it
-        self.last = ""
-        self.timer: asyncio.TimerHandle | None = None
-
-    def failed(self, peer: str, why: str) -> None:
-        """Log a failed handshake, or count it for the window's summary line."""
-        hub = self.hub
-        now = hub._time()
-        if now >= self.ends:
-            self.ends = now + _HANDSHAKE_LOG_WINDOW
-            self.logged = 0
-        if self.logged < _HANDSHAKE_LOG_BURST:
-            self.logged += 1
-            log.info("hub %s: TLS handshake with %s failed: %s", hub._name, peer, why)
-            return
-        self.quiet += 1
-        self.last = f"{peer}: {why}"
-        if self.timer is None and hub._loop is not None:
-            self.timer = hub._loop.call_at(self.ends, self.flush)
-
-    def flush(self) -> None:
-        """Log the failures of the window that were not logged one by one."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.quiet:
-            log.info("hub %s: %d more TLS handshakes failed within %g s (not logged one "
-                     "by one); the last: %s", self.hub._name, self.quiet,
-                     _HANDSHAKE_LOG_WINDOW, self.last)
-            self.quiet = 0
 
 
 class _Conn(asyncio.Protocol):
@@ -475,8 +435,8 @@ class Hub:
         "_pool",
         "_port",
         "_qbytes",
+        "_refusal_log",
         "_refused",
-        "_refused_logged",
         "_reuse_port",
         "_router",
         "_seal",
@@ -585,7 +545,6 @@ class Hub:
         self._msg_cost = _MSG_OVERHEAD + framing.per_message
         self._refused = 0
         self._over_limit = 0
-        self._refused_logged = float("-inf")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | TLSServer | None = None
         self._state = "new"
@@ -630,7 +589,14 @@ class Hub:
         self._dropped = 0
         self._incomplete = 0
         self._handshakes_failed = 0
-        self._handshake_log = _HandshakeLog(self)
+        self._handshake_log = FloodLog(
+            log, f"hub {self._name}: %d more TLS handshakes failed within "
+                 f"{_HANDSHAKE_LOG_WINDOW:g} s (not logged one by one); the last: %s",
+            level=logging.INFO, burst=_HANDSHAKE_LOG_BURST, window=_HANDSHAKE_LOG_WINDOW,
+            with_last=True)
+        self._refusal_log = FloodLog(
+            log, f"hub {self._name}: %d more new connection(s) reset within 1s; the last: "
+                 f"%s", with_last=True)
         # Hub(workers=N): the ids of other workers are routed (tether.workers)
         self._router: _Router | None = None
         self._pool: WorkerPool | None = None
@@ -767,7 +733,8 @@ class Hub:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._handshake_log.flush()
+            self._handshake_log.close()
+            self._refusal_log.close()
             self._state = "closed"
             self._ended = True
             self._wake_all()
@@ -1308,22 +1275,19 @@ class Hub:
             self._router.opened(serial)
 
     def _refuse(self, conn: _Conn, transport: asyncio.Transport, why: str) -> None:
-        """End a connection as it is accepted (a reset), for `why`. One line a second at
-        most, with the count."""
+        """End a connection as it is accepted (a reset), for `why`: a line, or counted
+        in the next second's (`FloodLog`)."""
         conn.state = _GONE
         reset_socket(transport)
         self._refused += 1
-        now = self._time()
-        if now - self._refused_logged >= 1.0:
-            self._refused_logged = now
-            log.warning("hub %s: reset a new connection from %s: %s; %d reset so far",
-                        self._name, format_address(transport.get_extra_info("peername")),
-                        why, self._refused)
+        self._refusal_log.event("hub %s: reset a new connection from %s: %s", self._name,
+                                format_address(transport.get_extra_info("peername")), why)
 
     def _handshake_failed(self, peer: object, why: str) -> None:
         """A TLS handshake failed or timed out (:class:`~tether.aio.TLSServer`)."""
         self._handshakes_failed += 1
-        self._handshake_log.failed(format_address(peer), why)
+        self._handshake_log.event("hub %s: TLS handshake with %s failed: %s", self._name,
+                                  format_address(peer), why)
 
     def _peer_eof(self, conn: _Conn) -> bool:
         """The peer closed its side: its data, then Closed("peer"); stay writable for

@@ -78,6 +78,7 @@ from .events import (
     StreamProtocolError,
 )
 from .fdlimit import resolve_limit
+from .floodlog import FloodLog
 from .link import LinkConfig, Role
 from .meshstate import (
     KIND_CLOSING,
@@ -116,9 +117,6 @@ _QUIET_ENDS: Final = frozenset({ErrorCode.NO_ERROR, ErrorCode.SHUTDOWN})
 _PEER_COUNTERS: Final = ("connects", "disconnects", "connect_errors", "sent", "received",
                          "retransmits", "duplicates", "failures", "failure_reports",
                          "refused_sends", "refused_sessions")
-# Log lines that a flood could repeat (a message per line) are limited to one per this
-# many seconds per peer and kind of line; the next one tells how many were held back.
-_LOG_INTERVAL: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +349,7 @@ class Mesh:
         # Peer name -> the cost of its messages in reports not taken yet (0: absent).
         self._failed_bytes: dict[str, int] = {}
         # (peer, kind of line) -> (loop time of the last line, lines held back since).
-        self._quiet: dict[tuple[str, str], tuple[float, int]] = {}
+        self._floods: dict[tuple[str, str], FloodLog] = {}  # `_flood_log`
         self._refusing: set[RefusedAtAccept] = set()  # told why they are refused
         # The peer of the message the application took last, until it asks for the next
         # one (there is never more than one such message: every take commits the last).
@@ -410,9 +408,9 @@ class Mesh:
         """A connection beyond `max_links` (links dialled and accepted) was refused as it
         was accepted (see `tether.fdlimit`, `RefusedAtAccept`)."""
         self.counters["links_over_limit"] += 1
-        self._log_limited("", "over_limit", logging.WARNING, "mesh %s: link from %s "
-                          "refused: %d link(s) open, at the limit (max_links %s)", self.name,
-                          peer, len(self._conns), self.max_links)
+        self._flood_log("", "over_limit").event(
+            "mesh %s: link from %s refused: %d link(s) open, at the limit (max_links %s)",
+            self.name, peer, len(self._conns), self.max_links)
 
     @property
     def port(self) -> int:
@@ -485,6 +483,8 @@ class Mesh:
             peer.wake_change()
         _wake(self._msg_waiters)
         _wake(self._failure_waiters)
+        for flood in self._floods.values():
+            flood.close()  # (what was counted and not yet said)
         log.info("mesh %s: closed", self.name)
 
     async def __aenter__(self) -> Mesh:
@@ -686,32 +686,25 @@ class Mesh:
             return
         for peer in over:
             peer.counters["refused_sends"] += 1
-            self._log_limited(peer.name, "refused", logging.WARNING,
-                              "mesh %s: refused a message to %s: %d bytes of its failure "
-                              "reports not taken from failures()", self.name, peer.name,
-                              self._failed_bytes[peer.name])
+            self._flood_log(peer.name, "refused").event(
+                "mesh %s: refused a message to %s: %d bytes of its failure reports not "
+                "taken from failures()", self.name, peer.name, self._failed_bytes[peer.name])
         first = over[0]
         raise FailuresNotTaken(
             f"mesh {self.name} refused the message: the failure reports for {first.name} "
             f"not taken from failures() hold {self._failed_bytes[first.name]} bytes, more "
             f"than queue_bytes {self.queue_bytes}; take them, then send again")
 
-    def _log_limited(self, name: str, what: str, level: int, msg: str,
-                     *args: object) -> None:
-        """Log one line, unless a line of the same kind about the same peer was logged
-        less than `_LOG_INTERVAL` ago: then count it, and tell the count in the next."""
-        assert self._loop is not None
-        now = self._loop.time()
-        key = (name, what)
-        last, held = self._quiet.get(key, (-_LOG_INTERVAL, 0))
-        if now - last < _LOG_INTERVAL:
-            self._quiet[key] = (last, held + 1)
-            return
-        self._quiet[key] = (now, 0)
-        if held:
-            msg += " (and %d more like it in the last %.1fs)"
-            args = (*args, held, now - last)
-        log.log(level, msg, *args)
+    def _flood_log(self, name: str, what: str) -> FloodLog:
+        """The lines of one kind of event (`what`) about one peer (`name`, or "" for the
+        node), which may come once per message or connection: one a second, and the
+        count of the rest (`FloodLog`)."""
+        flood = self._floods.get((name, what))
+        if flood is None:
+            flood = self._floods[(name, what)] = FloodLog(
+                log, f"mesh {self.name}: %d more like it within 1s; the last: %s",
+                with_last=True)
+        return flood
 
     def _enqueue(self, peer: _Peer, kind: int, data: bytes) -> LinkConnection | None:
         """Queue a message, and transmit it if a session is up. Returns the link if it
@@ -986,9 +979,9 @@ class Mesh:
         peer.counters["refused_sessions"] += 1
         reason = (f"{peer.unread_bytes} bytes of messages from an earlier incarnation of "
                   f"{peer.name} not yet read by mesh {self.name}'s application")
-        self._log_limited(peer.name, "refused session", logging.WARNING,
-                          "mesh %s: refused a session with a new incarnation of %s: %s",
-                          self.name, peer.name, reason)
+        self._flood_log(peer.name, "refused session").event(
+            "mesh %s: refused a session with a new incarnation of %s: %s", self.name,
+            peer.name, reason)
         conn.close(reason, ErrorCode.REFUSED)
 
     def _session_expired(self, peer: _Peer, conn: LinkConnection) -> None:
@@ -1222,7 +1215,7 @@ class Mesh:
     def _report(self, peer: _Peer, messages: list[Message], reason: str,
                 unconfirmed: int, quiet: str | None = None) -> None:
         """Hand `messages` back in a `Failure`. With `quiet` (a kind of report that may
-        come once per message), its log line is limited (`_log_limited`)."""
+        come once per message), its log line is limited (`_flood_log`)."""
         if not messages:
             return
         cost = sum(len(m.body) for m in messages) + MESSAGE_OVERHEAD * len(messages)
@@ -1235,7 +1228,7 @@ class Mesh:
         if quiet is None:
             log.warning(line, *args)
         else:
-            self._log_limited(peer.name, quiet, logging.WARNING, line, *args)
+            self._flood_log(peer.name, quiet).event(line, *args)
         _wake(self._failure_waiters)
         peer.wake_space()
 

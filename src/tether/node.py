@@ -58,6 +58,7 @@ from .events import (
     WindowUpdated,
 )
 from .fdlimit import resolve_limit
+from .floodlog import FloodLog
 from .flow import Flow
 from .flowstate import FlowState
 from .ids import FlowId, check_node_name, check_service_name
@@ -68,7 +69,6 @@ from .link import (
     LinkConfig,
     check_liveness,
 )
-from .refusals import RefusalLog
 
 __all__ = ["Node"]
 
@@ -140,7 +140,7 @@ class Node:
         self.counters: dict[str, int] = dict.fromkeys(
             ("allocated", "accepted", "refused", "closed", "down", "reset", "links_lost",
              "protocol_errors", "links_over_limit"), 0)
-        self._over_log = RefusalLog(log, f"node {name}: %d more link(s) refused in the "
+        self._over_log = FloodLog(log, f"node {name}: %d more link(s) refused in the "
                                       f"last second, at the limit (max_links {max_links})")
 
     # lifecycle ------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class Node:
     def _link_over_limit(self, peer: str) -> None:
         """A connection beyond `max_links` was refused as it was accepted."""
         self.counters["links_over_limit"] += 1
-        self._over_log.refused("node %s: link from %s refused: %d link(s) open or in their "
+        self._over_log.event("node %s: link from %s refused: %d link(s) open or in their "
                                "handshake, at the limit (max_links %s)", self.name, peer,
                                len(self._accepted), self.max_links)
 

@@ -50,11 +50,11 @@ from .errors import (
     TetherError,
 )
 from .fdlimit import resolve_limit
+from .floodlog import FloodLog
 from .flowstate import FlowState
 from .ids import check_service_name
 from .listing import oldest
 from .node import Node
-from .refusals import RefusalLog
 
 __all__ = ["Agent", "Connector", "connect_failure", "parse_forward", "parse_service"]
 
@@ -129,7 +129,7 @@ class _Edge:
         self.retry_interval = retry_interval
         self.start_wait = start_wait
         self.max_connections = resolve_limit(max_connections, "max_connections")
-        self._over_log = RefusalLog(
+        self._over_log = FloodLog(
             log, f"{self.role} {name}: %d more connection(s) refused in the last second, at "
                  f"the limit (--max-connections {self.max_connections})")
         self.gateway = gateway
@@ -386,7 +386,7 @@ class Agent(_Edge):
                          start_wait=start_wait, max_connections=max_connections)
         self.forwards = forwards
         self.servers: list[asyncio.Server] = []
-        self._no_link_log = RefusalLog(
+        self._no_link_log = FloodLog(
             log, f"agent {name}: %d more connection(s) refused in the last second: no link "
                  f"to the gateway {gateway}")
 
@@ -457,7 +457,7 @@ class Agent(_Edge):
         self.counters["over_limit"] += 1
         if bridge.transport is not None and not bridge.transport.is_closing():
             reset_socket(bridge.transport)
-        self._over_log.refused("agent %s: connection from %s to %s refused: %d "
+        self._over_log.event("agent %s: connection from %s to %s refused: %d "
                                "connection(s) open, at the limit (--max-connections %d)",
                                self.name, bridge.peer, service, held, self.max_connections)
 
@@ -470,7 +470,7 @@ class Agent(_Edge):
             if bridge.transport is not None and not bridge.transport.is_closing():
                 reset_socket(bridge.transport)
             # each refusal has its line, but for the flood of an outage
-            say = log.warning if self.node.linked else self._no_link_log.refused
+            say = log.warning if self.node.linked else self._no_link_log.event
             say("agent %s: connection from %s to %s refused: %s", self.name, bridge.peer,
                 service, exc)
             return
@@ -596,7 +596,7 @@ class Connector(_Edge):
         self.counters["over_limit"] += 1
         flow.reset_nowait(f"connector {self.name} has {held} connection(s) open, its limit",
                           ErrorCode.REFUSED)
-        self._over_log.refused("connector %s: flow %s to %s refused: %d connection(s) open, "
+        self._over_log.event("connector %s: flow %s to %s refused: %d connection(s) open, "
                                "at the limit (--max-connections %d)", self.name, flow.id,
                                flow.service, held, self.max_connections)
 
