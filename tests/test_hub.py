@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import logging
 import socket
 import ssl
@@ -741,6 +742,35 @@ def test_connections_beyond_max_connections_are_reset_logged_and_counted(
     with caplog.at_level(logging.WARNING, logger="tether.hub"):
         arun(main())
     assert "3 connections open (max_connections 3)" in caplog.text
+
+
+def test_a_flood_of_refused_connections_is_a_line_and_a_count(
+        arun: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """Five connections beyond `max_connections=1` within a second: one line names the
+    first (peer and why), one more, at the second's end, counts the other four and
+    names the last (`FloodLog`), not a line each nor a running total."""
+    async def main() -> None:
+        async with Hub(max_connections=1, linger=0, name="h") as hub:
+            _, held = await connect(hub.port)
+            await asyncio.wait_for(hub.recv_open(), 2)
+            for _ in range(5):
+                with contextlib.suppress(ConnectionError):
+                    _, writer = await connect(hub.port)
+                    writer.close()
+            await until(lambda: hub.stats().refused == 5)
+            await asyncio.sleep(1.2)  # (the second ends: its count is said)
+            held.close()
+
+    with caplog.at_level(logging.WARNING, logger="tether.hub"):
+        arun(main())
+    lines = [r.getMessage() for r in caplog.records if r.name == "tether.hub"
+             and r.levelno == logging.WARNING]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"hub h: reset a new connection from 127\.0\.0\.1:\d+: 1 "
+                        r"connections open \(max_connections 1\)", lines[0]), lines
+    assert re.fullmatch(r"hub h: 4 more new connection\(s\) reset within 1s; the last: "
+                        r"hub h: reset a new connection from 127\.0\.0\.1:\d+: 1 "
+                        r"connections open \(max_connections 1\)", lines[1]), lines
 
 
 def test_max_connections_is_checked() -> None:
