@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import logging
+import re
 import socket
 import ssl
 import subprocess
