@@ -369,8 +369,9 @@ def start_paths(args: argparse.Namespace, servers: dict[str, int | None],
     tcp = {k: v for k, v in servers.items() if v is not None}
     builders: dict[str, Callable[[], Path]] = {
         "direct": lambda: Path("direct", dict(tcp), [], 0),
-        "socat": lambda: start_socat(tcp, started),
-        "haproxy": lambda: start_haproxy(tcp, started, tmp),
+        "socat": lambda: _new_ports_if_taken(lambda: start_socat(tcp, started), "socat"),
+        "haproxy": lambda: _new_ports_if_taken(lambda: start_haproxy(tcp, started, tmp),
+                                               "haproxy"),
         "relay1": lambda: start_chain("relay1", 1, tcp, started, args.chain_pad_us),
         "chain3": lambda: start_chain("chain3", 3, tcp, started, args.chain_pad_us),
         "chain4": lambda: start_chain("chain4", 4, tcp, started, args.chain_pad_us),
@@ -386,6 +387,21 @@ def start_paths(args: argparse.Namespace, servers: dict[str, int | None],
     with concurrent.futures.ThreadPoolExecutor(len(wanted)) as pool:
         futures = [pool.submit(builders[name]) for name in wanted]
         return [f.result() for f in futures]
+
+
+def _new_ports_if_taken(start: Callable[[], Path], name: str) -> Path:
+    """`start()`, which listens on ports from `free_port`, again (with new ones) if a
+    port was taken before the relay bound it: the paths start side by side, and their
+    daemons' own connections take ephemeral ports (a run died of it: "haproxy ...
+    cannot bind socket (Address already in use)")."""
+    for attempt in range(3):
+        try:
+            return start()
+        except RuntimeError as exc:
+            if "Address already in use" not in str(exc) or attempt == 2:
+                raise
+            emit("meta", f"{name} port taken", None, "", reason=str(exc)[-200:])
+    raise AssertionError("unreachable")
 
 
 def start_socat(tcp: dict[str, int], started: list[Proc]) -> Path:
