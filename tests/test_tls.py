@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import tether
-from tether import ErrorCode, Flow, HandshakeError
+from tether import ErrorCode, Flow, HandshakeError, PeerUnreachable
 
 if TYPE_CHECKING:
     from conftest import TLSMaterial
@@ -235,3 +235,20 @@ async def test_wrong_token_to_a_listening_node(caplog: pytest.LogCaptureFixture)
         assert caught.value.code is ErrorCode.BAD_TOKEN
         assert any(r.name == "tether.node" and r.levelno == logging.WARNING
                    and "bad token" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_tls_gateway_at_its_link_limit_resets_not_a_plaintext_goaway(
+        tls: TLSMaterial) -> None:
+    """`max_links` on a TLS gateway: the dialler beyond it could not read a plaintext
+    GOAWAY inside TLS, so the connection is reset as accepted. The dialler's TLS
+    handshake meets the reset: `PeerUnreachable` ("connection reset"), which an edge's
+    `--start-wait` dials again -- not a garbled frame, not a hang; the gateway counts it."""
+    async with tether.Gateway("127.0.0.1:0", tls=tls.server_context(), max_links=1) as gw:
+        address = f"127.0.0.1:{gw.port}"
+        async with tether.Node("first", gateway=address, tls=tls.client_context()):
+            with pytest.raises(PeerUnreachable, match="reset by peer"):
+                async with asyncio.timeout(5):
+                    await tether.Node("second", gateway=address,
+                                      tls=tls.client_context()).start()
+        stats = gw.stats()
+        assert (stats["links_over_limit"], stats["protocol_errors"]) == (1, 0), stats
