@@ -181,3 +181,79 @@ async def test_under_the_budget_reads_stay_large() -> None:
             app.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_uploads_to_a_server_that_does_not_read_park_little_at_the_agent() -> None:
+    """The other direction: FLOWS applications each send PAYLOAD as fast as they can to
+    a server that does not read (reading paused, small buffers at the connector too).
+    The agent parks within the budget plus `LARGE_READ` per flow plus a read, counted
+    exactly; once the server reads, every upload arrives whole and in order, and
+    nothing stays parked."""
+    received: list[hashlib._Hash] = []
+    servers: list[asyncio.StreamWriter] = []
+    done: list[asyncio.Future[None]] = []
+
+    async def stalled_server(reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        digest = hashlib.sha256()
+        received.append(digest)
+        finished = asyncio.get_running_loop().create_future()
+        done.append(finished)
+        transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+        transport.pause_reading()
+        servers.append(writer)
+        while chunk := await reader.read(1 << 20):
+            digest.update(chunk)
+        finished.set_result(None)
+        writer.close()
+
+    server = await asyncio.start_server(stalled_server, HOST, 0)
+    apps: list[socket.socket] = []
+    sends: list[asyncio.Task[None]] = []
+    loop = asyncio.get_running_loop()
+    try:
+        with park_budget(BUDGET) as reads:
+            baseline = reads.parked
+            async with relay(server.sockets[0].getsockname()[1]) as (_gw, co, ag):
+                for _ in range(FLOWS):
+                    app = socket.socket()
+                    app.setblocking(False)
+                    apps.append(app)
+                    await loop.sock_connect(app, (HOST, ag.ports()[0]))
+                    sends.append(asyncio.ensure_future(loop.sock_sendall(app, PAYLOAD)))
+                await eventually("every flow reached the server",
+                                 lambda: len(servers) == FLOWS)
+                for bridge in co.bridges:
+                    sock = bridge.transport.get_extra_info("socket") \
+                        if bridge.transport else None
+                    if sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                bound = BUDGET + FLOWS * readbuf.LARGE_READ + reads.size
+                peak = 0
+                for _ in range(40):
+                    await asyncio.sleep(0.05)
+                    assert reads.parked - baseline == _parked(co, ag)
+                    peak = max(peak, _parked(ag))
+                assert BUDGET < peak <= bound, (peak, bound)
+                for writer in servers:
+                    writer.transport.resume_reading()  # type: ignore[attr-defined]
+                await asyncio.wait_for(asyncio.gather(*sends), 30)
+                for app in apps:
+                    app.shutdown(socket.SHUT_WR)
+                await asyncio.wait_for(asyncio.gather(*done), 30)
+                want = hashlib.sha256(PAYLOAD).hexdigest()
+                assert [d.hexdigest() for d in received] == [want] * FLOWS
+                for app in apps:
+                    app.close()
+                await eventually(lambda: f"connections still open: {co.stats()['open']}, "
+                                 f"{ag.stats()['open']}",
+                                 lambda: not co.bridges and not ag.bridges, timeout=10)
+                assert _parked(co, ag) == 0
+            assert reads.parked == baseline
+    finally:
+        for task in sends:
+            task.cancel()
+        for app in apps:
+            app.close()
+        server.close()
+        await server.wait_closed()
