@@ -744,8 +744,9 @@ class RefusedAtAccept(asyncio.Protocol):
     """The protocol for a connection accepted beyond a server's limit (`max_links`),
     reported to `refused(peer)`.
 
-    With a `reason` (a plaintext server), the dialler is told: its HELLO is read, then a
-    GOAWAY with code REFUSED and the reason is written and the connection closed, so
+    With a `reason` (a plaintext server), the dialler is told: its HELLO is read (whole,
+    should it come in pieces; anything else, as it comes), then a GOAWAY with code
+    REFUSED and the reason is written and the connection closed, so
     that the dialler fails with "peer refused the handshake: <reason>" -- and an edge
     with `--start-wait` dials again -- instead of a bare reset. The HELLO is read first
     because closing a socket with unread bytes sends a reset, which would make the
@@ -754,7 +755,7 @@ class RefusedAtAccept(asyncio.Protocol):
     without a reason (TLS: a plaintext frame would mean nothing to the dialler), the
     connection is reset as it is accepted."""
 
-    __slots__ = ("_reason", "_refused", "_timer", "_transport", "_waiting")
+    __slots__ = ("_read", "_reason", "_refused", "_timer", "_transport", "_waiting")
 
     def __init__(self, refused: Callable[[str], None] | None, reason: str | None = None,
                  waiting: set[RefusedAtAccept] | None = None) -> None:
@@ -763,6 +764,7 @@ class RefusedAtAccept(asyncio.Protocol):
         self._waiting = waiting
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._read = b""  # the dialler's first bytes, until its first frame is whole
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = format_address(transport.get_extra_info("peername"))
@@ -780,6 +782,13 @@ class RefusedAtAccept(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._reason is None:
             return
+        read = self._read = self._read + data
+        if len(read) < HEADER.size:
+            return
+        ftype, _, _, length = HEADER.unpack_from(read)
+        if ftype == wire.FrameType.HELLO and length <= wire.CONTROL_PAYLOAD_MAX \
+                and len(read) < HEADER.size + length:
+            return  # (the rest of the HELLO is coming; anything else is answered now)
         self._transport = None  # (told once; what else arrives is dropped with the socket)
         transport.write(wire.encode(wire.GoAway(last_stream=0, code=ErrorCode.REFUSED,
                                                 reason=self._reason)))
