@@ -107,6 +107,13 @@ def _held_at_gateway(gw: tether.Gateway) -> tuple[int, int]:
     return held, sum(reads.values())
 
 
+async def _all_ended_nothing_parked(co: Connector, ag: Agent) -> None:
+    await eventually(lambda: f"connections still open: {co.stats()['open']}, "
+                     f"{ag.stats()['open']}",
+                     lambda: not co.bridges and not ag.bridges, timeout=10)
+    assert _parked(co, ag) == 0
+
+
 async def _peak_while_stalled(sample: Callable[[], int], budget: int = BUDGET) -> int:
     """The most `sample()` (what an edge parks; it also checks what it must) returned,
     every 50 ms for 2 s once it went over `budget` (the stall reached the cap's regime;
@@ -165,10 +172,7 @@ async def test_stalled_flows_park_little_past_the_budget_and_nothing_when_done()
                 got = await asyncio.gather(*(_read_all_and_close(app) for app in readers))
                 want = hashlib.sha256(PAYLOAD).hexdigest()
                 assert [hashlib.sha256(g).hexdigest() for g in got] == [want] * len(readers)
-                await eventually(lambda: f"connections still open: {co.stats()['open']}, "
-                                 f"{ag.stats()['open']}",
-                                 lambda: not co.bridges and not ag.bridges, timeout=10)
-                assert _parked(co, ag) == 0
+                await _all_ended_nothing_parked(co, ag)
             assert reads.parked == baseline
     finally:
         for app in apps:
@@ -264,10 +268,7 @@ async def test_uploads_to_a_server_that_does_not_read_park_little_at_the_agent()
                 assert [d.hexdigest() for d in received] == [want] * FLOWS
                 for app in apps:
                     app.close()
-                await eventually(lambda: f"connections still open: {co.stats()['open']}, "
-                                 f"{ag.stats()['open']}",
-                                 lambda: not co.bridges and not ag.bridges, timeout=10)
-                assert _parked(co, ag) == 0
+                await _all_ended_nothing_parked(co, ag)
             assert reads.parked == baseline
     finally:
         for task in sends:
