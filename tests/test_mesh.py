@@ -197,6 +197,29 @@ async def test_first_contact_failure_is_reported_after_establish_timeout() -> No
         assert mesh.peers()["ghost"].counters["connect_errors"] == errors
 
 
+async def test_a_flood_of_failures_is_a_line_and_a_count_said_even_when_it_stops(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Five broadcasts handed back at once (queue full) within a second: one line for
+    the first, and one counting the other four and naming the last -- said at shutdown
+    too, before its second is up (the mesh's own limited lines once folded the count
+    into the next such line, so a flood that stopped never had it said)."""
+    port = free_port()
+    body = b"x" * 1000
+    limit = 3 * (len(body) + 64) + 10
+    with caplog.at_level(logging.WARNING, logger="tether.mesh"):
+        async with Mesh("a", peers={"b": f"127.0.0.1:{port}"}, queue_bytes=limit,
+                        retry_interval=0.05, establish_timeout=5.0, max_message=1024) as a:
+            for _ in range(3):
+                await a.send("b", body, nowait=True)
+            for i in range(5):
+                assert a.broadcast(b"late %d" % i) == []
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "tether.mesh" and "queue full" in r.getMessage()]
+    first = "mesh a: 1 message(s) to b failed (0 unconfirmed): outgoing queue full ("
+    assert len(lines) == 2 and lines[0].startswith(first), lines
+    assert lines[1].startswith(f"mesh a: 4 more like it within 1s; the last: {first}"), lines
+
+
 async def test_queue_is_bounded_send_waits_or_raises() -> None:
     port = free_port()
     body = b"x" * 1000
