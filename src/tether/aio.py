@@ -749,8 +749,8 @@ class RefusedAtAccept(asyncio.Protocol):
     REFUSED and the reason is written and the connection closed, so
     that the dialler fails with "peer refused the handshake: <reason>" -- and an edge
     with `--start-wait` dials again -- instead of a bare reset. The HELLO is read first
-    because closing a socket with unread bytes sends a reset, which would make the
-    dialler's kernel drop the GOAWAY unread. At most `REFUSALS_TOLD` wait at once in
+    because closing a socket with unread bytes sends a reset instead of a FIN, and drops
+    whatever of the GOAWAY the kernel has not sent yet. At most `REFUSALS_TOLD` wait at once in
     `waiting` (each for `REFUSAL_WAIT` at most, a descriptor each); beyond that, and
     without a reason (TLS: a plaintext frame would mean nothing to the dialler), the
     connection is reset as it is accepted."""

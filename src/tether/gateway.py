@@ -140,9 +140,9 @@ class Gateway:
         self._serial = 0
         self.counters: dict[str, int] = dict.fromkeys(
             ("links_accepted", "links_refused", "links_over_limit", "flows_opened",
-             "flows_spliced",
-             "flows_ended", "flows_closed", "flows_refused", "flows_down", "flows_reset",
-             "bytes_up", "bytes_down", "no_such_service", "denied", "protocol_errors"), 0)
+             "flows_spliced", "flows_ended", "flows_closed", "flows_refused", "flows_down",
+             "flows_reset", "bytes_up", "bytes_down", "no_such_service", "denied",
+             "protocol_errors"), 0)
         # Settings a link would refuse are refused here, at once, not by every link later
         # (a gateway with window 0 printed "listening", then failed each connection).
         if not retry_interval > 0:
@@ -190,8 +190,8 @@ class Gateway:
         self.counters["links_refused"] += 1
         self.counters["links_over_limit"] += 1
         self._over_log.event("gateway %s: link from %s refused: %d link(s) open or in "
-                               "their handshake, at the limit (--max-links %s)", self.name,
-                               peer, len(self._accepted), self.max_links)
+                             "their handshake, at the limit (--max-links %s)", self.name,
+                             peer, len(self._accepted), self.max_links)
 
     async def _keep_peer(self, peer: str, address: str) -> None:
         """Dial a peer gateway and keep the link up: re-dial while it is down, waiting

@@ -348,8 +348,8 @@ class Mesh:
         self._failure_waiters: list[asyncio.Future[None]] = []
         # Peer name -> the cost of its messages in reports not taken yet (0: absent).
         self._failed_bytes: dict[str, int] = {}
-        # (peer, kind of line) -> (loop time of the last line, lines held back since).
-        self._floods: dict[tuple[str, str], FloodLog] = {}  # `_flood_log`
+        # (peer, kind of line) -> its lines (`_flood_log`)
+        self._floods: dict[tuple[str, str], FloodLog] = {}
         self._refusing: set[RefusedAtAccept] = set()  # told why they are refused
         # The peer of the message the application took last, until it asks for the next
         # one (there is never more than one such message: every take commits the last).

@@ -270,8 +270,8 @@ class Node:
         """A connection beyond `max_links` was refused as it was accepted."""
         self.counters["links_over_limit"] += 1
         self._over_log.event("node %s: link from %s refused: %d link(s) open or in their "
-                               "handshake, at the limit (max_links %s)", self.name, peer,
-                               len(self._accepted), self.max_links)
+                             "handshake, at the limit (max_links %s)", self.name, peer,
+                             len(self._accepted), self.max_links)
 
     async def _close_server(self) -> None:
         if self._server is not None:

@@ -182,11 +182,13 @@ class _Edge:
                     if exc.code != ErrorCode.REFUSED:
                         raise
                     what, why = f"the gateway at {self.gateway} refused the link", str(exc)
+                    first = what
                 else:
                     cause = exc.__cause__
                     what = f"no gateway at {self.gateway}"
                     why = (cause.strerror if isinstance(cause, OSError) and cause.strerror
                            else str(cause or exc) or "timed out")
+                    first = f"{what} yet"
                 left = since + self.start_wait - loop.time()
                 if left <= 0:
                     if attempts:
@@ -195,8 +197,7 @@ class _Edge:
                             f"({loop.time() - since:.1f}s): {why}", exc.code) from exc
                     raise
                 if not attempts:
-                    log.warning("%s: %s (%s): trying again for up to %gs", self.name,
-                                what + ("" if isinstance(exc, HandshakeError) else " yet"),
+                    log.warning("%s: %s (%s): trying again for up to %gs", self.name, first,
                                 why, self.start_wait)
                 await asyncio.sleep(min(left, retry_delay(attempts, self.retry_interval)))
                 attempts += 1
@@ -458,8 +459,8 @@ class Agent(_Edge):
         if bridge.transport is not None and not bridge.transport.is_closing():
             reset_socket(bridge.transport)
         self._over_log.event("agent %s: connection from %s to %s refused: %d "
-                               "connection(s) open, at the limit (--max-connections %d)",
-                               self.name, bridge.peer, service, held, self.max_connections)
+                             "connection(s) open, at the limit (--max-connections %d)",
+                             self.name, bridge.peer, service, held, self.max_connections)
 
     async def _allocate(self, bridge: SocketBridge, service: str) -> None:
         try:
@@ -597,8 +598,8 @@ class Connector(_Edge):
         flow.reset_nowait(f"connector {self.name} has {held} connection(s) open, its limit",
                           ErrorCode.REFUSED)
         self._over_log.event("connector %s: flow %s to %s refused: %d connection(s) open, "
-                               "at the limit (--max-connections %d)", self.name, flow.id,
-                               flow.service, held, self.max_connections)
+                             "at the limit (--max-connections %d)", self.name, flow.id,
+                             flow.service, held, self.max_connections)
 
     async def _connect(self, flow: Any) -> None:
         try:
